@@ -1,0 +1,31 @@
+"""Models as named numpy arrays: the one representation every layer computes on.
+
+Free of Flower and torch so that strategies and the history store can use it
+without pulling in the federation runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: A model (or a model update) as named numpy arrays, in the model's parameter order.
+Arrays = dict[str, np.ndarray]
+
+
+def subtract(after: Arrays, before: Arrays) -> Arrays:
+    """Element-wise ``after - before``: a client's update, or a round's step.
+
+    Raises ``ValueError`` if the two do not describe the same model, because an
+    update computed against the wrong base would be silently meaningless.
+    """
+    if list(after) != list(before):
+        raise ValueError(
+            f"cannot subtract models with different arrays: {list(after)} vs {list(before)}"
+        )
+    diff: Arrays = {}
+    for name, value in after.items():
+        base = before[name]
+        if value.shape != base.shape:
+            raise ValueError(f"array {name!r} has shape {value.shape}, expected {base.shape}")
+        diff[name] = value - base
+    return diff
