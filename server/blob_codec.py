@@ -1,0 +1,377 @@
+"""Model spec and the byte format of one set of arrays (a model or an update).
+
+Why this exists: the history store keeps one global model per round and one
+update per participating client, possibly for hundreds of rounds.  Each of them
+is serialised here into a compact, self-checking byte string, in the order of a
+fixed :class:`ModelSpec` so no names or shapes have to be repeated per blob.
+
+Format (all integers little-endian)::
+
+    header   magic b"FFAR" | u8 codec version | u8 float code | u16 reserved
+             | u32 number of arrays | 8 bytes spec fingerprint
+    then, for every array in spec order, for every byte plane of its element
+             u8 method (0 = raw, 1 = zlib) | u32 length | payload
+
+A "byte plane" is byte ``j`` of every element (a byte shuffle): the sign /
+exponent bytes of small floating-point deltas are very repetitive while the low
+mantissa bytes are noise, so compressing the planes separately lets zlib win
+on the former and lets us skip (store raw) the latter cheaply.
+
+Floating arrays are stored as float32 or float16 (the caller's choice per blob);
+all other arrays in their own dtype.  Decoding always returns float32 for
+floating arrays, so callers always compute in fp32, and checks every array's
+length against the spec: a blob never decodes into numbers of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedforget.arrays import Arrays
+from fedforget.server.errors import ModelMismatchError
+
+__all__ = [
+    "Arrays",
+    "ArraySpec",
+    "ModelSpec",
+    "FLOAT_DTYPES",
+    "CodecError",
+    "encode_arrays",
+    "decode_arrays",
+]
+
+
+FLOAT_DTYPES: tuple[str, ...] = ("float32", "float16")
+"""Storage dtypes a blob may use for floating-point arrays."""
+
+_SUPPORTED_KINDS = frozenset("fiub")  # float, signed int, unsigned int, bool
+
+_MAGIC = b"FFAR"
+_CODEC_VERSION = 1
+_HEADER = struct.Struct("<4sBBHI8s")
+_CHUNK = struct.Struct("<BI")
+_RAW, _ZLIB = 0, 1
+_FLOAT_CODE = {"float32": 1, "float16": 2}
+_FLOAT_BY_CODE = {v: k for k, v in _FLOAT_CODE.items()}
+
+_MIN_COMPRESS = 256  # planes shorter than this are stored raw: zlib cannot pay off
+_MAX_ENTROPY_BITS = 7.6  # planes above this many bits/byte are stored raw (zlib gains < 5%)
+
+
+class CodecError(ValueError):
+    """A byte string is not a valid encoding for the given spec.
+
+    Internal to the store: the history store turns it into ``BlobCorruptError``
+    naming the blob file, which is what a user can act on.
+    """
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Name, shape and dtype (numpy name, e.g. ``"float32"``) of one array."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def is_floating(self) -> bool:
+        """Floating arrays are stored as float32/float16 and decoded as float32."""
+        return np.dtype(self.dtype).kind == "f"
+
+    @property
+    def nbytes(self) -> int:
+        """Size at fp32 (floating arrays) or native dtype (others)."""
+        itemsize = 4 if self.is_floating else np.dtype(self.dtype).itemsize
+        return self.size * itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    if dtype.kind not in _SUPPORTED_KINDS:
+        raise ModelMismatchError(
+            f"dtype {dtype} is not supported in the history store "
+            "(only floating, integer and bool arrays are)"
+        )
+    return np.dtype(dtype).newbyteorder("=").name
+
+
+def _as_array(value: Any, what: str, name: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # torch CUDA tensors, arbitrary objects
+        raise ModelMismatchError(
+            f"{what}: array {name!r} cannot be converted to a numpy array ({exc}); "
+            "pass CPU numpy arrays"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The ordered list of arrays a federation's model consists of.
+
+    A store is created for one spec; every model and update written to it is
+    checked against it (``check``), and blobs are encoded in its order.
+    """
+
+    arrays: tuple[ArraySpec, ...]
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> ModelSpec:
+        """Spec of ``arrays`` in their iteration order."""
+        specs = []
+        for name, value in arrays.items():
+            if not isinstance(name, str):
+                raise ModelMismatchError(f"array names must be str, got {name!r}")
+            arr = _as_array(value, "model", name)
+            specs.append(ArraySpec(name, tuple(int(d) for d in arr.shape), _dtype_name(arr.dtype)))
+        return cls(tuple(specs))
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.arrays]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole model at fp32 (floating arrays) / native dtype (others)."""
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def num_params(self) -> int:
+        return sum(a.size for a in self.arrays)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arrays": [a.to_dict() for a in self.arrays]}
+
+    def to_json(self) -> str:
+        """Compact, deterministic JSON text (used for the fingerprint too)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | Mapping[str, Any]) -> ModelSpec:
+        """Inverse of ``to_json``; also accepts the already-parsed dict."""
+        obj = json.loads(data) if isinstance(data, (str, bytes)) else data
+        try:
+            return cls(
+                tuple(
+                    ArraySpec(str(a["name"]), tuple(int(d) for d in a["shape"]), str(a["dtype"]))
+                    for a in obj["arrays"]
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelMismatchError(f"not a valid model spec: {exc!r}") from exc
+
+    @property
+    def fingerprint(self) -> bytes:
+        """8-byte digest of the spec; stored in every blob so a blob can't be
+        decoded against a different model."""
+        return hashlib.sha256(self.to_json().encode()).digest()[:8]
+
+    def first_difference(self, other: ModelSpec) -> str | None:
+        """Human-readable description of the first difference, or None if compatible.
+
+        Floating dtypes are compatible with each other (the store keeps floats
+        at fp32/fp16 whatever they came in as); other dtypes must match exactly.
+        """
+        mine = {a.name: a for a in self.arrays}
+        theirs = {a.name: a for a in other.arrays}
+        for a in self.arrays:
+            b = theirs.get(a.name)
+            if b is None:
+                return f"array {a.name!r} is in the first spec but not in the second"
+            diff = _array_difference(a, b.shape, b.dtype)
+            if diff:
+                return f"array {a.name!r}: {diff}"
+        for b in other.arrays:
+            if b.name not in mine:
+                return f"array {b.name!r} is in the second spec but not in the first"
+        return None
+
+    def check(self, arrays: Mapping[str, Any], what: str) -> None:
+        """Raise ``ModelMismatchError`` naming the first array of ``arrays`` that
+        does not fit this spec.  ``what`` says what the arrays are, e.g.
+        ``"update of client 'c1' in round 3"``."""
+        for spec in self.arrays:
+            if spec.name not in arrays:
+                raise ModelMismatchError(
+                    f"{what} lacks array {spec.name!r} (shape {spec.shape}, {spec.dtype}) "
+                    "that the store's model has"
+                )
+            arr = _as_array(arrays[spec.name], what, spec.name)
+            diff = _array_difference(spec, tuple(arr.shape), arr.dtype.name)
+            if diff:
+                raise ModelMismatchError(f"{what}: array {spec.name!r}: {diff}")
+        if len(arrays) != len(self.arrays):
+            known = {a.name for a in self.arrays}
+            extra = next(name for name in arrays if name not in known)
+            raise ModelMismatchError(
+                f"{what} has array {extra!r} that the store's model does not have"
+            )
+
+
+def _array_difference(spec: ArraySpec, shape: tuple[int, ...], dtype: str) -> str | None:
+    if tuple(shape) != tuple(spec.shape):
+        return f"shape {tuple(shape)} but the store's model has {tuple(spec.shape)}"
+    got, want = np.dtype(dtype), np.dtype(spec.dtype)
+    if got.kind == "f" and want.kind == "f":
+        return None
+    if got.newbyteorder("=") != want.newbyteorder("="):
+        return f"dtype {got.name} but the store's model has {want.name}"
+    return None
+
+
+class _Float16Overflow(Exception):
+    """A finite value does not fit float16; the blob is stored as float32 instead."""
+
+
+def _store_dtype(spec: ArraySpec, float_dtype: str) -> np.dtype:
+    if spec.is_floating:
+        return np.dtype("<f2" if float_dtype == "float16" else "<f4")
+    return np.dtype(spec.dtype).newbyteorder("<")
+
+
+def _entropy_bits(plane: np.ndarray) -> float:
+    """Order-0 entropy of a byte plane in bits per byte (8 = incompressible noise)."""
+    counts = np.bincount(plane, minlength=256)
+    p = counts[counts > 0] / plane.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def _plane_chunks(plane: np.ndarray, level: int) -> tuple[int, bytes | memoryview]:
+    """(method, payload) for one contiguous uint8 byte plane.
+
+    Planes of floating-point noise (low mantissa bytes) are stored raw: zlib
+    spends most of its time on them for a gain of well under 5%, so a cheap
+    byte-histogram entropy check decides first.
+    """
+    n = plane.size
+    if n < _MIN_COMPRESS or _entropy_bits(plane) > _MAX_ENTROPY_BITS:
+        return _RAW, plane.data
+    packed = zlib.compress(plane.data, level)
+    if len(packed) >= n:
+        return _RAW, plane.data
+    return _ZLIB, packed
+
+
+def _encode(arrays: Mapping[str, Any], spec: ModelSpec, float_dtype: str, level: int) -> bytes:
+    parts: list[bytes | memoryview] = [
+        _HEADER.pack(_MAGIC, _CODEC_VERSION, _FLOAT_CODE[float_dtype], 0, len(spec.arrays), spec.fingerprint)
+    ]
+    for a in spec.arrays:
+        arr = np.asarray(arrays[a.name])
+        target = _store_dtype(a, float_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = np.ascontiguousarray(arr.astype(target, copy=False)).reshape(-1)
+        if target.kind == "f" and target.itemsize == 2 and not np.isfinite(stored).all():
+            if (np.isinf(stored) & np.isfinite(arr.reshape(-1))).any():
+                raise _Float16Overflow(a.name)
+        k = target.itemsize
+        planes = stored.view(np.uint8).reshape(-1, k).T  # (k, n) strided view
+        for j in range(k):
+            method, payload = _plane_chunks(np.ascontiguousarray(planes[j]), level)
+            parts.append(_CHUNK.pack(method, len(payload)))
+            parts.append(payload)
+        del stored, planes
+    return b"".join(parts)
+
+
+def encode_arrays(
+    arrays: Mapping[str, Any],
+    spec: ModelSpec,
+    *,
+    float_dtype: str = "float32",
+    level: int = 1,
+) -> tuple[bytes, str]:
+    """Serialise ``arrays`` (already checked against ``spec``) in spec order.
+
+    Returns ``(payload, float_dtype_used)``.  With ``float_dtype="float16"`` a
+    blob whose finite values exceed the float16 range is stored as float32
+    instead (and the returned dtype says so): fp16 would turn them into
+    infinities, i.e. wrong numbers, while fp32 only costs space.
+    """
+    if float_dtype not in _FLOAT_CODE:
+        raise ValueError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+    if float_dtype == "float16":
+        try:
+            return _encode(arrays, spec, "float16", level), "float16"
+        except _Float16Overflow:
+            pass
+    return _encode(arrays, spec, "float32", level), "float32"
+
+
+def _decompress_plane(method: int, payload: memoryview, n: int, where: str) -> memoryview | bytes:
+    if method == _RAW:
+        if len(payload) != n:
+            raise CodecError(f"{where}: raw plane has {len(payload)} bytes, expected {n}")
+        return payload
+    if method != _ZLIB:
+        raise CodecError(f"{where}: unknown plane method {method}")
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(payload, n) if n else b""
+    except zlib.error as exc:
+        raise CodecError(f"{where}: {exc}") from exc
+    if len(out) != n or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise CodecError(f"{where}: compressed plane does not hold exactly {n} bytes")
+    return out
+
+
+def decode_arrays(data: bytes | memoryview, spec: ModelSpec) -> Arrays:
+    """Inverse of ``encode_arrays``: float32 for floating arrays, spec dtype otherwise.
+
+    Raises ``CodecError`` if the bytes do not describe exactly ``spec``'s arrays.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < _HEADER.size:
+        raise CodecError(f"payload of {len(view)} bytes is shorter than the header")
+    magic, version, float_code, _reserved, count, fingerprint = _HEADER.unpack_from(view, 0)
+    if magic != _MAGIC:
+        raise CodecError("payload does not start with the array codec magic")
+    if version != _CODEC_VERSION:
+        raise CodecError(f"codec version {version} is not supported (this build reads {_CODEC_VERSION})")
+    if float_code not in _FLOAT_BY_CODE:
+        raise CodecError(f"unknown float storage code {float_code}")
+    if count != len(spec.arrays) or fingerprint != spec.fingerprint:
+        raise CodecError("payload was encoded for a different model spec")
+    float_dtype = _FLOAT_BY_CODE[float_code]
+    pos = _HEADER.size
+    out: Arrays = {}
+    for a in spec.arrays:
+        target = _store_dtype(a, float_dtype)
+        n, k = a.size, target.itemsize
+        stored = np.empty(n, dtype=target)
+        dest = stored.view(np.uint8).reshape(n, k)
+        for j in range(k):
+            where = f"array {a.name!r} byte plane {j}"
+            if pos + _CHUNK.size > len(view):
+                raise CodecError(f"{where}: payload ends early")
+            method, length = _CHUNK.unpack_from(view, pos)
+            pos += _CHUNK.size
+            if pos + length > len(view):
+                raise CodecError(f"{where}: payload ends early")
+            plane = _decompress_plane(method, view[pos : pos + length], n, where)
+            pos += length
+            dest[:, j] = np.frombuffer(plane, dtype=np.uint8)
+            del plane
+        native = np.dtype(np.float32) if a.is_floating else np.dtype(a.dtype)
+        result = stored.view(native) if stored.dtype == native else stored.astype(native)
+        out[a.name] = result.reshape(a.shape)
+        del stored, dest, result
+    if pos != len(view):
+        raise CodecError(f"{len(view) - pos} unexpected bytes after the last array")
+    return out
