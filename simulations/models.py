@@ -1,0 +1,85 @@
+"""Small CNN classifiers, one per simulation dataset.
+
+The models deliberately have no BatchNorm: its running statistics are buffers,
+not gradients, and averaging them across clients (or subtracting one client's
+contribution when unlearning) has no clean meaning.  Conv + ReLU + max-pool +
+linear layers keep every piece of state a trainable parameter.  They are kept
+small so that simulated rounds on a 2-core CPU take seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .datasets import DATASET_NAMES
+
+
+class DigitsCNN(nn.Module):
+    """For 1x8x8 digits: two 3x3 convolutions, one pooling, two linear layers (~38k parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return unnormalised class logits of shape ``(batch, num_classes)``."""
+        logits: torch.Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        return logits
+
+
+class LeNet28(nn.Module):
+    """LeNet-style CNN for 1x28x28 MNIST-like images (~66k parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=5),  # 28 -> 24
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # -> 12
+            nn.Conv2d(16, 32, kernel_size=5),  # -> 8
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # -> 4
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * 4 * 4, 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return unnormalised class logits of shape ``(batch, num_classes)``."""
+        logits: torch.Tensor = self.classifier(torch.flatten(self.features(x), 1))
+        return logits
+
+
+def build_model(dataset: str, *, seed: int | None = None) -> nn.Module:
+    """Build a freshly initialised classifier for ``dataset`` (one of ``DATASET_NAMES``).
+
+    With ``seed`` the initial weights are reproducible: the server and every
+    client (and a later retraining from scratch) can start from the same model
+    without shipping it.  Seeding happens inside ``torch.random.fork_rng`` so the
+    caller's global RNG state is left untouched.
+    """
+    if dataset == "digits":
+        factory: type[nn.Module] = DigitsCNN
+    elif dataset in ("mnist", "fashion-mnist"):
+        factory = LeNet28
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    if seed is None:
+        return factory()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
