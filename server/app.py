@@ -1,0 +1,109 @@
+"""The fedforget ServerApp: a recording FedAvg driven by the server's own round loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedforget.arrays import Arrays
+from fedforget.server.federated_run import (
+    EvaluateFn,
+    FederatedRun,
+    RunObserver,
+    RunOutcome,
+    RunSettings,
+    Withdrawal,
+)
+from fedforget.server.history_store import HistoryStore, ModelSpec
+from fedforget.server.recording import RecordingFedAvg
+from fedforget.strategies.registry import make_unlearner
+
+
+@dataclass
+class ServerSetup:
+    """Everything the ServerApp needs to start or resume a run."""
+
+    store_dir: Path
+    federation_id: str
+    initial_model: Arrays
+    settings: RunSettings
+    strategy: str = "retrain"
+    withdrawals: Sequence[Withdrawal] = ()
+    retention_interval: int = 1
+    update_dtype: str = "float32"
+    key_file: Path | None = None
+    resume: bool = False
+    evaluate_fn: EvaluateFn | None = None
+    observer: RunObserver | None = None
+    fedavg_options: dict[str, object] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
+    """Stored in the history store when it is created (e.g. the settings a resume must match)."""
+
+
+def open_history_store(setup: ServerSetup) -> HistoryStore:
+    """Create the run's store, or open it for ``--resume`` after checking it is this federation's."""
+    spec = ModelSpec.from_arrays(setup.initial_model)
+    if setup.resume:
+        store = HistoryStore.open(setup.store_dir, key_file=setup.key_file)
+        store.check_compatible(federation_id=setup.federation_id, model_spec=spec)
+        return store
+    store = HistoryStore.create(
+        setup.store_dir,
+        federation_id=setup.federation_id,
+        model_spec=spec,
+        retention_interval=setup.retention_interval,
+        update_dtype=setup.update_dtype,
+        key_file=setup.key_file,
+    )
+    for key, value in setup.metadata.items():
+        store.set_meta(key, value)
+    return store
+
+
+def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
+    """Run (or resume) the federation described by ``setup`` on ``grid``."""
+    unlearner = make_unlearner(setup.strategy)
+    options: dict[str, object] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": 1,
+        "min_available_nodes": 1,
+    }
+    options.update(setup.fedavg_options)
+    with open_history_store(setup) as store:
+        strategy = RecordingFedAvg(store, **options)
+        run = FederatedRun(
+            grid,
+            store,
+            strategy,
+            unlearner,
+            setup.settings,
+            withdrawals=setup.withdrawals,
+            evaluate_fn=setup.evaluate_fn,
+            observer=setup.observer,
+        )
+        return run.execute(setup.initial_model)
+
+
+def make_server_app(
+    setup: ServerSetup, on_finish: Callable[[RunOutcome], None] | None = None
+) -> ServerApp:
+    """A ServerApp whose ``main`` runs :func:`run_federation` and hands the outcome to ``on_finish``.
+
+    The store is opened inside ``main`` because Flower runs it on its own
+    thread (simulation) or process (deployment), and SQLite connections stay
+    on the thread that opened them.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        outcome = run_federation(grid, setup)
+        if on_finish is not None:
+            on_finish(outcome)
+
+    return app

@@ -1,0 +1,302 @@
+"""The server's own round loop: train, record, and act between rounds.
+
+Flower's ``Strategy.start`` runs rounds back to back; fedforget needs to act
+between them (stop a withdrawn client's participation, run an unlearning
+strategy, continue from the unlearned model) and to resume an interrupted run
+from the history store. This loop drives the same ``configure_train`` /
+``aggregate_train`` calls as ``Strategy.start`` does, on a
+:class:`~fedforget.server.recording.RecordingFedAvg`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from logging import getLogger
+from typing import Protocol
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedforget import wire
+from fedforget.arrays import Arrays
+from fedforget.server.errors import FedforgetError
+from fedforget.server.history_store import HistoryStore
+from fedforget.server.recording import RecordingFedAvg
+from fedforget.strategies.base import Federation, RoundResult, UnlearningRequest, Unlearner
+
+_log = getLogger(__name__)
+
+TIMELINE_META = "timeline"
+UNLEARNING_KIND = "unlearning"
+
+
+class RunError(FedforgetError):
+    """The federated run cannot continue."""
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """Client ``client_id`` withdraws before round ``round``: it trained in rounds ``1..round-1`` at most."""
+
+    client_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How many rounds to run and what every client is told to do in them."""
+
+    num_rounds: int
+    train_config: dict[str, int | float | str] = field(default_factory=dict)
+    seed: int = 0
+    round_timeout: float = 600.0
+    expected_clients: int = 0
+    """Wait for this many connected nodes before round 1 (0: start with whoever is there)."""
+    node_wait_timeout: float = 300.0
+
+
+EvaluateFn = Callable[[Arrays], dict[str, float]]
+
+
+class RunObserver(Protocol):
+    """Receives progress as the run goes; the CLI shows it, tests may record it."""
+
+    def run_started(self, first_round: int, num_rounds: int) -> None: ...
+
+    def round_finished(self, entry: dict[str, object]) -> None: ...
+
+    def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None: ...
+
+    def unlearning_finished(self, event: dict[str, object]) -> None: ...
+
+
+class SilentObserver:
+    """An observer that ignores everything."""
+
+    def run_started(self, first_round: int, num_rounds: int) -> None:
+        pass
+
+    def round_finished(self, entry: dict[str, object]) -> None:
+        pass
+
+    def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
+        pass
+
+    def unlearning_finished(self, event: dict[str, object]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The final global model and what happened on the way."""
+
+    model: Arrays
+    timeline: list[dict[str, object]]
+    unlearning: list[dict[str, object]]
+    resumed_from: int
+
+
+class FederatedRun:
+    """Run rounds ``k+1..num_rounds`` after the ``k`` the store already holds."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        store: HistoryStore,
+        strategy: RecordingFedAvg,
+        unlearner: Unlearner,
+        settings: RunSettings,
+        *,
+        withdrawals: Sequence[Withdrawal] = (),
+        evaluate_fn: EvaluateFn | None = None,
+        observer: RunObserver | None = None,
+    ) -> None:
+        if strategy.store is not store:
+            raise ValueError("the strategy must record into the run's history store")
+        self.grid = grid
+        self.store = store
+        self.strategy = strategy
+        self.unlearner = unlearner
+        self.settings = settings
+        self.withdrawals = sorted(withdrawals, key=lambda w: (w.round, w.client_id))
+        self.evaluate_fn = evaluate_fn
+        self.observer: RunObserver = observer or SilentObserver()
+
+    # -- the loop --------------------------------------------------------------
+
+    def execute(self, initial_model: Arrays) -> RunOutcome:
+        """Train to ``num_rounds``, acting on withdrawals at their round boundaries."""
+        self._abandon_interrupted_unlearning()
+        self.strategy.exclude(self.withdrawn_clients())
+        completed = self.store.last_completed_round()
+        if completed == 0 and not self.store.has_model(0):
+            self.store.write_initial_model(initial_model)
+        model = self.store.read_model(completed)
+        self._wait_for_nodes()
+        self.observer.run_started(completed + 1, self.settings.num_rounds)
+        timeline = self._complete_timeline(model, completed)
+        for server_round in range(completed + 1, self.settings.num_rounds + 1):
+            due = self._due_withdrawals(server_round)
+            if due:
+                model = self._unlearn(due, server_round, model)
+            started = time.perf_counter()
+            result = self.train_round(server_round, model)
+            model = result.model_after
+            entry = self._timeline_entry(server_round, model, time.perf_counter() - started)
+            timeline.append(entry)
+            self.store.set_meta(TIMELINE_META, timeline)
+            self.observer.round_finished(entry)
+        return RunOutcome(
+            model=model, timeline=timeline, unlearning=self.unlearning_events(), resumed_from=completed
+        )
+
+    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+        """One FedAvg round over the consenting clients, recorded in the current trajectory."""
+        config = ConfigRecord(dict(self.settings.train_config))
+        config[wire.SEED] = self.settings.seed
+        messages = list(
+            self.strategy.configure_train(server_round, wire.record_from_arrays(model), config, self.grid)
+        )
+        if not messages:
+            raise RunError(f"round {server_round}: no client is available to train")
+        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            reasons = sorted({msg.error.reason for msg in replies if msg.has_error()})
+            raise RunError(
+                f"round {server_round}: none of the {len(messages)} clients returned a usable update "
+                f"({len(replies)} replies; errors: {reasons or 'none, they timed out'})"
+            )
+        recorded = self.strategy.last_recorded
+        assert recorded is not None and recorded.round == server_round
+        return RoundResult(
+            model_after=wire.arrays_from_record(arrays),
+            participants=recorded.participants,
+            client_epochs=recorded.client_epochs,
+        )
+
+    # -- withdrawals and unlearning -------------------------------------------------
+
+    def unlearning_events(self) -> list[dict[str, object]]:
+        """Completed unlearnings, oldest first, as recorded with their trajectories."""
+        return [
+            dict(t.info)
+            for t in sorted(self.store.trajectories(), key=lambda t: t.id)
+            if t.status == "complete" and t.info.get("kind") == UNLEARNING_KIND
+        ]
+
+    def withdrawn_clients(self) -> set[str]:
+        """Clients whose unlearning has completed: they never take part again."""
+        return {str(c) for event in self.unlearning_events() for c in event["clients"]}  # type: ignore[union-attr]
+
+    def _due_withdrawals(self, server_round: int) -> list[Withdrawal]:
+        done = self.withdrawn_clients()
+        return [w for w in self.withdrawals if w.round <= server_round and w.client_id not in done]
+
+    def _unlearn(self, due: list[Withdrawal], server_round: int, model: Arrays) -> Arrays:
+        clients = sorted({w.client_id for w in due})
+        self.strategy.exclude(clients)
+        self.observer.unlearning_started(clients, server_round, self.unlearner.name)
+        before = self._evaluate(model)
+        source = self.store.current_trajectory()
+        federation = _GridFederation(self)
+        started = time.perf_counter()
+        outcome = self.unlearner.unlearn(
+            UnlearningRequest(
+                clients=frozenset(clients), completed_rounds=server_round - 1, seed=self.settings.seed
+            ),
+            self.store.reader(source),
+            federation,
+        )
+        seconds = time.perf_counter() - started
+        if self.store.current_trajectory() == source:
+            raise RunError(
+                f"strategy {self.unlearner.name!r} returned without starting a new trajectory; "
+                "the withdrawn clients' history would stay current"
+            )
+        after = self._evaluate(outcome.model)
+        event: dict[str, object] = {
+            "kind": UNLEARNING_KIND,
+            "clients": clients,
+            "round": server_round,
+            "strategy": self.unlearner.name,
+            "hyperparameters": self.unlearner.hyperparameters(),
+            "seconds": seconds,
+            "client_epochs": outcome.client_epochs,
+            "rounds_replayed": outcome.rounds_replayed,
+            "base_version": outcome.base_version,
+            "source_trajectory": source,
+            "test_accuracy_before": before.get("test_accuracy"),
+            "test_accuracy_after": after.get("test_accuracy"),
+            **outcome.details,
+        }
+        self.store.set_trajectory_status(self.store.current_trajectory(), "complete", info=event)
+        self.observer.unlearning_finished(event)
+        return outcome.model
+
+    def _abandon_interrupted_unlearning(self) -> None:
+        """Drop an unlearning a crash cut short; it is redone from its start."""
+        current = self.store.current_trajectory()
+        info = {t.id: t for t in self.store.trajectories()}[current]
+        if info.status == "open" and info.parent is not None:
+            _log.warning(
+                "unlearning of %s was interrupted; it will be run again", info.info.get("clients")
+            )
+            self.store.set_trajectory_status(current, "abandoned")
+            self.store.switch_trajectory(info.parent)
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _wait_for_nodes(self) -> None:
+        wanted = self.settings.expected_clients
+        deadline = time.monotonic() + self.settings.node_wait_timeout
+        while len(list(self.grid.get_node_ids())) < wanted:
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"only {len(list(self.grid.get_node_ids()))} of {wanted} expected nodes connected "
+                    f"within {self.settings.node_wait_timeout:.0f} s"
+                )
+            time.sleep(0.2)
+
+    def _evaluate(self, model: Arrays) -> dict[str, float]:
+        return {} if self.evaluate_fn is None else self.evaluate_fn(model)
+
+    def _timeline_entry(self, server_round: int, model: Arrays, seconds: float) -> dict[str, object]:
+        recorded = self.strategy.last_recorded
+        return {
+            "round": server_round,
+            "trajectory": self.store.current_trajectory(),
+            "participants": list(recorded.participants) if recorded else [],
+            "seconds": seconds,
+            **self._evaluate(model),
+        }
+
+    def _complete_timeline(self, model: Arrays, completed: int) -> list[dict[str, object]]:
+        """The timeline so far; a round committed just before a crash gets its entry now."""
+        timeline = [e for e in self.store.get_meta(TIMELINE_META, []) if int(e["round"]) <= completed]
+        if completed > 0 and (not timeline or int(timeline[-1]["round"]) < completed):
+            timeline.append(
+                {"round": completed, "trajectory": self.store.current_trajectory(), **self._evaluate(model)}
+            )
+            self.store.set_meta(TIMELINE_META, timeline)
+        return timeline
+
+
+class _GridFederation(Federation):
+    """The federation handle strategies use during an unlearning inside a run."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        self._run = run
+
+    def remaining_clients(self) -> list[str]:
+        nodes = list(self._run.grid.get_node_ids())
+        clients = self._run.strategy.identities.resolve(self._run.grid, nodes)
+        return sorted(c for c in clients.values() if c not in self._run.strategy.excluded)
+
+    def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
+        self._run.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
+
+    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+        return self._run.train_round(server_round, model)

@@ -1,0 +1,52 @@
+"""Exact unlearning: retrain without the withdrawn clients.
+
+The yardstick every faster strategy is judged against. It restarts from the
+last global model that holds none of the withdrawn clients' contributions —
+the model before the first round any of them took part in — and replays every
+round since with the remaining clients, so the result is what the federation
+would hold had those clients never joined.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fedforget.strategies.base import (
+    Federation,
+    HistoryView,
+    UnlearningOutcome,
+    UnlearningRequest,
+    Unlearner,
+    earliest_participation,
+)
+
+
+class Retrain(Unlearner):
+    """Replay rounds ``first .. completed`` without the withdrawn clients."""
+
+    name: ClassVar[str] = "retrain"
+    needs_client_work: ClassVar[bool] = True
+
+    def unlearn(
+        self, request: UnlearningRequest, history: HistoryView, federation: Federation
+    ) -> UnlearningOutcome:
+        first = earliest_participation(history, sorted(request.clients))
+        # A client that never contributed leaves nothing to remove: the new
+        # trajectory simply continues from the current model.
+        base_version = request.completed_rounds if first is None else first - 1
+        federation.start_trajectory(
+            base_version,
+            {"strategy": self.name, "clients": sorted(request.clients)},
+        )
+        model = history.model(base_version)
+        client_epochs = 0.0
+        for server_round in range(base_version + 1, request.completed_rounds + 1):
+            result = federation.train_round(server_round, model)
+            model = result.model_after
+            client_epochs += result.client_epochs
+        return UnlearningOutcome(
+            model=model,
+            client_epochs=client_epochs,
+            rounds_replayed=request.completed_rounds - base_version,
+            base_version=base_version,
+        )

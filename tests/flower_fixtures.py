@@ -1,0 +1,66 @@
+"""Builders for in-process federations over the LocalGrid (no simulation engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from local_grid import LocalGrid
+
+from fedforget.arrays import Arrays
+from fedforget.client.app import make_client_app, model_arrays
+from fedforget.server.federated_run import FederatedRun, RunObserver, RunSettings, Withdrawal
+from fedforget.server.history_store import HistoryStore, ModelSpec
+from fedforget.server.recording import RecordingFedAvg
+from fedforget.simulations.models import build_model
+from fedforget.simulations.runner import make_evaluate_fn
+from fedforget.simulations.task import DataSettings, SimulationTask
+from fedforget.strategies.base import Unlearner
+from fedforget.strategies.retrain import Retrain
+
+TRAIN_CONFIG = {"local-epochs": 1.0, "lr": 0.05, "batch-size": 32}
+
+
+def initial_model() -> Arrays:
+    return model_arrays(build_model("digits", seed=0))
+
+
+@dataclass
+class LocalFederation:
+    grid: LocalGrid
+    store: HistoryStore
+    strategy: RecordingFedAvg
+    run: FederatedRun
+
+
+def local_federation(
+    store_dir: Path,
+    *,
+    clients: int = 4,
+    rounds: int = 3,
+    withdrawals: Sequence[Withdrawal] = (),
+    unlearner: Unlearner | None = None,
+    observer: RunObserver | None = None,
+    store: HistoryStore | None = None,
+    evaluate: bool = False,
+) -> LocalFederation:
+    """A digits federation of ``clients`` real fedforget ClientApps in this process."""
+    task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
+    grid = LocalGrid(make_client_app(task), clients)
+    if store is None:
+        store = HistoryStore.create(
+            store_dir, federation_id="test-federation", model_spec=ModelSpec.from_arrays(initial_model())
+        )
+    strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    run = FederatedRun(
+        grid,
+        store,
+        strategy,
+        unlearner or Retrain(),
+        RunSettings(num_rounds=rounds, train_config=dict(TRAIN_CONFIG), expected_clients=clients),
+        withdrawals=withdrawals,
+        evaluate_fn=make_evaluate_fn("digits", 0) if evaluate else None,
+        observer=observer,
+    )
+    return LocalFederation(grid=grid, store=store, strategy=strategy, run=run)
