@@ -1,0 +1,156 @@
+"""The ``fedforget`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fedforget import __version__
+
+app = typer.Typer(
+    name="fedforget",
+    help="Federated unlearning on Flower: record, withdraw, unlearn, prove.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedforget {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    """Federated unlearning on Flower: record, withdraw, unlearn, prove."""
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Directory for the history store and report.json.")] = Path("runs/demo"),
+    dataset: Annotated[Optional[str], typer.Option(help="digits (bundled), mnist or fashion-mnist.")] = None,
+    clients: Annotated[Optional[int], typer.Option(help="Number of simulated clients (ids 0..N-1).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
+    local_epochs: Annotated[Optional[float], typer.Option(help="Local epochs per round.")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="iid, dirichlet or pathological.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (with --partition dirichlet).")] = None,
+    classes_per_partition: Annotated[
+        Optional[int], typer.Option(help="Labels per client (with --partition pathological).")
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for data split, model and training.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Client learning rate (SGD, momentum 0.9).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Client batch size.")] = None,
+    withdraw: Annotated[
+        Optional[list[str]],
+        typer.Option(help="CLIENT@ROUND: the client withdraws before ROUND (repeatable)."),
+    ] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Unlearning strategy: retrain.")] = None,
+    retention_interval: Annotated[
+        Optional[int], typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")
+    ] = None,
+    store_dtype: Annotated[Optional[str], typer.Option(help="Stored update precision: float32 or float16.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+) -> None:
+    """Run a federation on Flower's simulation engine, with withdrawals and unlearning."""
+    from fedforget.server.errors import FedforgetError
+    from fedforget.simulations.config import SimulationConfig, parse_withdrawal
+    from fedforget.simulations.datasets import DatasetUnavailableError
+    from fedforget.simulations.progress import ConsoleObserver
+    from fedforget.simulations.runner import saved_config, simulate as run
+
+    given = {
+        "dataset": dataset,
+        "clients": clients,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "partition": partition,
+        "alpha": alpha,
+        "classes_per_partition": classes_per_partition,
+        "seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "strategy": strategy,
+        "retention_interval": retention_interval,
+        "store_dtype": store_dtype,
+    }
+    try:
+        settings = {k: v for k, v in given.items() if v is not None}
+        if withdraw is not None:
+            settings["withdrawals"] = tuple(parse_withdrawal(w) for w in withdraw)
+        base = saved_config(out) if resume else SimulationConfig()
+        config = SimulationConfig(**{**base.__dict__, **settings})
+        report = run(config, out, resume=resume, observer=ConsoleObserver(), verbose=verbose)
+    except (FedforgetError, DatasetUnavailableError, PermissionError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    _print_summary(report, out)
+
+
+def _print_summary(report: dict[str, object], out: Path) -> None:
+    console = Console()
+    console.print(
+        f"final test accuracy [bold]{report['final_test_accuracy']:.2%}[/] "
+        f"after {len(report['rounds'])} rounds in {report['wall_seconds']:.1f} s"  # type: ignore[arg-type]
+    )
+    for event in report["unlearning"]:  # type: ignore[union-attr]
+        console.print(
+            f"client {event['client']} forgotten before round {event['round']} by {event['strategy']}: "
+            f"{event['seconds']:.1f} s, {event['client_epochs']:.0f} client-epochs, test accuracy "
+            f"{event['test_accuracy_before']:.2%} -> {event['test_accuracy_after']:.2%}"
+        )
+    store = report["store"]
+    console.print(
+        f"history store: {store['bytes'] / 1e6:.2f} MB for {store['client_rounds']} client-rounds "  # type: ignore[index]
+        f"in {out / 'store'}; report: {out / 'report.json'}"
+    )
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
+    clients: Annotated[int, typer.Option(help="Simulated clients.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Rounds per configuration.")] = 10,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
+    from fedforget.simulations.bench_overhead import run_overhead_benchmark
+
+    try:
+        result = run_overhead_benchmark(dataset=dataset, clients=clients, rounds=rounds)
+    except (ValueError, PermissionError) as exc:
+        _fail(str(exc))
+        return
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="fedforget")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``fedforget bench overhead``: what recording history costs, measured side by side.
+
+One simulation engine session trains the same federation with Flower's plain
+``FedAvg`` and with fedforget's ``RecordingFedAvg`` (fp32 and fp16 stores),
+interleaved in repeated blocks so that drift on a shared machine hits every
+configuration alike. It prints ratios, never absolute verdicts: per-round time
+with recording over time without, and stored bytes per client-round over the
+fp32 model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from rich.console import Console
+from rich.table import Table
+
+from fedforget import wire
+from fedforget.client.app import make_client_app, model_arrays
+from fedforget.server.history_store import HistoryStore, ModelSpec
+from fedforget.server.recording import RecordingFedAvg
+from fedforget.simulations.models import build_model
+from fedforget.simulations.task import DataSettings, SimulationTask
+
+CONFIGURATIONS = ("off", "fp32", "fp16")
+
+
+@dataclass
+class _Measurements:
+    round_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
+    recording_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
+    bytes_per_client_round: dict[str, float] = field(default_factory=dict)
+    model_bytes: int = 0
+
+
+class _TimedStore:
+    """Wraps a store's write calls to add up the time spent recording."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.store, name)
+        if name not in {"record_update", "commit_round", "write_initial_model"}:
+            return attr
+
+        def timed(*args: object, **kwargs: object) -> object:
+            started = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)  # type: ignore[operator]
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
+def _round_times(grid: Grid, strategy: FedAvg, initial: ArrayRecord, rounds: int) -> list[float]:
+    """Train ``rounds`` rounds with Flower's own loop; return per-round wall times after the first."""
+    stamps: list[float] = []
+
+    def stamp(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        stamps.append(time.perf_counter())
+        return None
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=stamp)
+    # stamps[0] is before round 1; round 1 also warms caches, so it is left out.
+    return [later - earlier for earlier, later in zip(stamps[1:], stamps[2:])]
+
+
+def run_overhead_benchmark(
+    *, dataset: str = "digits", clients: int = 10, rounds: int = 10, blocks: int = 2
+) -> dict[str, object]:
+    """Measure and print recording overhead; return the figures."""
+    if clients < 2 or rounds < 3:
+        raise ValueError("the benchmark needs at least 2 clients and 3 rounds per configuration")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    from flwr.simulation import run_simulation
+
+    console = Console()
+    measured = _Measurements()
+    initial_arrays = model_arrays(build_model(dataset, seed=0))
+    spec = ModelSpec.from_arrays(initial_arrays)
+    measured.model_bytes = spec.nbytes
+    options = {"fraction_evaluate": 0.0, "min_train_nodes": clients, "min_available_nodes": clients}
+    workdir = Path(tempfile.mkdtemp(prefix="fedforget-bench-"))
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        initial = wire.record_from_arrays(initial_arrays)
+        for block in range(blocks):
+            for name in CONFIGURATIONS:
+                console.print(f"  block {block + 1}/{blocks}: recording {name} ...")
+                if name == "off":
+                    times = _round_times(grid, FedAvg(**options), initial, rounds)
+                    measured.round_seconds[name].extend(times)
+                    continue
+                with HistoryStore.create(
+                    workdir / f"{name}-{block}",
+                    federation_id="bench-overhead",
+                    model_spec=spec,
+                    update_dtype="float16" if name == "fp16" else "float32",
+                ) as store:
+                    timed = _TimedStore(store)
+                    strategy = RecordingFedAvg(timed, **options)  # type: ignore[arg-type]
+                    times = _round_times(grid, strategy, initial, rounds)
+                    measured.round_seconds[name].extend(times)
+                    measured.recording_seconds[name].append(timed.seconds / rounds)
+                    stats = store.stats()
+                    measured.bytes_per_client_round[name] = stats.update_bytes / stats.update_blobs
+
+    console.print(f"[bold]bench overhead[/]: {dataset}, {clients} clients, {rounds} rounds x {blocks} blocks")
+    run_simulation(
+        server_app=app,
+        client_app=make_client_app(SimulationTask(DataSettings(dataset=dataset, num_clients=clients))),
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "log_to_driver": False}},
+    )
+    return _summarise(measured, console)
+
+
+def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
+    base = statistics.median(measured.round_seconds["off"])
+    table = Table(title="History recording overhead (median over rounds, measured side by side)")
+    for column in ("recording", "round time / off", "recording time / round", "bytes per client-round / fp32 model"):
+        table.add_column(column, justify="right")
+    result: dict[str, object] = {"model_bytes_fp32": measured.model_bytes, "configurations": {}}
+    for name in CONFIGURATIONS:
+        median = statistics.median(measured.round_seconds[name])
+        entry: dict[str, float] = {"round_time_ratio": median / base}
+        if name != "off":
+            recording = statistics.mean(measured.recording_seconds[name])
+            entry["recording_share_of_round"] = recording / median
+            entry["bytes_per_client_round_ratio"] = measured.bytes_per_client_round[name] / measured.model_bytes
+        result["configurations"][name] = entry  # type: ignore[index]
+        table.add_row(
+            name,
+            f"{entry['round_time_ratio']:.3f}",
+            f"{entry.get('recording_share_of_round', 0.0):.2%}" if name != "off" else "-",
+            f"{entry['bytes_per_client_round_ratio']:.3f}" if name != "off" else "-",
+        )
+    console.print(table)
+    return result

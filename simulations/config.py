@@ -1,0 +1,105 @@
+"""Settings of a simulated federation, checked before anything is written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from fedforget.server.errors import FedforgetError
+from fedforget.server.federated_run import Withdrawal
+from fedforget.simulations.datasets import DATASET_NAMES
+from fedforget.simulations.partitioning import PARTITION_SCHEMES
+from fedforget.strategies.registry import STRATEGY_NAMES
+
+STORE_DTYPES = ("float32", "float16")
+
+
+class ConfigError(FedforgetError, ValueError):
+    """A simulation setting is invalid; the message names it and what is allowed."""
+
+
+_WITHDRAWAL = re.compile(r"^(?P<client>[^@\s]+)@(?P<round>\d+)$")
+
+
+def parse_withdrawal(text: str) -> Withdrawal:
+    """Parse ``CLIENT@ROUND`` (e.g. ``3@5``: client 3 withdraws before round 5)."""
+    match = _WITHDRAWAL.match(text.strip())
+    if match is None:
+        raise ConfigError(f"--withdraw {text!r}: expected CLIENT@ROUND, e.g. 3@5")
+    return Withdrawal(client_id=match["client"], round=int(match["round"]))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """One simulated federation: data, training, history and withdrawals."""
+
+    dataset: str = "digits"
+    clients: int = 10
+    rounds: int = 10
+    local_epochs: float = 1.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+    seed: int = 0
+    lr: float = 0.05
+    batch_size: int = 32
+    strategy: str = "retrain"
+    withdrawals: tuple[Withdrawal, ...] = field(default_factory=tuple)
+    retention_interval: int = 1
+    store_dtype: str = "float32"
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting."""
+        _one_of("--dataset", self.dataset, DATASET_NAMES)
+        _one_of("--partition", self.partition, PARTITION_SCHEMES)
+        _one_of("--strategy", self.strategy, STRATEGY_NAMES)
+        _one_of("--store-dtype", self.store_dtype, STORE_DTYPES)
+        _at_least("--clients", self.clients, 1)
+        _at_least("--rounds", self.rounds, 1)
+        _at_least("--retention-interval", self.retention_interval, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        if self.local_epochs <= 0:
+            raise ConfigError(f"--local-epochs must be positive, got {self.local_epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.alpha <= 0:
+            raise ConfigError(f"--alpha must be positive, got {self.alpha}")
+        client_ids = {str(i) for i in range(self.clients)}
+        withdrawn: set[str] = set()
+        for w in self.withdrawals:
+            if w.client_id not in client_ids:
+                raise ConfigError(
+                    f"--withdraw {w.client_id}@{w.round}: there is no client {w.client_id!r}; "
+                    f"this federation's clients are 0..{self.clients - 1}"
+                )
+            if not 1 <= w.round <= self.rounds:
+                raise ConfigError(
+                    f"--withdraw {w.client_id}@{w.round}: the round must be between 1 and the last "
+                    f"round, {self.rounds}"
+                )
+            if w.client_id in withdrawn:
+                raise ConfigError(f"--withdraw: client {w.client_id} is withdrawn more than once")
+            withdrawn.add(w.client_id)
+        if len(withdrawn) >= self.clients:
+            raise ConfigError("--withdraw: at least one client must remain in the federation")
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["withdrawals"] = [f"{w.client_id}@{w.round}" for w in self.withdrawals]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> SimulationConfig:
+        fields = dict(data)
+        fields["withdrawals"] = tuple(parse_withdrawal(str(w)) for w in fields.get("withdrawals", []))  # type: ignore[union-attr]
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{option} {value!r} is not known; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(option: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{option} must be at least {minimum}, got {value}")

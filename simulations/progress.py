@@ -1,0 +1,53 @@
+"""Terminal progress for long runs: one line per round and per unlearning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+
+
+class ConsoleObserver:
+    """Prints a run's progress as it happens (a :class:`~fedforget.server.federated_run.RunObserver`)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._num_rounds = 0
+
+    def run_started(self, first_round: int, num_rounds: int) -> None:
+        self._num_rounds = num_rounds
+        if first_round > 1:
+            self.console.print(f"[bold]resuming[/] at round {first_round} of {num_rounds}")
+        else:
+            self.console.print(f"[bold]training[/] {num_rounds} rounds")
+
+    def round_finished(self, entry: dict[str, object]) -> None:
+        accuracy = entry.get("test_accuracy")
+        loss = entry.get("test_loss")
+        shown = (
+            f"test accuracy {accuracy:6.2%}  loss {loss:.4f}" if isinstance(accuracy, float) else ""
+        )
+        participants = entry.get("participants") or []
+        self.console.print(
+            f"  round {entry['round']:>3}/{self._num_rounds}  {shown}  "
+            f"{len(participants)} clients  {entry.get('seconds', 0.0):.1f} s"  # type: ignore[arg-type]
+        )
+
+    def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
+        self.console.print(
+            f"[bold yellow]withdrawal[/] of client(s) {', '.join(clients)} before round "
+            f"{before_round}: unlearning with [bold]{strategy}[/] ..."
+        )
+
+    def unlearning_finished(self, event: dict[str, object]) -> None:
+        before = event.get("test_accuracy_before")
+        after = event.get("test_accuracy_after")
+        accuracy = (
+            f"test accuracy {before:.2%} -> {after:.2%}, "
+            if isinstance(before, float) and isinstance(after, float)
+            else ""
+        )
+        self.console.print(
+            f"  unlearned in {event['seconds']:.1f} s ({accuracy}"
+            f"{event['rounds_replayed']} rounds replayed, {event['client_epochs']:.0f} client-epochs)"
+        )

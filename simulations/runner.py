@@ -1,0 +1,221 @@
+"""``fedforget simulate``: a federation with withdrawals on Flower's simulation engine.
+
+Everything is validated before the first byte is written; the history store
+under ``OUT/store`` is the run's durable state, so an interrupted run resumes
+from its last completed round, and ``OUT/report.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fedforget.arrays import Arrays
+from fedforget.client.app import load_weights, make_client_app, model_arrays
+from fedforget.client.training import evaluate
+from fedforget.files import ensure_writable_dir, write_json_atomic
+from fedforget.server.app import ServerSetup, make_server_app
+from fedforget.server.federated_run import RunObserver, RunOutcome, RunSettings
+from fedforget.server.history_store import HistoryStore
+from fedforget.simulations.config import ConfigError, SimulationConfig
+from fedforget.simulations.datasets import load_dataset
+from fedforget.simulations.models import build_model
+from fedforget.simulations.task import DataSettings, SimulationTask, test_dataset
+
+CONFIG_META = "simulation_config"
+STORE_DIR = "store"
+REPORT_FILE = "report.json"
+
+
+def data_settings(config: SimulationConfig) -> DataSettings:
+    return DataSettings(
+        dataset=config.dataset,
+        num_clients=config.clients,
+        partition=config.partition,
+        alpha=config.alpha,
+        classes_per_partition=config.classes_per_partition,
+        seed=config.seed,
+    )
+
+
+def federation_id(config: SimulationConfig) -> str:
+    """A name for the simulated federation, fixed by who holds which data."""
+    identity = json.dumps(
+        {k: v for k, v in data_settings(config).__dict__.items()}, sort_keys=True
+    ).encode()
+    return f"sim-{config.dataset}-{hashlib.sha256(identity).hexdigest()[:12]}"
+
+
+def make_evaluate_fn(dataset: str, model_seed: int):  # type: ignore[no-untyped-def]
+    """Central evaluation of a global model on the dataset's held-out test set."""
+    test = test_dataset(dataset)
+
+    def evaluate_global(arrays: Arrays) -> dict[str, float]:
+        model = build_model(dataset, seed=model_seed)
+        load_weights(model, arrays)
+        result = evaluate(model, test)
+        return {"test_accuracy": result.accuracy, "test_loss": result.loss}
+
+    return evaluate_global
+
+
+def _check_resumable(config: SimulationConfig, out: Path) -> None:
+    """Refuse to resume a store written by a different simulation, naming the differences."""
+    saved = saved_config(out).to_json()
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_json().items() if saved.get(k) != v]
+    if diffs:
+        raise ConfigError(
+            "--resume: the settings differ from the interrupted run's ("
+            + "; ".join(diffs)
+            + "). Resume with the same settings, or start a new run with another --out."
+        )
+
+
+def _prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
+    out = ensure_writable_dir(out)
+    store_dir = out / STORE_DIR
+    if resume:
+        _check_resumable(config, out)
+    elif store_dir.exists() and any(store_dir.iterdir()):
+        raise ConfigError(
+            f"{out} already holds a run ({store_dir}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+    return out
+
+
+def _quiet_engines(verbose: bool) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+def simulate(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    observer: RunObserver | None = None,
+    verbose: bool = False,
+) -> dict[str, object]:
+    """Run the simulation described by ``config`` and write ``OUT/store`` and ``OUT/report.json``."""
+    started = time.perf_counter()
+    config.validate()
+    load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
+    out = _prepare_output(config, out, resume)
+    _quiet_engines(verbose)
+
+    from flwr.simulation import run_simulation  # heavy import: only when simulating
+
+    initial = model_arrays(build_model(config.dataset, seed=config.seed))
+    setup = ServerSetup(
+        store_dir=out / STORE_DIR,
+        federation_id=federation_id(config),
+        initial_model=initial,
+        settings=RunSettings(
+            num_rounds=config.rounds,
+            train_config={"local-epochs": config.local_epochs, "lr": config.lr, "batch-size": config.batch_size},
+            seed=config.seed,
+            expected_clients=config.clients,
+        ),
+        strategy=config.strategy,
+        withdrawals=config.withdrawals,
+        retention_interval=config.retention_interval,
+        update_dtype=config.store_dtype,
+        resume=resume,
+        evaluate_fn=make_evaluate_fn(config.dataset, config.seed),
+        observer=observer,
+        metadata={CONFIG_META: config.to_json()},
+    )
+    outcomes: list[RunOutcome] = []
+    server_app = make_server_app(setup, on_finish=outcomes.append)
+    client_app = make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=config.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1},
+            "init_args": {"num_cpus": 2, "log_to_driver": verbose, "logging_level": "error"},
+        },
+        verbose_logging=verbose,
+    )
+    if not outcomes:
+        raise RuntimeError(
+            "the simulation ended without finishing its rounds; the history store in "
+            f"{out / STORE_DIR} is intact: rerun with --resume to continue"
+        )
+    report = build_report(config, out, outcomes[0], wall_seconds=time.perf_counter() - started)
+    write_json_atomic(out / REPORT_FILE, report)
+    return report
+
+
+def build_report(
+    config: SimulationConfig, out: Path, outcome: RunOutcome, *, wall_seconds: float
+) -> dict[str, object]:
+    """The run's results in the documented ``report.json`` format (extra keys are extensions)."""
+    with HistoryStore.open(out / STORE_DIR) as store:
+        stats = store.stats()
+        model_bytes = store.model_spec.nbytes
+    unlearning = []
+    for index, event in enumerate(outcome.unlearning):
+        for client in event["clients"]:  # type: ignore[union-attr]
+            unlearning.append(
+                {
+                    "client": client,
+                    "round": event["round"],
+                    "strategy": event["strategy"],
+                    "seconds": event["seconds"],
+                    "client_epochs": event["client_epochs"],
+                    "test_accuracy_before": event["test_accuracy_before"],
+                    "test_accuracy_after": event["test_accuracy_after"],
+                    "unlearning_index": index,
+                    "clients_unlearned_together": event["clients"],
+                    "rounds_replayed": event["rounds_replayed"],
+                    "base_version": event["base_version"],
+                }
+            )
+    rounds = [
+        {k: entry.get(k) for k in ("round", "test_accuracy", "test_loss", "trajectory", "participants", "seconds")}
+        for entry in outcome.timeline
+    ]
+    return {
+        "config": config.to_json(),
+        "federation_id": federation_id(config),
+        "rounds": rounds,
+        "final_test_accuracy": rounds[-1]["test_accuracy"] if rounds else None,
+        "store": {
+            "path": str(out / STORE_DIR),
+            "bytes": stats.bytes,
+            "client_rounds": stats.client_rounds,
+            "retained_updates": stats.retained_updates,
+            "update_blobs": stats.update_blobs,
+            "model_bytes_fp32": model_bytes,
+            "update_bytes": stats.update_bytes,
+            "update_bytes_per_client_round": (
+                stats.update_bytes / stats.update_blobs if stats.update_blobs else 0.0
+            ),
+        },
+        "unlearning": unlearning,
+        "resumed_from_round": outcome.resumed_from,
+        "wall_seconds": wall_seconds,
+    }
+
+
+def saved_config(out: Path) -> SimulationConfig:
+    """The settings of the run stored in ``OUT``, for ``--resume``."""
+    store_dir = out / STORE_DIR
+    if not (store_dir / "store.json").exists():
+        raise ConfigError(f"--resume: {store_dir} holds no history store to resume")
+    with HistoryStore.open(store_dir) as store:
+        saved = store.get_meta(CONFIG_META)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: the store at {store_dir} was not written by `fedforget simulate`")
+    return SimulationConfig.from_json(saved)

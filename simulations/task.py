@@ -1,0 +1,88 @@
+"""The simulated clients' view of the world: which partition of which dataset they own.
+
+Shipped to every simulation worker process, so it holds only small settings;
+data is loaded and partitioned once per worker process and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Context
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedforget.client.app import ClientData
+from fedforget.simulations.datasets import load_dataset
+from fedforget.simulations.models import build_model
+from fedforget.simulations.partitioning import partition_indices
+
+PARTITION_ID = "partition-id"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How the federation's data is split among simulated clients."""
+
+    dataset: str
+    num_clients: int
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+    seed: int = 0
+
+
+def client_partitions(settings: DataSettings) -> list[np.ndarray]:
+    """Indices of each client's training examples."""
+    return partition_indices(
+        load_dataset(settings.dataset).y_train,
+        settings.num_clients,
+        settings.partition,
+        alpha=settings.alpha,
+        classes_per_partition=settings.classes_per_partition,
+        seed=settings.seed,
+    )
+
+
+@lru_cache(maxsize=64)
+def client_dataset(settings: DataSettings, client: int) -> TensorDataset:
+    """One client's training examples as tensors."""
+    data = load_dataset(settings.dataset)
+    index = client_partitions(settings)[client]
+    # Fancy indexing copies out of the shared, read-only cached arrays.
+    return TensorDataset(torch.from_numpy(data.x_train[index]), torch.from_numpy(data.y_train[index]))
+
+
+@lru_cache(maxsize=8)
+def test_dataset(dataset: str) -> TensorDataset:
+    """The held-out test set the server evaluates the global model on."""
+    data = load_dataset(dataset)
+    return TensorDataset(torch.tensor(data.x_test), torch.tensor(data.y_test))
+
+
+@dataclass(frozen=True)
+class SimulationTask:
+    """A :class:`~fedforget.client.app.ClientTask` for the built-in datasets."""
+
+    data: DataSettings
+    model_seed: int = 0
+
+    def client_id(self, context: Context) -> str:
+        return str(int(context.node_config[PARTITION_ID]))
+
+    def build_model(self) -> nn.Module:
+        # One thread per simulated client: two cores shared by several workers
+        # run tiny models far slower with intra-op threading than without.
+        torch.set_num_threads(1)
+        return build_model(self.data.dataset, seed=self.model_seed)
+
+    def load_data(self, context: Context) -> ClientData:
+        partition = int(context.node_config[PARTITION_ID])
+        if not 0 <= partition < self.data.num_clients:
+            raise ValueError(
+                f"partition-id {partition} is outside 0..{self.data.num_clients - 1}"
+            )
+        return ClientData(train=client_dataset(self.data, partition))

@@ -1,0 +1,52 @@
+"""The command line: every command has --help; bad input fails clearly and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fedforget.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["bench"], ["bench", "overhead"]])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "cifar"], "--dataset 'cifar' is not known; choose one of: digits, mnist, fashion-mnist"),
+        (["--strategy", "magic"], "--strategy 'magic' is not known"),
+        (["--clients", "4", "--withdraw", "7@2"], "there is no client '7'"),
+        (["--rounds", "3", "--withdraw", "1@9"], "between 1 and the last round, 3"),
+        (["--withdraw", "one-at-two"], "expected CLIENT@ROUND"),
+        (["--partition", "zipf"], "--partition 'zipf' is not known"),
+        (["--store-dtype", "int8"], "--store-dtype 'int8' is not known"),
+        (["--clients", "2", "--withdraw", "0@2", "--withdraw", "1@2"], "at least one client must remain"),
+    ],
+)
+def test_bad_simulation_settings_fail_before_writing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", "--out", str(out), *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_unwritable_output_directory_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = runner.invoke(app, ["simulate", "--out", str(blocker / "run"), "--rounds", "1"])
+    assert result.exit_code == 2
+    assert "is not writable" in result.output and str(blocker) in result.output.replace("\n", "")
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "nothing"), "--resume"])
+    assert result.exit_code == 2
+    assert "holds no history store to resume" in " ".join(result.output.split())

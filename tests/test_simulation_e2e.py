@@ -1,0 +1,111 @@
+"""End to end on Flower's simulation engine (Ray): the real `fedforget simulate` path.
+
+These are the slow tests (Ray starts in ~10 s); they cover what the in-process
+grid cannot: ClientApps shipped to worker processes, the command line, the
+report, and a run killed with SIGKILL and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedforget.server.federated_run import Withdrawal
+from fedforget.server.history_store import HistoryStore
+from fedforget.simulations.config import SimulationConfig
+from fedforget.simulations.runner import simulate
+
+pytestmark = pytest.mark.simulation
+
+
+def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
+    config = SimulationConfig(
+        dataset="digits", clients=4, rounds=3, withdrawals=(Withdrawal("1", 3),)
+    )
+    report = simulate(config, tmp_path / "run")
+
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3]
+    for entry in on_disk["rounds"]:
+        assert 0.0 <= entry["test_accuracy"] <= 1.0 and entry["test_loss"] > 0
+    assert on_disk["rounds"][2]["participants"] == ["0", "2", "3"]
+    assert on_disk["store"]["bytes"] > 0
+    # The current (unlearned) trajectory: rounds 1-2 replayed and round 3, three clients each ...
+    assert on_disk["store"]["client_rounds"] == 9
+    # ... while the original rounds 1-2 (four clients) stay on disk until the key is destroyed.
+    assert on_disk["store"]["update_blobs"] == 4 + 4 + 9
+    (unlearning,) = on_disk["unlearning"]
+    assert unlearning["client"] == "1" and unlearning["round"] == 3 and unlearning["strategy"] == "retrain"
+    assert unlearning["client_epochs"] == pytest.approx(6.0)
+    assert unlearning["seconds"] > 0
+    for key in ("test_accuracy_before", "test_accuracy_after"):
+        assert 0.0 < unlearning[key] <= 1.0
+    assert on_disk["wall_seconds"] > 0
+
+    with HistoryStore.open(tmp_path / "run" / "store") as store:
+        reader = store.reader()
+        assert "1" not in reader.clients()
+        for view in reader.rounds():
+            step = {k: v - view.model_before()[k] for k, v in view.model_after().items()}
+            total = {k: np.zeros_like(v) for k, v in step.items()}
+            for info, update in view.updates():
+                for k in total:
+                    total[k] += info.weight * update[k]
+            for k in step:
+                np.testing.assert_allclose(total[k], step[k], atol=1e-6)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_killed_run_resumes_from_last_completed_round(tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--clients", "3", "--rounds", "5", "--withdraw", "0@4", "--out", str(out)]
+    command = [sys.executable, "-m", "fedforget.cli", "simulate", *args]
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: "round   2/5" in (tmp_path / "first.log").read_text(), 240, "round 2 to finish")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and every Ray process it started
+        first.wait(timeout=30)
+    _wait_for(lambda: not _alive(first.pid), 30, "the killed run to disappear")
+    assert not (out / "report.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedforget.cli", "simulate", "--resume", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming at round" in resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5]
+    assert report["resumed_from_round"] >= 2
+    assert [u["client"] for u in report["unlearning"]] == ["0"]
+    with HistoryStore.open(out / "store") as store:
+        assert store.last_completed_round() == 5
+        assert [v.round for v in store.reader().rounds()] == [1, 2, 3, 4, 5]
