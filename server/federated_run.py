@@ -10,6 +10,7 @@ from the history store. This loop drives the same ``configure_train`` /
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,12 +124,30 @@ class FederatedRun:
         self.withdrawals = sorted(withdrawals, key=lambda w: (w.round, w.client_id))
         self.evaluate_fn = evaluate_fn
         self.observer: RunObserver = observer or SilentObserver()
+        # Cached so that the loop never reads the store while the strategy's
+        # recording thread may be writing it; refreshed after each flush.
+        self._trajectory = 0
+        self._events: list[dict[str, object]] = []
 
     # -- the loop --------------------------------------------------------------
 
     def execute(self, initial_model: Arrays) -> RunOutcome:
-        """Train to ``num_rounds``, acting on withdrawals at their round boundaries."""
+        """Train to ``num_rounds``, acting on withdrawals at their round boundaries.
+
+        Whatever ends the loop, rounds already recorded are committed before
+        this returns or raises, so the store is ready to resume from.
+        """
+        try:
+            return self._execute(initial_model)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters more
+                self.strategy.flush()
+            raise
+
+    def _execute(self, initial_model: Arrays) -> RunOutcome:
+        self.strategy.flush()
         self._abandon_interrupted_unlearning()
+        self._refresh_from_store()
         self.strategy.exclude(self.withdrawn_clients())
         completed = self.store.last_completed_round()
         if completed == 0 and not self.store.has_model(0):
@@ -146,8 +165,10 @@ class FederatedRun:
             model = result.model_after
             entry = self._timeline_entry(server_round, model, time.perf_counter() - started)
             timeline.append(entry)
-            self.store.set_meta(TIMELINE_META, timeline)
+            snapshot = list(timeline)
+            self.strategy.submit_write(lambda: self.store.set_meta(TIMELINE_META, snapshot))
             self.observer.round_finished(entry)
+        self.strategy.flush()
         return RunOutcome(
             model=model, timeline=timeline, unlearning=self.unlearning_events(), resumed_from=completed
         )
@@ -181,7 +202,12 @@ class FederatedRun:
 
     def unlearning_events(self) -> list[dict[str, object]]:
         """Completed unlearnings, oldest first, as recorded with their trajectories."""
-        return [
+        return [dict(event) for event in self._events]
+
+    def _refresh_from_store(self) -> None:
+        """Re-read what the loop caches; only call with the strategy flushed."""
+        self._trajectory = self.store.current_trajectory()
+        self._events = [
             dict(t.info)
             for t in sorted(self.store.trajectories(), key=lambda t: t.id)
             if t.status == "complete" and t.info.get("kind") == UNLEARNING_KIND
@@ -200,6 +226,7 @@ class FederatedRun:
         self.strategy.exclude(clients)
         self.observer.unlearning_started(clients, server_round, self.unlearner.name)
         before = self._evaluate(model)
+        self.strategy.flush()
         source = self.store.current_trajectory()
         federation = _GridFederation(self)
         started = time.perf_counter()
@@ -210,6 +237,7 @@ class FederatedRun:
             self.store.reader(source),
             federation,
         )
+        self.strategy.flush()
         seconds = time.perf_counter() - started
         if self.store.current_trajectory() == source:
             raise RunError(
@@ -233,6 +261,7 @@ class FederatedRun:
             **outcome.details,
         }
         self.store.set_trajectory_status(self.store.current_trajectory(), "complete", info=event)
+        self._refresh_from_store()
         self.observer.unlearning_finished(event)
         return outcome.model
 
@@ -267,7 +296,7 @@ class FederatedRun:
         recorded = self.strategy.last_recorded
         return {
             "round": server_round,
-            "trajectory": self.store.current_trajectory(),
+            "trajectory": self._trajectory,
             "participants": list(recorded.participants) if recorded else [],
             "seconds": seconds,
             **self._evaluate(model),
@@ -296,7 +325,11 @@ class _GridFederation(Federation):
         return sorted(c for c in clients.values() if c not in self._run.strategy.excluded)
 
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
+        self._run.strategy.flush()
         self._run.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        return self._run.train_round(server_round, model)
+        result = self._run.train_round(server_round, model)
+        # A strategy may read history between its rounds: keep the store settled.
+        self._run.strategy.flush()
+        return result

@@ -201,6 +201,15 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 @dataclass
+class _PendingUpdate:
+    """An update recorded for the round in progress: its blob file is durable, its index row not yet written."""
+
+    num_examples: int
+    weight: float
+    blob: tuple[str, int, int, str] | None  # (blob_id, key_id, size, float dtype) when retained
+
+
+@dataclass
 class UpdateInfo:
     """Metadata of one client's update in one round (the blob may not be retained)."""
 
@@ -397,6 +406,8 @@ class HistoryStore:
         self._fed_key = b""
         self._ciphers = {}
         self._write_keys = {}
+        self._pending: dict[str, _PendingUpdate] = {}
+        self._pending_round: tuple[int, int] | None = None
         return self
 
     @classmethod
@@ -734,6 +745,8 @@ class HistoryStore:
             raise StoreError(f"store {self.path} has no trajectory {trajectory!r} (it has {known})")
 
     def _uncommitted_round(self, trajectory: int) -> int | None:
+        if self._pending_round is not None and self._pending_round[0] == trajectory:
+            return self._pending_round[1]
         row = self._db().execute(
             "SELECT MIN(round) FROM rounds WHERE trajectory = ? AND completed = 0", (trajectory,)
         ).fetchone()
@@ -789,11 +802,15 @@ class HistoryStore:
     def _blob_path(self, blob_id: str) -> Path:
         return self.path / BLOB_DIR / f"{blob_id}{BLOB_SUFFIX}"
 
-    def _write_blob_file(self, arrays: Arrays, owner: str, float_dtype: str) -> tuple[str, int, int, str]:
+    def _write_blob_file(
+        self, arrays: Arrays, owner: str, float_dtype: str, *, sync_dir: bool = True
+    ) -> tuple[str, int, int, str]:
         """Encode, encrypt and durably write one blob; returns (blob_id, key_id, size, dtype).
 
-        The file is complete and fsynced, and its directory entry too, before
-        this returns; only then may an index row reference it.
+        The file is complete and fsynced before this returns, and its directory
+        entry too unless ``sync_dir`` is false, in which case the caller must
+        sync the blob directory before any index row references the file (a
+        round syncs it once for all its blobs).
         """
         key_id, cipher = self._write_key(owner)
         payload, used_dtype = encode_arrays(arrays, self.model_spec, float_dtype=float_dtype)
@@ -813,7 +830,8 @@ class HistoryStore:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            fsync_dir(final.parent)
+            if sync_dir:
+                fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write blob file {final}: {exc.strerror or exc}") from exc
@@ -1014,53 +1032,73 @@ class HistoryStore:
             raise ValueError(f"weight must be a finite number, got {weight!r}")
         traj = self._check_next_round(round, "record an update for")
         self.model_spec.check(update, f"update of client {client_id!r} in round {round}")
-
-        def rows(conn: sqlite3.Connection, blob_id: str | None) -> list[str]:
-            conn.execute(
-                "INSERT OR IGNORE INTO rounds (trajectory, round, completed) VALUES (?, ?, 0)", (traj, round)
-            )
-            old = conn.execute(
-                "SELECT blob_id FROM updates WHERE trajectory = ? AND round = ? AND client_id = ?",
-                (traj, round, client_id),
-            ).fetchone()
-            conn.execute(
-                "INSERT OR REPLACE INTO updates "
-                "(trajectory, round, client_id, num_examples, weight, blob_id, recorded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (traj, round, client_id, int(num_examples), float(weight), blob_id, _now()),
-            )
-            if old is not None and old[0] is not None:
-                return self._drop_unreferenced_rows(conn, [old[0]])
-            return []
-
+        if self._pending_round != (traj, round):
+            self._drop_pending()
+            self._pending_round = (traj, round)
+        blob = None
         if self.is_retained(round):
-            self._write_referenced_blob(update, client_id, "update", self.update_dtype, rows)
-        else:
-            with self._tx() as conn:
-                dead = rows(conn, None)
-            self._unlink_blob_files(dead)
+            blob = self._write_blob_file(update, client_id, self.update_dtype, sync_dir=False)
+        replaced = self._pending.pop(client_id, None)
+        self._pending[client_id] = _PendingUpdate(int(num_examples), float(weight), blob)
+        if replaced is not None and replaced.blob is not None:
+            self._blob_path(replaced.blob[0]).unlink(missing_ok=True)
+
+    def _drop_pending(self) -> None:
+        """Forget updates recorded for a round that will not be committed, and their files."""
+        for pending in self._pending.values():
+            if pending.blob is not None:
+                self._blob_path(pending.blob[0]).unlink(missing_ok=True)
+        self._pending = {}
+        self._pending_round = None
 
     def commit_round(self, round: int, model_after: Arrays, metrics: dict[str, float] | None = None) -> None:
-        """Durably store version ``round`` and mark the round completed, atomically."""
+        """Durably store version ``round`` with the round's updates and mark it completed, atomically.
+
+        The updates recorded since the last commit were written as fsynced blob
+        files; here the model blob joins them, the blob directory is synced
+        once, and a single index transaction makes the whole round visible.
+        A crash before that transaction leaves only orphan files, removed on open().
+        """
         round = _check_round(round)
         traj = self._check_next_round(round, "commit")
         self.model_spec.check(model_after, f"global model after round {round}")
         metrics_json = _dumps(_clean_metrics(metrics), "metrics")
-
-        def rows(conn: sqlite3.Connection, blob_id: str) -> list[str]:
-            conn.execute(
-                "INSERT INTO versions (trajectory, version, blob_id) VALUES (?, ?, ?)", (traj, round, blob_id)
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO rounds (trajectory, round, completed) VALUES (?, ?, 0)", (traj, round)
-            )
-            conn.execute(
-                "UPDATE rounds SET completed = 1, metrics = ?, completed_at = ? WHERE trajectory = ? AND round = ?",
-                (metrics_json, _now(), traj, round),
-            )
-            return []
-
-        self._write_referenced_blob(model_after, GLOBAL_OWNER, "model", "float32", rows)
+        if self._pending_round not in (None, (traj, round)):
+            self._drop_pending()
+        model_blob = self._write_blob_file(model_after, GLOBAL_OWNER, "float32", sync_dir=False)
+        fsync_dir(self.path / BLOB_DIR)
+        recorded_at = _now()
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO rounds (trajectory, round, completed) VALUES (?, ?, 0)", (traj, round)
+                )
+                for client_id, pending in self._pending.items():
+                    blob_id = None
+                    if pending.blob is not None:
+                        blob_id, key_id, size, dtype = pending.blob
+                        self._insert_blob_row(conn, blob_id, client_id, key_id, "update", dtype, size)
+                    conn.execute(
+                        "INSERT OR REPLACE INTO updates "
+                        "(trajectory, round, client_id, num_examples, weight, blob_id, recorded_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (traj, round, client_id, pending.num_examples, pending.weight, blob_id, recorded_at),
+                    )
+                blob_id, key_id, size, dtype = model_blob
+                self._insert_blob_row(conn, blob_id, GLOBAL_OWNER, key_id, "model", dtype, size)
+                conn.execute(
+                    "INSERT INTO versions (trajectory, version, blob_id) VALUES (?, ?, ?)", (traj, round, blob_id)
+                )
+                conn.execute(
+                    "UPDATE rounds SET completed = 1, metrics = ?, completed_at = ? "
+                    "WHERE trajectory = ? AND round = ?",
+                    (metrics_json, recorded_at, traj, round),
+                )
+        except BaseException:
+            self._blob_path(model_blob[0]).unlink(missing_ok=True)
+            raise
+        self._pending = {}
+        self._pending_round = None
 
     def discard_uncommitted(self) -> int:
         """Drop rounds that were started but never committed (all trajectories).
@@ -1069,8 +1107,10 @@ class HistoryStore:
         yourself before re-running a round in the same process.  Also deletes
         blob files nothing references any more (incl. orphans of a crash).
         """
+        n = len(self._pending)
+        self._drop_pending()
         with self._tx() as conn:
-            n = conn.execute(
+            n += conn.execute(
                 "DELETE FROM updates WHERE EXISTS (SELECT 1 FROM rounds r WHERE r.trajectory = updates.trajectory "
                 "AND r.round = updates.round AND r.completed = 0)"
             ).rowcount

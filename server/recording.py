@@ -6,21 +6,27 @@ sent) is written to the :class:`~fedforget.server.history_store.HistoryStore`
 with its example count and aggregation weight, and the round is committed with
 its result. A ServerApp that uses ``FedAvg`` gets history recording by swapping
 in this class; its clients need not change.
+
+Writes run on a background thread (see :mod:`~fedforget.server.background_writer`)
+so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
+before reading the store while the strategy is in use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from logging import WARNING, getLogger
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
+from fedforget.server.background_writer import BackgroundWriter
 from fedforget.server.client_identity import ClientIdResolver
 from fedforget.server.consenting_grid import ConsentingGrid
 from fedforget.server.errors import FedforgetError
@@ -72,7 +78,31 @@ class RecordingFedAvg(FedAvg):
         self.identities = identities or ClientIdResolver()
         self._excluded: set[str] = set()
         self._sent: dict[int, Arrays] = {}
+        self._writer = BackgroundWriter()
+        self._next_round: int | None = None
         self.last_recorded: RecordedRound | None = None
+
+    # -- the store -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait until every recorded round is committed to the store (re-raising a failed write).
+
+        Call it before reading or changing the store directly; afterwards the
+        strategy re-reads the store's progress, so a fork or resume is followed.
+        """
+        self._writer.flush()
+        self._next_round = None
+
+    def submit_write(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the recording thread after the rounds recorded so far (e.g. saving metadata)."""
+        self._writer.submit(job)
+
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """Flower's own round loop, returning only once every round is committed to the store."""
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            self.flush()
 
     # -- consent -------------------------------------------------------------
 
@@ -94,15 +124,18 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the model sent out (the base of every update) and skip withdrawn clients."""
-        completed = self.store.last_completed_round()
-        if server_round != completed + 1:
+        if self._next_round is None:
+            self.flush()
+            completed = self.store.last_completed_round()
+            self._next_round = completed + 1
+        if server_round != self._next_round:
             raise RecordingError(
                 f"cannot record round {server_round}: the history store at {self.store.path} "
-                f"has {completed} completed rounds in its current trajectory, so the next "
-                f"round must be {completed + 1} (resume the run instead of restarting it)"
+                f"has {self._next_round - 1} completed rounds in its current trajectory, so the next "
+                f"round must be {self._next_round} (resume the run instead of restarting it)"
             )
         model = wire.arrays_from_record(arrays)
-        if completed == 0 and not self.store.has_model(0):
+        if server_round == 1 and not self.store.has_model(0):
             self.store.write_initial_model(model)
         self._sent[server_round] = model
         return super().configure_train(server_round, arrays, config, self._view(grid))
@@ -123,28 +156,28 @@ class RecordingFedAvg(FedAvg):
         contributions = [msg for msg in kept if not msg.has_error()]
         examples = [self._num_examples(msg) for msg in contributions]
         total = float(sum(examples))
-        participants: list[str] = []
+        updates: list[tuple[str, Arrays, int, float]] = []
         client_epochs = 0.0
         for msg, num_examples in zip(contributions, examples, strict=True):
             client_id = self.identities.client_id(msg.metadata.src_node_id)
             returned = wire.arrays_from_record(next(iter(msg.content.array_records.values())))
-            self.store.record_update(
-                server_round,
-                client_id,
-                subtract(returned, sent),
-                num_examples=int(num_examples),
-                weight=num_examples / total,
-            )
-            participants.append(client_id)
+            updates.append((client_id, subtract(returned, sent), int(num_examples), num_examples / total))
             client_epochs += float(next(iter(msg.content.metric_records.values())).get(wire.LOCAL_EPOCHS, 0.0))
-        self.store.commit_round(
-            server_round,
-            wire.arrays_from_record(arrays),
-            metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
-        )
+        model_after = wire.arrays_from_record(arrays)
+        round_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+        def record() -> None:
+            for client_id, update, num_examples, weight in updates:
+                self.store.record_update(
+                    server_round, client_id, update, num_examples=num_examples, weight=weight
+                )
+            self.store.commit_round(server_round, model_after, metrics=round_metrics)
+
+        self._writer.submit(record)
+        self._next_round = server_round + 1
         self.last_recorded = RecordedRound(
             round=server_round,
-            participants=tuple(sorted(participants)),
+            participants=tuple(sorted(client_id for client_id, *_ in updates)),
             num_examples=int(total),
             client_epochs=client_epochs,
         )

@@ -36,13 +36,13 @@ class SimulationConfig:
     dataset: str = "digits"
     clients: int = 10
     rounds: int = 10
-    local_epochs: float = 1.0
+    local_epochs: float = 2.0
     partition: str = "iid"
     alpha: float = 0.5
     classes_per_partition: int = 2
     seed: int = 0
-    lr: float = 0.05
-    batch_size: int = 32
+    lr: float = 0.1
+    batch_size: int = 16
     strategy: str = "retrain"
     withdrawals: tuple[Withdrawal, ...] = field(default_factory=tuple)
     retention_interval: int = 1

@@ -120,6 +120,7 @@ def test_late_reply_from_withdrawn_client_is_dropped(tmp_path, caplog):
     replies = list(fed.grid.send_and_receive(messages))
     fed.strategy.exclude(["1"])  # withdrawn while its reply was in flight
     fed.strategy.aggregate_train(1, replies)
+    fed.strategy.flush()  # recording runs on a background thread
     view = next(fed.store.reader().rounds())
     assert sorted(p.client_id for p in view.participants) == ["0", "2"]
     assert "dropped a reply from withdrawn client 1" in caplog.text

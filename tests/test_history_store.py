@@ -355,10 +355,13 @@ def test_streaming_pass_holds_one_model_and_one_update(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- crash safety
 
 
-def test_index_failure_after_blob_write_leaves_no_orphan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_failure_at_commit_leaves_no_orphan_and_can_be_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with make_store(tmp_path) as store:
         store.write_initial_model(small_model(0))
-        store.record_update(1, "c1", delta(1), num_examples=1, weight=1.0)
+        store.record_update(1, "c1", delta(1), num_examples=1, weight=0.5)
+        store.record_update(1, "c2", delta(2), num_examples=1, weight=0.5)
         n_files = len(blob_files(store.path))
 
         def boom(*a: object, **k: object) -> None:
@@ -366,12 +369,14 @@ def test_index_failure_after_blob_write_leaves_no_orphan(tmp_path: Path, monkeyp
 
         monkeypatch.setattr(store, "_insert_blob_row", boom)
         with pytest.raises(StoreError, match="disk I/O error"):
-            store.record_update(1, "c2", delta(2), num_examples=1, weight=1.0)
+            store.commit_round(1, small_model(1))
         monkeypatch.undo()
-        assert len(blob_files(store.path)) == n_files
+        assert len(blob_files(store.path)) == n_files  # the model blob of the failed commit is gone
+        assert store.last_completed_round() == 0
         store.commit_round(1, small_model(1))
         rv = next(store.reader().rounds())
-        assert [p.client_id for p in rv.participants] == ["c1"]
+        assert [p.client_id for p in rv.participants] == ["c1", "c2"]
+        assert_arrays_equal(rv.update("c2"), delta(2))
 
 
 def test_crash_between_blob_and_index_then_reopen(tmp_path: Path) -> None:
@@ -387,18 +392,18 @@ def test_crash_between_blob_and_index_then_reopen(tmp_path: Path) -> None:
         def die(*a, **k):
             os._exit(17)  # hard crash: no cleanup, no rollback handlers
         s = HistoryStore.open(Path({str(tmp_path / 'store')!r}))
-        s.record_update(3, "c1", {{k: np.asarray(v) for k, v in np.load({str(tmp_path / 'u.npz')!r}).items()}},
-                        num_examples=1, weight=1.0)
-        s._insert_blob_row = die
-        s.record_update(3, "c2", {{k: np.asarray(v) for k, v in np.load({str(tmp_path / 'u.npz')!r}).items()}},
-                        num_examples=1, weight=1.0)
+        u = {{k: np.asarray(v) for k, v in np.load({str(tmp_path / 'u.npz')!r}).items()}}
+        s.record_update(3, "c1", u, num_examples=1, weight=0.5)
+        s.record_update(3, "c2", u, num_examples=1, weight=0.5)
+        s._insert_blob_row = die  # every blob file of round 3 is durable; the index is not written
+        s.commit_round(3, s.read_model(2))
         """
     )
     np.savez(tmp_path / "u.npz", **delta(3))  # type: ignore[arg-type]
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 17, proc.stderr
     after_crash = set(blob_files(tmp_path / "store"))
-    assert len(after_crash - referenced) == 2  # round 3 / c1 (uncommitted) + the orphan of c2
+    assert len(after_crash - referenced) == 3  # round 3's two updates and model: orphans
     with HistoryStore.open(tmp_path / "store") as store:
         assert store.last_completed_round() == 2
         assert [rv.round for rv in store.reader().rounds()] == [1, 2]

@@ -45,7 +45,7 @@ def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
     assert on_disk["store"]["update_blobs"] == 4 + 4 + 9
     (unlearning,) = on_disk["unlearning"]
     assert unlearning["client"] == "1" and unlearning["round"] == 3 and unlearning["strategy"] == "retrain"
-    assert unlearning["client_epochs"] == pytest.approx(6.0)
+    assert unlearning["client_epochs"] == pytest.approx(2 * 3 * config.local_epochs)  # 2 rounds replayed, 3 clients
     assert unlearning["seconds"] > 0
     for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 < unlearning[key] <= 1.0
