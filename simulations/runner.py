@@ -20,7 +20,7 @@ from fedforget.client.training import evaluate
 from fedforget.files import ensure_writable_dir, write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
 from fedforget.server.federated_run import RunObserver, RunOutcome, RunSettings
-from fedforget.server.history_store import HistoryStore
+from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
@@ -73,6 +73,9 @@ def _check_resumable(config: SimulationConfig, out: Path) -> None:
             + "; ".join(diffs)
             + "). Resume with the same settings, or start a new run with another --out."
         )
+    spec = ModelSpec.from_arrays(model_arrays(build_model(config.dataset, seed=config.seed)))
+    with HistoryStore.open(out / STORE_DIR) as store:
+        store.check_compatible(federation_id=federation_id(config), model_spec=spec)
 
 
 def _prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:

@@ -50,3 +50,46 @@ def test_resume_without_a_run_is_refused(tmp_path):
     result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "nothing"), "--resume"])
     assert result.exit_code == 2
     assert "holds no history store to resume" in " ".join(result.output.split())
+
+
+def _store_of(out, config, *, federation_id=None, model=None):
+    """A store as `fedforget simulate` leaves it after an interruption, without running one."""
+    from fedforget.client.app import model_arrays
+    from fedforget.server.history_store import HistoryStore, ModelSpec
+    from fedforget.simulations.models import build_model
+    from fedforget.simulations.runner import CONFIG_META
+    from fedforget.simulations.runner import federation_id as federation_of
+
+    arrays = model or model_arrays(build_model(config.dataset, seed=config.seed))
+    with HistoryStore.create(
+        out / "store",
+        federation_id=federation_id or federation_of(config),
+        model_spec=ModelSpec.from_arrays(arrays),
+    ) as store:
+        store.set_meta(CONFIG_META, config.to_json())
+
+
+def test_resume_with_other_settings_names_the_differences(tmp_path):
+    from fedforget.simulations.config import SimulationConfig
+
+    _store_of(tmp_path / "run", SimulationConfig(clients=3, rounds=4))
+    result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "run"), "--clients", "5"])
+    assert result.exit_code == 2
+    assert "clients: 3 -> 5" in result.output
+
+
+def test_resume_of_a_store_from_another_federation_or_model_is_refused(tmp_path):
+    import numpy as np
+
+    from fedforget.simulations.config import SimulationConfig
+
+    config = SimulationConfig(clients=3, rounds=4)
+    _store_of(tmp_path / "other-federation", config, federation_id="hospital-consortium")
+    result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "other-federation")])
+    assert result.exit_code == 2
+    assert "hospital-consortium" in result.output
+
+    _store_of(tmp_path / "other-model", config, model={"w": np.zeros((3, 3), np.float32)})
+    result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "other-model")])
+    assert result.exit_code == 2
+    assert "model" in result.output.lower()
