@@ -17,6 +17,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_and_sync(fd: int, *parts: bytes | memoryview) -> None:
+    """Write every byte of ``parts`` to ``fd`` (short writes retried), then fsync it."""
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a synced temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fedforget.files import fsync_dir
+from fedforget.files import fsync_dir, write_and_sync
 from fedforget.server.errors import KeyFileError
 
 __all__ = [
@@ -100,10 +100,7 @@ def create_key_file(path: Path) -> bytes:
         raise KeyFileError(f"cannot create key file {path}: {exc.strerror or exc}") from exc
     try:
         os.fchmod(fd, 0o600)
-        view = memoryview(key)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_and_sync(fd, key)
     finally:
         os.close(fd)
     fsync_dir(path.parent)

@@ -63,7 +63,7 @@ from fedforget.server.blob_crypto import (
     verify_key_check,
     wrap_data_key,
 )
-from fedforget.files import fsync_dir, write_bytes_atomic
+from fedforget.files import fsync_dir, write_and_sync, write_bytes_atomic
 from fedforget.server.errors import (
     BlobCorruptError,
     FederationMismatchError,
@@ -822,11 +822,7 @@ class HistoryStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                for part in (header, ciphertext):
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                write_and_sync(fd, header, ciphertext)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
