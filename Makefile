@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/fedforget simulate --dataset digits --clients 10 --rounds 10 --withdraw 3@6 --out runs/demo
+	$(BIN)/fedforget simulate --dataset digits --clients 10 --rounds 20 --backdoor 3 --withdraw 3@15 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -6,6 +6,10 @@ without pulling in the federation runtime.
 
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
+
 import numpy as np
 
 #: A model (or a model update) as named numpy arrays, in the model's parameter order.
@@ -29,3 +33,21 @@ def subtract(after: Arrays, before: Arrays) -> Arrays:
             raise ValueError(f"array {name!r} has shape {value.shape}, expected {base.shape}")
         diff[name] = value - base
     return diff
+
+
+def save_arrays(path: "os.PathLike[str] | str", arrays: Arrays) -> None:
+    """Publish a model as an ``.npz`` file of named arrays (what ``fedforget client verify`` reads)."""
+    from fedforget.files import write_bytes_atomic  # local import: files is I/O, this module is pure
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def load_arrays(path: "os.PathLike[str] | str") -> Arrays:
+    """Read a model written by :func:`save_arrays`, keeping array order."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a model file written by fedforget (.npz of named arrays): {exc}") from exc

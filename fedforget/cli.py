@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+client_app = typer.Typer(help="What a client runs: check what the server says it did.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
 
 _err = Console(stderr=True)
 
@@ -70,6 +72,18 @@ def simulate(
         Optional[int], typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")
     ] = None,
     store_dtype: Annotated[Optional[str], typer.Option(help="Stored update precision: float32 or float16.")] = None,
+    backdoor: Annotated[
+        Optional[list[str]],
+        typer.Option(help="CLIENT plants a backdoor canary in its data (repeatable)."),
+    ] = None,
+    backdoor_fraction: Annotated[
+        Optional[float], typer.Option(help="Share of a backdoored client's examples that carry the trigger.")
+    ] = None,
+    backdoor_target: Annotated[Optional[int], typer.Option(help="Class the trigger relabels to.")] = None,
+    shadows: Annotated[
+        Optional[int], typer.Option(help="Shadow models for the per-example membership attack (0 skips it).")
+    ] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Repeat over this many seeds: mean ± std.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
 ) -> None:
@@ -94,21 +108,40 @@ def simulate(
         "strategy": strategy,
         "retention_interval": retention_interval,
         "store_dtype": store_dtype,
+        "backdoor_fraction": backdoor_fraction,
+        "backdoor_target": backdoor_target,
+        "shadows": shadows,
+        "seeds": seeds,
     }
     try:
         settings = {k: v for k, v in given.items() if v is not None}
         if withdraw is not None:
             settings["withdrawals"] = tuple(parse_withdrawal(w) for w in withdraw)
+        if backdoor is not None:
+            settings["backdoors"] = tuple(backdoor)
         base = saved_config(out) if resume else SimulationConfig()
         config = SimulationConfig(**{**base.__dict__, **settings})
-        report = run(config, out, resume=resume, observer=ConsoleObserver(), verbose=verbose)
+        observer = ConsoleObserver()
+        result = run(
+            config,
+            out,
+            resume=resume,
+            observer=observer,
+            verbose=verbose,
+            progress=lambda message: observer.console.print(f"[bold]{message}[/]"),
+        )
     except (FedforgetError, DatasetUnavailableError, PermissionError, ValueError) as exc:
         _fail(str(exc))
         return
-    _print_summary(report, out)
+    if "rounds" in result.report:
+        _print_run_summary(result.report, out)
+    if result.verification is not None:
+        from fedforget.simulations.summary import print_verification
+
+        print_verification(result.verification, out, Console())
 
 
-def _print_summary(report: dict[str, object], out: Path) -> None:
+def _print_run_summary(report: dict[str, object], out: Path) -> None:
     console = Console()
     console.print(
         f"final test accuracy [bold]{report['final_test_accuracy']:.2%}[/] "
@@ -145,6 +178,53 @@ def bench_overhead(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+@client_app.command("verify")
+def client_verify(
+    model: Annotated[Path, typer.Option(help="The published model (.npz of named arrays).")],
+    data: Annotated[Path, typer.Option(help="Your own training data: .npz with x and y.")],
+    holdout: Annotated[Path, typer.Option(help="Data of the same kind nobody trained on: .npz with x and y.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Built-in architecture: digits, mnist or fashion-mnist.")] = None,
+    model_factory: Annotated[
+        Optional[str], typer.Option(help="Your architecture instead: package.module:function returning the nn.Module.")
+    ] = None,
+    trigger_target: Annotated[Optional[int], typer.Option(help="Your canary's target class (measures backdoor success).")] = None,
+    trigger_size: Annotated[int, typer.Option(help="Your canary's square size in pixels.")] = 3,
+    trigger_corner: Annotated[
+        str, typer.Option(help="Your canary's corner: top-left, top-right, bottom-left or bottom-right.")
+    ] = "top-left",
+    output: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Check, with your own data only, whether a published model still remembers it."""
+    from fedforget.client.verify import load_examples, model_factory as factory_of, verify_published_model
+    from fedforget.evidence.backdoor import Trigger
+
+    if (dataset is None) == (model_factory is None):
+        _fail("give exactly one of --dataset (a built-in architecture) or --model-factory")
+        return
+    try:
+        figures = verify_published_model(
+            model,
+            factory_of(dataset or model_factory or ""),
+            load_examples(data),
+            load_examples(holdout),
+            None
+            if trigger_target is None
+            else Trigger(target_class=trigger_target, size=trigger_size, corner=trigger_corner),
+        )
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+        return
+    console = Console()
+    for name, value in figures.items():
+        console.print(f"{name:>22}: {'-' if value is None else f'{value:.4f}'}")
+    console.print(
+        "A membership AUC near 0.5 and a backdoor success rate near the natural target rate are what a "
+        "model that never saw your data shows; compare with the server's retrain figures."
+    )
+    if output is not None:
+        output.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def main() -> None:

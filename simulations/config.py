@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from fedforget.evidence.backdoor import Trigger
 from fedforget.server.errors import FedforgetError
 from fedforget.server.federated_run import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
@@ -12,6 +13,7 @@ from fedforget.simulations.partitioning import PARTITION_SCHEMES
 from fedforget.strategies.registry import STRATEGY_NAMES
 
 STORE_DTYPES = ("float32", "float16")
+NUM_CLASSES = 10  # every built-in dataset has ten classes
 
 
 class ConfigError(FedforgetError, ValueError):
@@ -47,6 +49,14 @@ class SimulationConfig:
     withdrawals: tuple[Withdrawal, ...] = field(default_factory=tuple)
     retention_interval: int = 1
     store_dtype: str = "float32"
+    backdoors: tuple[str, ...] = field(default_factory=tuple)
+    """Clients that plant a BadNets-style canary: evidence of forgetting is measurable."""
+    backdoor_fraction: float = 0.7
+    backdoor_target: int = 0
+    shadows: int = 8
+    """Shadow models for the per-example membership attack (offline LiRA); 0 skips it."""
+    seeds: int = 1
+    """Repeat the whole run over seeds ``seed .. seed + seeds - 1`` (the retrain band)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -82,16 +92,42 @@ class SimulationConfig:
             withdrawn.add(w.client_id)
         if len(withdrawn) >= self.clients:
             raise ConfigError("--withdraw: at least one client must remain in the federation")
+        for client in self.backdoors:
+            if client not in client_ids:
+                raise ConfigError(
+                    f"--backdoor {client}: there is no client {client!r}; "
+                    f"this federation's clients are 0..{self.clients - 1}"
+                )
+        if len(set(self.backdoors)) != len(self.backdoors):
+            raise ConfigError("--backdoor: a client is named more than once")
+        if not 0 < self.backdoor_fraction <= 1:
+            raise ConfigError(f"--backdoor-fraction must be in (0, 1], got {self.backdoor_fraction}")
+        if not 0 <= self.backdoor_target < NUM_CLASSES:
+            raise ConfigError(f"--backdoor-target must be a class 0..{NUM_CLASSES - 1}, got {self.backdoor_target}")
+        _at_least("--shadows", self.shadows, 0)
+        _at_least("--seeds", self.seeds, 1)
+
+    def trigger(self) -> Trigger:
+        """The canary: a bright square in the top-left corner (dark in every class), relabelled to the target.
+
+        On digits, with one backdoored client in ten, a 3x3 patch on 70 % of its
+        examples reaches a success rate above 90 % within about 12 rounds.
+        """
+        return Trigger(
+            target_class=self.backdoor_target, size=3 if self.dataset == "digits" else 4, corner="top-left"
+        )
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         data["withdrawals"] = [f"{w.client_id}@{w.round}" for w in self.withdrawals]
+        data["backdoors"] = list(self.backdoors)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> SimulationConfig:
         fields = dict(data)
         fields["withdrawals"] = tuple(parse_withdrawal(str(w)) for w in fields.get("withdrawals", []))  # type: ignore[union-attr]
+        fields["backdoors"] = tuple(str(c) for c in fields.get("backdoors", []))  # type: ignore[union-attr]
         return cls(**fields)  # type: ignore[arg-type]
 
 

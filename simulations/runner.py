@@ -12,7 +12,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from fedforget.arrays import Arrays
 from fedforget.client.app import load_weights, make_client_app, model_arrays
@@ -24,11 +28,23 @@ from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
+from fedforget.simulations.plots import write_plots
 from fedforget.simulations.task import DataSettings, SimulationTask, test_dataset
+from fedforget.simulations.verification import aggregate_seeds, verify_run
 
 CONFIG_META = "simulation_config"
 STORE_DIR = "store"
 REPORT_FILE = "report.json"
+SETTINGS_FILE = "simulation.json"
+VERIFICATION_FILE = "verification.json"
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What ``simulate`` wrote: the report and, if anything was unlearned, the verification."""
+
+    report: dict[str, object]
+    verification: dict[str, object] | None
 
 
 def data_settings(config: SimulationConfig) -> DataSettings:
@@ -39,14 +55,23 @@ def data_settings(config: SimulationConfig) -> DataSettings:
         alpha=config.alpha,
         classes_per_partition=config.classes_per_partition,
         seed=config.seed,
+        backdoor_clients=tuple(sorted(int(c) for c in config.backdoors)),
+        backdoor_fraction=config.backdoor_fraction,
+        trigger=config.trigger(),
     )
 
 
 def federation_id(config: SimulationConfig) -> str:
     """A name for the simulated federation, fixed by who holds which data."""
-    identity = json.dumps(
-        {k: v for k, v in data_settings(config).__dict__.items()}, sort_keys=True
-    ).encode()
+    holdings = {
+        "dataset": config.dataset,
+        "clients": config.clients,
+        "partition": config.partition,
+        "alpha": config.alpha,
+        "classes_per_partition": config.classes_per_partition,
+        "seed": config.seed,
+    }
+    identity = json.dumps(holdings, sort_keys=True).encode()
     return f"sim-{config.dataset}-{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
@@ -63,8 +88,18 @@ def make_evaluate_fn(dataset: str, model_seed: int):  # type: ignore[no-untyped-
     return evaluate_global
 
 
+def _run_dirs(config: SimulationConfig, out: Path) -> list[tuple[SimulationConfig, Path]]:
+    """Each seed's settings and directory: ``OUT`` itself for one seed, ``OUT/seed-S`` for several."""
+    if config.seeds == 1:
+        return [(config, out)]
+    return [
+        (replace(config, seed=config.seed + i, seeds=1), out / f"seed-{config.seed + i}")
+        for i in range(config.seeds)
+    ]
+
+
 def _check_resumable(config: SimulationConfig, out: Path) -> None:
-    """Refuse to resume a store written by a different simulation, naming the differences."""
+    """Refuse to resume a run written with other settings, for another federation or model."""
     saved = saved_config(out).to_json()
     diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_json().items() if saved.get(k) != v]
     if diffs:
@@ -73,21 +108,25 @@ def _check_resumable(config: SimulationConfig, out: Path) -> None:
             + "; ".join(diffs)
             + "). Resume with the same settings, or start a new run with another --out."
         )
-    spec = ModelSpec.from_arrays(model_arrays(build_model(config.dataset, seed=config.seed)))
-    with HistoryStore.open(out / STORE_DIR) as store:
-        store.check_compatible(federation_id=federation_id(config), model_spec=spec)
+    for seeded, run_dir in _run_dirs(config, out):
+        if (run_dir / STORE_DIR / "store.json").exists():
+            spec = ModelSpec.from_arrays(model_arrays(build_model(seeded.dataset, seed=seeded.seed)))
+            with HistoryStore.open(run_dir / STORE_DIR) as store:
+                store.check_compatible(federation_id=federation_id(seeded), model_spec=spec)
 
 
 def _prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
+    """Check ``OUT`` can take this run, then record its settings (the only write before training)."""
     out = ensure_writable_dir(out)
-    store_dir = out / STORE_DIR
     if resume:
         _check_resumable(config, out)
-    elif store_dir.exists() and any(store_dir.iterdir()):
+        return out
+    held = [d for _, d in _run_dirs(config, out) if (d / STORE_DIR).exists() and any((d / STORE_DIR).iterdir())]
+    if (out / SETTINGS_FILE).exists() or held:
         raise ConfigError(
-            f"{out} already holds a run ({store_dir}); pass --resume to continue it, "
-            "or choose another --out"
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
+    write_json_atomic(out / SETTINGS_FILE, config.to_json())
     return out
 
 
@@ -107,16 +146,63 @@ def simulate(
     resume: bool = False,
     observer: RunObserver | None = None,
     verbose: bool = False,
-) -> dict[str, object]:
-    """Run the simulation described by ``config`` and write ``OUT/store`` and ``OUT/report.json``."""
+    progress: Callable[[str], None] | None = None,
+) -> SimulationResult:
+    """Run the simulation described by ``config``, then verify every unlearning it did.
+
+    Writes ``OUT/store`` and ``OUT/report.json`` (one ``OUT/seed-S/`` each with
+    ``--seeds``), and with any unlearning ``OUT/verification.json``, the
+    published models under ``OUT/models`` and plots under ``OUT/plots``.
+    """
     started = time.perf_counter()
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
     out = _prepare_output(config, out, resume)
     _quiet_engines(verbose)
+    say = progress or (lambda message: None)
+    reports: list[tuple[SimulationConfig, Path, dict[str, object]]] = []
+    for index, (seeded, run_dir) in enumerate(_run_dirs(config, out)):
+        if config.seeds > 1:
+            say(f"seed {seeded.seed} ({index + 1} of {config.seeds})")
+        if resume and (run_dir / REPORT_FILE).exists():
+            report = json.loads((run_dir / REPORT_FILE).read_text())
+        else:
+            resumes = resume and (run_dir / STORE_DIR / "store.json").exists()
+            report = _run_federation(seeded, run_dir, resume=resumes, observer=observer, verbose=verbose)
+        reports.append((seeded, run_dir, report))
+    verification = None
+    if any(report["unlearning"] for _, _, report in reports):
+        say("measuring the evidence of forgetting ...")
+        verification = write_verification(config, out, reports)
+    if config.seeds == 1:
+        summary = dict(reports[0][2])
+    else:
+        summary = {
+            "config": config.to_json(),
+            "runs": [{"seed": c.seed, "report": str(d / REPORT_FILE)} for c, d, _ in reports],
+            "final_test_accuracy": float(np.mean([r["final_test_accuracy"] for _, _, r in reports])),
+            "final_test_accuracy_std": float(np.std([r["final_test_accuracy"] for _, _, r in reports], ddof=1)),
+        }
+    summary["wall_seconds_total"] = time.perf_counter() - started
+    if verification is not None:
+        summary["verification"] = str(out / VERIFICATION_FILE)
+    write_json_atomic(out / REPORT_FILE, summary)
+    return SimulationResult(report=summary, verification=verification)
 
+
+def _run_federation(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    resume: bool,
+    observer: RunObserver | None,
+    verbose: bool,
+) -> dict[str, object]:
+    """One federated run on the simulation engine; writes ``out/store`` and ``out/report.json``."""
     from flwr.simulation import run_simulation  # heavy import: only when simulating
 
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     initial = model_arrays(build_model(config.dataset, seed=config.seed))
     setup = ServerSetup(
         store_dir=out / STORE_DIR,
@@ -160,6 +246,22 @@ def simulate(
     return report
 
 
+def write_verification(
+    config: SimulationConfig, out: Path, reports: list[tuple[SimulationConfig, Path, dict[str, object]]]
+) -> dict[str, object]:
+    """Measure every unlearning of every seed; write ``verification.json``, models and plots."""
+    documents, curves = [], []
+    for seeded, run_dir, report in reports:
+        document, attacks = verify_run(seeded, data_settings(seeded), run_dir, report)
+        documents.append(document)
+        curves.append(attacks)
+    verification = aggregate_seeds(documents)
+    write_json_atomic(out / VERIFICATION_FILE, verification)
+    withdrawals = [(w.client_id, w.round) for w in config.withdrawals]
+    write_plots(out / "plots", verification, [r["rounds"] for _, _, r in reports], curves[0], withdrawals)
+    return verification
+
+
 def build_report(
     config: SimulationConfig, out: Path, outcome: RunOutcome, *, wall_seconds: float
 ) -> dict[str, object]:
@@ -183,6 +285,8 @@ def build_report(
                     "clients_unlearned_together": event["clients"],
                     "rounds_replayed": event["rounds_replayed"],
                     "base_version": event["base_version"],
+                    "source_trajectory": event["source_trajectory"],
+                    "trajectory": event["trajectory"],
                 }
             )
     rounds = [
@@ -213,12 +317,8 @@ def build_report(
 
 
 def saved_config(out: Path) -> SimulationConfig:
-    """The settings of the run stored in ``OUT``, for ``--resume``."""
-    store_dir = out / STORE_DIR
-    if not (store_dir / "store.json").exists():
-        raise ConfigError(f"--resume: {store_dir} holds no history store to resume")
-    with HistoryStore.open(store_dir) as store:
-        saved = store.get_meta(CONFIG_META)
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--resume: the store at {store_dir} was not written by `fedforget simulate`")
-    return SimulationConfig.from_json(saved)
+    """The settings of the run in ``OUT``, for ``--resume``."""
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        raise ConfigError(f"--resume: {out} holds no fedforget simulation to resume ({path} is missing)")
+    return SimulationConfig.from_json(json.loads(path.read_text()))

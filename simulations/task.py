@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedforget.client.app import ClientData
+from fedforget.evidence.backdoor import Trigger, poison_dataset
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
 from fedforget.simulations.partitioning import partition_indices
@@ -33,6 +34,10 @@ class DataSettings:
     alpha: float = 0.5
     classes_per_partition: int = 2
     seed: int = 0
+    backdoor_clients: tuple[int, ...] = ()
+    """Clients that plant the backdoor canary in part of their training data."""
+    backdoor_fraction: float = 0.5
+    trigger: Trigger = Trigger()
 
 
 def client_partitions(settings: DataSettings) -> list[np.ndarray]:
@@ -47,13 +52,28 @@ def client_partitions(settings: DataSettings) -> list[np.ndarray]:
     )
 
 
-@lru_cache(maxsize=64)
-def client_dataset(settings: DataSettings, client: int) -> TensorDataset:
-    """One client's training examples as tensors."""
+def client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One client's training examples exactly as it trains on them, and which carry the canary."""
     data = load_dataset(settings.dataset)
     index = client_partitions(settings)[client]
     # Fancy indexing copies out of the shared, read-only cached arrays.
-    return TensorDataset(torch.from_numpy(data.x_train[index]), torch.from_numpy(data.y_train[index]))
+    x, y = data.x_train[index], data.y_train[index]
+    if client in settings.backdoor_clients:
+        return poison_dataset(x, y, settings.trigger, settings.backdoor_fraction, seed=settings.seed + client)
+    return x, y, np.zeros(len(y), dtype=bool)
+
+
+def clean_client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """The client's examples that carry no canary: its genuine data, whose membership matters."""
+    x, y, poisoned = client_arrays(settings, client)
+    return x[~poisoned], y[~poisoned]
+
+
+@lru_cache(maxsize=64)
+def client_dataset(settings: DataSettings, client: int) -> TensorDataset:
+    """One client's training examples as tensors."""
+    x, y, _ = client_arrays(settings, client)
+    return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
 
 
 @lru_cache(maxsize=8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -10,7 +12,9 @@ from fedforget.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["bench"], ["bench", "overhead"]])
+@pytest.mark.parametrize(
+    "command", [[], ["simulate"], ["bench"], ["bench", "overhead"], ["client"], ["client", "verify"]]
+)
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -28,6 +32,10 @@ def test_every_command_has_help(command):
         (["--partition", "zipf"], "--partition 'zipf' is not known"),
         (["--store-dtype", "int8"], "--store-dtype 'int8' is not known"),
         (["--clients", "2", "--withdraw", "0@2", "--withdraw", "1@2"], "at least one client must remain"),
+        (["--clients", "4", "--backdoor", "9"], "--backdoor 9: there is no client '9'"),
+        (["--backdoor-fraction", "1.5"], "--backdoor-fraction must be in (0, 1]"),
+        (["--backdoor-target", "10"], "--backdoor-target must be a class 0..9"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
     ],
 )
 def test_bad_simulation_settings_fail_before_writing(tmp_path, args, message):
@@ -49,7 +57,7 @@ def test_unwritable_output_directory_is_named(tmp_path):
 def test_resume_without_a_run_is_refused(tmp_path):
     result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "nothing"), "--resume"])
     assert result.exit_code == 2
-    assert "holds no history store to resume" in " ".join(result.output.split())
+    assert "holds no fedforget simulation to resume" in " ".join(result.output.split())
 
 
 def _store_of(out, config, *, federation_id=None, model=None):
@@ -67,6 +75,7 @@ def _store_of(out, config, *, federation_id=None, model=None):
         model_spec=ModelSpec.from_arrays(arrays),
     ) as store:
         store.set_meta(CONFIG_META, config.to_json())
+    (out / "simulation.json").write_text(json.dumps(config.to_json()))
 
 
 def test_resume_with_other_settings_names_the_differences(tmp_path):

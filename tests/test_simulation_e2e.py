@@ -28,9 +28,9 @@ pytestmark = pytest.mark.simulation
 
 def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
     config = SimulationConfig(
-        dataset="digits", clients=4, rounds=3, withdrawals=(Withdrawal("1", 3),)
+        dataset="digits", clients=4, rounds=3, withdrawals=(Withdrawal("1", 3),), backdoors=("1",), shadows=2
     )
-    report = simulate(config, tmp_path / "run")
+    report = simulate(config, tmp_path / "run").report
 
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
@@ -50,6 +50,9 @@ def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
     for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 < unlearning[key] <= 1.0
     assert on_disk["wall_seconds"] > 0
+    verification = json.loads((tmp_path / "run" / "verification.json").read_text())
+    assert [u["client"] for u in verification["unlearning"]] == ["1"]
+    assert (tmp_path / "run" / "plots" / "backdoor_asr.png").exists()
 
     with HistoryStore.open(tmp_path / "run" / "store") as store:
         reader = store.reader()

@@ -1,0 +1,47 @@
+"""The terminal summary of a verification run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+FIGURES = (
+    ("test_accuracy", "test acc"),
+    ("forget_accuracy", "forget acc"),
+    ("remaining_accuracy", "remaining acc"),
+    ("backdoor_asr", "backdoor ASR"),
+    ("mia_auc", "MIA AUC"),
+    ("lira_auc", "LiRA AUC"),
+)
+
+
+def _cell(figures: dict[str, object], key: str) -> str:
+    value, std = figures.get(key), figures.get(f"{key}_std")
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if not std else f"{value:.3f} ± {std:.3f}"
+
+
+def print_verification(verification: dict[str, object], out: Path, console: Console) -> None:
+    """One table per unlearning: original vs unlearned vs exact retrain."""
+    seeds = verification["seeds"]
+    for entry in verification["unlearning"]:  # type: ignore[union-attr]
+        table = Table(
+            title=f"Forgetting client {entry['client']} before round {entry['round']} "
+            f"({entry['strategy']}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})"  # type: ignore[arg-type]
+        )
+        table.add_column("model")
+        for _, title in FIGURES:
+            table.add_column(title, justify="right")
+        for role in ("original", "unlearned", "retrain"):
+            table.add_row(role, *(_cell(entry[role], key) for key, _ in FIGURES))
+        console.print(table)
+        distance = entry["distance_to_retrain"]
+        console.print(
+            f"distance to retrain: L2 {_cell(distance, 'l2')}, JS {_cell(distance, 'js')} "
+            f"(original: L2 {_cell(distance, 'original_l2')}, JS {_cell(distance, 'original_js')}); "
+            f"evidence {entry['evidence_seconds']:.1f} s, shadow training {entry['shadow_training_seconds']:.1f} s"
+        )
+    console.print(f"verification: {out / 'verification.json'}, plots: {out / 'plots'}, models: {out / 'models'}")

@@ -1,0 +1,256 @@
+"""Evidence of forgetting for every unlearning of a simulated run.
+
+For each unlearning the figures are measured on three models of the same run:
+the *original* global model (before the withdrawal, still holding the client),
+the *unlearned* one the strategy produced, and the *exact retrain* (the same
+federation replayed without the client), which is the only fair reference. A
+figure for the unlearned model means little on its own; its distance to the
+retrain's is what says whether forgetting happened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedforget.arrays import Arrays, save_arrays
+from fedforget.client.app import load_weights
+from fedforget.evidence.backdoor import Trigger, attack_success_rate, natural_target_rate
+from fedforget.evidence.distance import accuracy, mean_js_divergence, parameter_l2
+from fedforget.evidence.membership import (
+    AttackResult,
+    lira_offline,
+    population_attack,
+    train_shadow_models,
+)
+from fedforget.server.history_store import HistoryStore
+from fedforget.simulations.config import SimulationConfig
+from fedforget.simulations.datasets import load_dataset
+from fedforget.simulations.models import build_model
+from fedforget.simulations.task import DataSettings, clean_client_arrays
+
+MODEL_ROLES = ("original", "unlearned", "retrain")
+SHADOW_POOL_LIMIT = 4000
+"""Shadow models train on at most this many pooled examples (keeps MNIST affordable)."""
+
+
+@dataclass(frozen=True)
+class EvidenceData:
+    """Who is forgotten, what they trained on, and what nobody trained on."""
+
+    members: tuple[np.ndarray, np.ndarray]
+    nonmembers: tuple[np.ndarray, np.ndarray]
+    remaining: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+
+def _module(dataset: str, arrays: Arrays) -> nn.Module:
+    model = build_model(dataset, seed=0)
+    load_weights(model, arrays)
+    model.eval()
+    return model
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def evidence_data(settings: DataSettings, forgotten: list[str], withdrawn_so_far: set[str]) -> EvidenceData:
+    """Members: the forgotten clients' genuine training examples; non-members: held-out test data.
+
+    A backdoored client's relabelled canary examples are left out of the
+    membership and accuracy figures: a clean model misclassifies them, which
+    would read as "not a member" for the wrong reason. The canary is measured
+    by its attack success rate instead.
+    """
+    data = load_dataset(settings.dataset)
+    members = _concat([clean_client_arrays(settings, int(c)) for c in forgotten])
+    staying = [c for c in range(settings.num_clients) if str(c) not in withdrawn_so_far]
+    remaining = _concat([clean_client_arrays(settings, c) for c in staying])
+    test = (np.array(data.x_test), np.array(data.y_test))
+    return EvidenceData(members=members, nonmembers=test, remaining=remaining, test=test)
+
+
+def model_figures(
+    model: nn.Module,
+    data: EvidenceData,
+    trigger: Trigger | None,
+    shadows: list[nn.Module],
+) -> tuple[dict[str, float | None], dict[str, AttackResult]]:
+    """The figures of one model, plus the attack results (with ROC curves) for the plots."""
+    population = population_attack(model, data.members, data.nonmembers)
+    attacks = {"population": population}
+    figures: dict[str, float | None] = {
+        "test_accuracy": accuracy(model, *data.test),
+        "forget_accuracy": accuracy(model, *data.members),
+        "remaining_accuracy": accuracy(model, *data.remaining),
+        "backdoor_asr": None if trigger is None else attack_success_rate(model, *data.test, trigger),
+        "natural_target_rate": None if trigger is None else natural_target_rate(model, *data.test, trigger),
+        "mia_auc": population.auc,
+        "mia_advantage": population.advantage,
+        "mia_tpr_at_1pct_fpr": population.tpr_at_1pct_fpr,
+        "lira_auc": None,
+        "lira_tpr_at_1pct_fpr": None,
+    }
+    if shadows:
+        lira = lira_offline(model, shadows, data.members, data.nonmembers)
+        attacks["lira"] = lira
+        figures["lira_auc"] = lira.auc
+        figures["lira_tpr_at_1pct_fpr"] = lira.tpr_at_1pct_fpr
+    return figures, attacks
+
+
+def verify_run(
+    config: SimulationConfig, settings: DataSettings, out: Path, report: dict[str, object]
+) -> tuple[dict[str, object], dict[str, dict[str, dict[str, AttackResult]]]]:
+    """Measure every unlearning of the run in ``out``; publish the models for client-side checks.
+
+    Returns the verification document and, per unlearning, the attack results
+    with their ROC curves (for plots).
+    """
+    torch.set_num_threads(1)
+    trigger = config.trigger() if config.backdoors else None
+    events = _events(report)
+    entries: list[dict[str, object]] = []
+    curves: dict[str, dict[str, dict[str, AttackResult]]] = {}
+    withdrawn: set[str] = set()
+    with HistoryStore.open(out / "store") as store:
+        for event in events:
+            forgotten = list(event["clients"])  # type: ignore[arg-type]
+            withdrawn.update(forgotten)
+            version = int(event["round"]) - 1  # type: ignore[arg-type]
+            original = store.reader(int(event["source_trajectory"])).model(version)  # type: ignore[arg-type]
+            unlearned = store.reader(int(event["trajectory"])).model(version)  # type: ignore[arg-type]
+            # Retrain is exact: for it, the unlearned model *is* the retrained one.
+            retrain = unlearned if event["strategy"] == "retrain" else None
+            if retrain is None:
+                raise NotImplementedError(
+                    f"verification of strategy {event['strategy']!r} needs a reference retrain"
+                )
+            arrays = {"original": original, "unlearned": unlearned, "retrain": retrain}
+            label = "+".join(forgotten)
+            for role, model_arrays in arrays.items():
+                save_arrays(out / "models" / f"{role}-client{label}-round{event['round']}.npz", model_arrays)
+            data = evidence_data(settings, forgotten, withdrawn)
+            _export_client_files(out, settings, forgotten, data.nonmembers)
+            shadow_seconds, shadows = _shadows(config, data)
+            started = time.perf_counter()
+            figures: dict[str, object] = {}
+            curves[label] = {}
+            for role, model_arrays in arrays.items():
+                figures[role], curves[label][role] = model_figures(
+                    _module(config.dataset, model_arrays), data, trigger, shadows
+                )
+            unlearned_model = _module(config.dataset, unlearned)
+            retrain_model = _module(config.dataset, retrain)
+            entry = {
+                "client": label,
+                "clients": forgotten,
+                "round": event["round"],
+                "strategy": event["strategy"],
+                "backdoored": [c for c in forgotten if c in config.backdoors],
+                **figures,
+                "distance_to_retrain": {
+                    "l2": parameter_l2(unlearned, retrain),
+                    "js": mean_js_divergence(unlearned_model, retrain_model, data.test[0]),
+                    "original_l2": parameter_l2(original, retrain),
+                    "original_js": mean_js_divergence(
+                        _module(config.dataset, original), retrain_model, data.test[0]
+                    ),
+                },
+                "evidence_seconds": time.perf_counter() - started,
+                "shadow_models": len(shadows),
+                "shadow_training_seconds": shadow_seconds,
+                "members": int(len(data.members[1])),
+                "nonmembers": int(len(data.nonmembers[1])),
+            }
+            entries.append(entry)
+    document = {
+        "seed": config.seed,
+        "trigger": None if trigger is None else trigger.__dict__,
+        "backdoor_clients": list(config.backdoors),
+        "unlearning": entries,
+    }
+    return document, curves
+
+
+def _export_client_files(
+    out: Path, settings: DataSettings, clients: list[str], holdout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Each simulated client's own copy of its data, for ``fedforget client verify``."""
+    for client in clients:
+        x, y = clean_client_arrays(settings, int(client))
+        save_arrays(out / "clients" / client / "train.npz", {"x": x, "y": y})
+        save_arrays(out / "clients" / client / "holdout.npz", {"x": holdout[0], "y": holdout[1]})
+
+
+def _events(report: dict[str, object]) -> list[dict[str, object]]:
+    """One entry per unlearning (the report repeats it per client withdrawn together)."""
+    seen: dict[int, dict[str, object]] = {}
+    for entry in report["unlearning"]:  # type: ignore[union-attr]
+        index = int(entry["unlearning_index"])
+        seen.setdefault(index, {**entry, "clients": entry["clients_unlearned_together"]})
+    return [seen[i] for i in sorted(seen)]
+
+
+def _shadows(config: SimulationConfig, data: EvidenceData) -> tuple[float, list[nn.Module]]:
+    """Offline-LiRA shadows trained centrally on the staying clients' data, never on members or test data."""
+    if config.shadows == 0:
+        return 0.0, []
+    started = time.perf_counter()
+    x, y = data.remaining
+    if len(y) > SHADOW_POOL_LIMIT:
+        pick = np.random.default_rng(config.seed).choice(len(y), SHADOW_POOL_LIMIT, replace=False)
+        x, y = x[pick], y[pick]
+    shadows = train_shadow_models(
+        lambda: build_model(config.dataset, seed=None),
+        x,
+        y,
+        count=config.shadows,
+        epochs=min(config.rounds * config.local_epochs, 20.0),
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    return time.perf_counter() - started, shadows
+
+
+def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
+    """Mean and standard deviation over seeds of every figure (the retrain band)."""
+    first = documents[0]
+    entries = []
+    for index, entry in enumerate(first["unlearning"]):  # type: ignore[arg-type]
+        per_seed = [doc["unlearning"][index] for doc in documents]  # type: ignore[index]
+        combined: dict[str, object] = {
+            key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored")
+        }
+        for role in (*MODEL_ROLES, "distance_to_retrain"):
+            combined[role] = _mean_std([seed_entry[role] for seed_entry in per_seed])
+        for key in ("evidence_seconds", "shadow_training_seconds"):
+            combined.update(_mean_std([{key: seed_entry[key]} for seed_entry in per_seed]))
+        entries.append(combined)
+    return {
+        "seeds": [doc["seed"] for doc in documents],
+        "trigger": first["trigger"],
+        "backdoor_clients": first["backdoor_clients"],
+        "unlearning": entries,
+        "per_seed": documents,
+    }
+
+
+def _mean_std(values: list[dict[str, float | None]]) -> dict[str, float | None]:
+    summary: dict[str, float | None] = {}
+    for key in values[0]:
+        numbers = [v[key] for v in values]
+        if any(n is None for n in numbers):
+            summary[key] = summary[f"{key}_std"] = None
+            continue
+        array = np.asarray(numbers, dtype=float)
+        summary[key] = float(array.mean())
+        summary[f"{key}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return summary
