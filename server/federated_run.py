@@ -256,6 +256,7 @@ class FederatedRun:
             "rounds_replayed": outcome.rounds_replayed,
             "base_version": outcome.base_version,
             "source_trajectory": source,
+            "trajectory": self.store.current_trajectory(),
             "test_accuracy_before": before.get("test_accuracy"),
             "test_accuracy_after": after.get("test_accuracy"),
             **outcome.details,
