@@ -115,6 +115,37 @@ def make_client_app(task: ClientTask) -> ClientApp:
         )
         return Message(content=RecordDict({wire.METRICS_KEY: metrics}), reply_to=msg)
 
+    @app.train("ascent")
+    def ascend(msg: Message, context: Context) -> Message:
+        """Projected gradient ascent on this client's own data: it unlearns itself (Halimi et al.)."""
+        from fedforget.client.ascent import projected_gradient_ascent
+        from fedforget.strategies.base import AscentSettings
+
+        config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
+        model = task.build_model()
+        load_weights(model, wire.arrays_from_record(msg.content[wire.ARRAYS_KEY]))
+        settings = AscentSettings(
+            radius=float(config[wire.ASCENT_RADIUS]),
+            lr=float(config.get(wire.LEARNING_RATE, 0.01)),
+            epochs=float(config.get(wire.LOCAL_EPOCHS, 5.0)),
+            batch_size=int(config.get(wire.BATCH_SIZE, DEFAULT_BATCH_SIZE)),
+            accuracy_floor=float(config.get(wire.ASCENT_ACCURACY_FLOOR, 0.1)),
+        )
+        arrays, epochs = projected_gradient_ascent(
+            model,
+            task.load_data(context).train,
+            wire.arrays_from_record(msg.content[wire.REFERENCE_KEY]),
+            settings,
+            seed=int(config.get(wire.SEED, 0)),
+        )
+        content = RecordDict(
+            {
+                wire.ARRAYS_KEY: wire.record_from_arrays(arrays),
+                wire.METRICS_KEY: MetricRecord({wire.LOCAL_EPOCHS: epochs}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
     @app.query("identity")
     def identity(msg: Message, context: Context) -> Message:
         record = ConfigRecord({wire.CLIENT_ID: task.client_id(context)})

@@ -67,7 +67,9 @@ def simulate(
         Optional[list[str]],
         typer.Option(help="CLIENT@ROUND: the client withdraws before ROUND (repeatable)."),
     ] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="Unlearning strategy: retrain.")] = None,
+    strategy: Annotated[
+        Optional[str], typer.Option(help="Unlearning strategy: retrain (exact), calibrated (FedEraser).")
+    ] = None,
     retention_interval: Annotated[
         Optional[int], typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")
     ] = None,
@@ -84,6 +86,12 @@ def simulate(
         Optional[int], typer.Option(help="Shadow models for the per-example membership attack (0 skips it).")
     ] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Repeat over this many seeds: mean ± std.")] = None,
+    calibration_ratio: Annotated[
+        Optional[float], typer.Option(help="calibrated: r, calibration trains r·E local epochs.")
+    ] = None,
+    calibration_norm: Annotated[
+        Optional[str], typer.Option(help="calibrated: rescale per array (layer) or whole update (global).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
 ) -> None:
@@ -112,6 +120,8 @@ def simulate(
         "backdoor_target": backdoor_target,
         "shadows": shadows,
         "seeds": seeds,
+        "calibration_ratio": calibration_ratio,
+        "calibration_norm": calibration_norm,
     }
     try:
         settings = {k: v for k, v in given.items() if v is not None}

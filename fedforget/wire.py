@@ -28,6 +28,13 @@ BATCH_SIZE = "batch-size"
 SEED = "seed"
 SERVER_ROUND = "server-round"
 
+ASCENT_MESSAGE = "train.ascent"
+"""Message type asking a withdrawing client to run projected gradient ascent (Halimi et al.)."""
+REFERENCE_KEY = "reference"
+"""RecordDict key of the reference model whose L2 ball the ascent stays in."""
+ASCENT_RADIUS = "ascent-radius"
+ASCENT_ACCURACY_FLOOR = "ascent-accuracy-floor"
+
 IDENTITY_QUERY = "query.identity"
 """Message type by which the server asks a ClientApp for its stable client id."""
 IDENTITY_KEY = "identity"

@@ -20,7 +20,7 @@ from fedforget.server.federated_run import (
 )
 from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.server.recording import RecordingFedAvg
-from fedforget.strategies.registry import make_unlearner
+from fedforget.strategies.registry import UnlearningOptions, make_unlearner
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ServerSetup:
     initial_model: Arrays
     settings: RunSettings
     strategy: str = "retrain"
+    unlearning_options: UnlearningOptions = field(default_factory=UnlearningOptions)
     withdrawals: Sequence[Withdrawal] = ()
     retention_interval: int = 1
     update_dtype: str = "float32"
@@ -40,6 +41,8 @@ class ServerSetup:
     evaluate_fn: EvaluateFn | None = None
     observer: RunObserver | None = None
     fedavg_options: dict[str, object] = field(default_factory=dict)
+    reference_retrain: bool = False
+    """After an approximate unlearning, also retrain exactly (in a side trajectory) as its yardstick."""
     metadata: dict[str, object] = field(default_factory=dict)
     """Stored in the history store when it is created (e.g. the settings a resume must match)."""
 
@@ -66,7 +69,7 @@ def open_history_store(setup: ServerSetup) -> HistoryStore:
 
 def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
     """Run (or resume) the federation described by ``setup`` on ``grid``."""
-    unlearner = make_unlearner(setup.strategy)
+    unlearner = make_unlearner(setup.strategy, setup.unlearning_options)
     options: dict[str, object] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
@@ -85,6 +88,7 @@ def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
             withdrawals=setup.withdrawals,
             evaluate_fn=setup.evaluate_fn,
             observer=setup.observer,
+            reference_retrain=setup.reference_retrain,
         )
         return run.execute(setup.initial_model)
 

@@ -17,15 +17,25 @@ from dataclasses import dataclass, field
 from logging import getLogger
 from typing import Protocol
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedforget import wire
-from fedforget.arrays import Arrays
+from fedforget.arrays import Arrays, subtract
 from fedforget.server.errors import FedforgetError
 from fedforget.server.history_store import HistoryStore
 from fedforget.server.recording import RecordingFedAvg
-from fedforget.strategies.base import Federation, RoundResult, UnlearningRequest, Unlearner
+from fedforget.strategies.base import (
+    AscentSettings,
+    ClientOfflineError,
+    ClientUpdate,
+    Federation,
+    RoundResult,
+    UnlearningOutcome,
+    UnlearningRequest,
+    Unlearner,
+)
+from fedforget.strategies.retrain import Retrain
 
 _log = getLogger(__name__)
 
@@ -113,6 +123,7 @@ class FederatedRun:
         withdrawals: Sequence[Withdrawal] = (),
         evaluate_fn: EvaluateFn | None = None,
         observer: RunObserver | None = None,
+        reference_retrain: bool = False,
     ) -> None:
         if strategy.store is not store:
             raise ValueError("the strategy must record into the run's history store")
@@ -124,6 +135,8 @@ class FederatedRun:
         self.withdrawals = sorted(withdrawals, key=lambda w: (w.round, w.client_id))
         self.evaluate_fn = evaluate_fn
         self.observer: RunObserver = observer or SilentObserver()
+        self.reference_retrain = reference_retrain
+        """Also retrain exactly after an approximate unlearning, as the yardstick for its evidence."""
         # Cached so that the loop never reads the store while the strategy's
         # recording thread may be writing it; refreshed after each flush.
         self._trajectory = 0
@@ -228,23 +241,9 @@ class FederatedRun:
         before = self._evaluate(model)
         self.strategy.flush()
         source = self.store.current_trajectory()
-        federation = _GridFederation(self)
-        started = time.perf_counter()
-        outcome = self.unlearner.unlearn(
-            UnlearningRequest(
-                clients=frozenset(clients), completed_rounds=server_round - 1, seed=self.settings.seed
-            ),
-            self.store.reader(source),
-            federation,
-        )
-        self.strategy.flush()
-        seconds = time.perf_counter() - started
-        if self.store.current_trajectory() == source:
-            raise RunError(
-                f"strategy {self.unlearner.name!r} returned without starting a new trajectory; "
-                "the withdrawn clients' history would stay current"
-            )
-        after = self._evaluate(outcome.model)
+        outcome, seconds, trajectory = self.run_unlearner(self.unlearner, clients, server_round - 1, source)
+        exact = self.unlearner.name == Retrain.name
+        residual = set() if exact else self._residual_clients() | set(clients)
         event: dict[str, object] = {
             "kind": UNLEARNING_KIND,
             "clients": clients,
@@ -256,26 +255,86 @@ class FederatedRun:
             "rounds_replayed": outcome.rounds_replayed,
             "base_version": outcome.base_version,
             "source_trajectory": source,
-            "trajectory": self.store.current_trajectory(),
+            "trajectory": trajectory,
+            "residual_clients": sorted(residual),
             "test_accuracy_before": before.get("test_accuracy"),
-            "test_accuracy_after": after.get("test_accuracy"),
-            **outcome.details,
+            "test_accuracy_after": self._evaluate(outcome.model).get("test_accuracy"),
+            "details": outcome.details,
         }
-        self.store.set_trajectory_status(self.store.current_trajectory(), "complete", info=event)
+        if self.reference_retrain and not exact:
+            # The yardstick: the same federation replayed without the clients, in a
+            # trajectory of its own that the run does not continue from.
+            retrained, retrain_seconds, reference = self.run_unlearner(Retrain(), clients, server_round - 1, source)
+            self.store.set_trajectory_status(
+                reference, "reference", info={"kind": "reference-retrain", "clients": clients}
+            )
+            self.store.switch_trajectory(trajectory)
+            event.update(
+                reference_trajectory=reference,
+                retrain_seconds=retrain_seconds,
+                retrain_client_epochs=retrained.client_epochs,
+                retrain_test_accuracy=self._evaluate(retrained.model).get("test_accuracy"),
+            )
+        self.store.set_trajectory_status(trajectory, "complete", info=event)
         self._refresh_from_store()
         self.observer.unlearning_finished(event)
         return outcome.model
 
-    def _abandon_interrupted_unlearning(self) -> None:
-        """Drop an unlearning a crash cut short; it is redone from its start."""
-        current = self.store.current_trajectory()
-        info = {t.id: t for t in self.store.trajectories()}[current]
-        if info.status == "open" and info.parent is not None:
-            _log.warning(
-                "unlearning of %s was interrupted; it will be run again", info.info.get("clients")
+    def run_unlearner(
+        self, unlearner: Unlearner, clients: Sequence[str], completed_rounds: int, source: int
+    ) -> tuple[UnlearningOutcome, float, int]:
+        """Unlearn ``clients`` from trajectory ``source`` with ``unlearner``.
+
+        Returns the outcome, its wall time and the new trajectory, which is
+        current afterwards and holds versions up to ``completed_rounds``.
+        """
+        self.strategy.flush()
+        if self.store.current_trajectory() != source:
+            self.store.switch_trajectory(source)
+        request = UnlearningRequest(
+            clients=frozenset(clients),
+            completed_rounds=completed_rounds,
+            seed=self.settings.seed,
+            residual_clients=frozenset(self._residual_clients()),
+        )
+        started = time.perf_counter()
+        outcome = unlearner.unlearn(request, self.store.reader(source), _GridFederation(self))
+        self.strategy.flush()
+        seconds = time.perf_counter() - started
+        trajectory = self.store.current_trajectory()
+        if trajectory == source:
+            raise RunError(
+                f"strategy {unlearner.name!r} returned without starting a new trajectory; "
+                "the withdrawn clients' history would stay current"
             )
-            self.store.set_trajectory_status(current, "abandoned")
-            self.store.switch_trajectory(info.parent)
+        if self.store.last_completed_round() != completed_rounds:
+            raise RunError(
+                f"strategy {unlearner.name!r} left its trajectory at round {self.store.last_completed_round()}; "
+                f"it must record rounds up to {completed_rounds} so the run can continue"
+            )
+        return outcome, seconds, trajectory
+
+    def _residual_clients(self) -> set[str]:
+        """Clients removed only approximately: their contributions may persist in shared models."""
+        return set(self._events[-1].get("residual_clients", [])) if self._events else set()  # type: ignore[arg-type]
+
+    def _abandon_interrupted_unlearning(self) -> None:
+        """Drop an unlearning a crash cut short; it is redone from its start.
+
+        Its trajectories (the strategy's and a reference retrain's) are still
+        "open": they are marked abandoned and the run returns to the history
+        the unlearning started from.
+        """
+        trajectories = {t.id: t for t in self.store.trajectories()}
+        current = trajectories[self.store.current_trajectory()]
+        interrupted = [t for t in trajectories.values() if t.status == "open" and t.parent is not None]
+        for trajectory in interrupted:
+            self.store.set_trajectory_status(trajectory.id, "abandoned")
+        while current.status in {"open", "reference"} and current.parent is not None:
+            current = trajectories[current.parent]
+        if interrupted:
+            _log.warning("an interrupted unlearning will be run again from trajectory %s", current.id)
+            self.store.switch_trajectory(current.id)
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -320,10 +379,14 @@ class _GridFederation(Federation):
     def __init__(self, run: FederatedRun) -> None:
         self._run = run
 
+    def _nodes(self) -> dict[int, str]:
+        """Connected nodes of clients that may still take part, by node id."""
+        grid, strategy = self._run.grid, self._run.strategy
+        clients = strategy.identities.resolve(grid, list(grid.get_node_ids()))
+        return {node: client for node, client in clients.items() if client not in strategy.excluded}
+
     def remaining_clients(self) -> list[str]:
-        nodes = list(self._run.grid.get_node_ids())
-        clients = self._run.strategy.identities.resolve(self._run.grid, nodes)
-        return sorted(c for c in clients.values() if c not in self._run.strategy.excluded)
+        return sorted(self._nodes().values())
 
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self._run.strategy.flush()
@@ -334,3 +397,91 @@ class _GridFederation(Federation):
         # A strategy may read history between its rounds: keep the store settled.
         self._run.strategy.flush()
         return result
+
+    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
+        nodes = self._nodes()
+        config = ConfigRecord(dict(self._run.settings.train_config))
+        config[wire.LOCAL_EPOCHS] = float(local_epochs)
+        config[wire.SEED] = self._run.settings.seed
+        config[wire.SERVER_ROUND] = server_round
+        record = wire.record_from_arrays(model)
+        messages = [
+            Message(
+                content=RecordDict({wire.ARRAYS_KEY: record, wire.CONFIG_KEY: config}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        updates = []
+        for reply in self._run.grid.send_and_receive(messages, timeout=self._run.settings.round_timeout):
+            client_id = nodes.get(reply.metadata.src_node_id)
+            if client_id is None:
+                continue
+            if reply.has_error():
+                _log.warning("client %s failed its local training: %s", client_id, reply.error.reason)
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            returned = wire.arrays_from_record(next(iter(reply.content.array_records.values())))
+            updates.append(
+                ClientUpdate(
+                    client_id=client_id,
+                    update=subtract(returned, model),
+                    num_examples=int(metrics[wire.NUM_EXAMPLES]),
+                    epochs=float(metrics.get(wire.LOCAL_EPOCHS, local_epochs)),
+                )
+            )
+        if not updates:
+            raise RunError(f"round {server_round}: no remaining client completed its local training")
+        return sorted(updates, key=lambda u: u.client_id)
+
+    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
+        self._run.strategy.flush()
+        store = self._run.store
+        total = float(sum(u.num_examples for u in updates))
+        for u in updates:
+            store.record_update(
+                server_round, u.client_id, u.update, num_examples=u.num_examples, weight=u.num_examples / total
+            )
+        store.commit_round(server_round, model_after)
+
+    def gradient_ascent(
+        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
+    ) -> tuple[Arrays, float]:
+        grid, strategy = self._run.grid, self._run.strategy
+        clients = strategy.identities.resolve(grid, list(grid.get_node_ids()))
+        node = next((n for n, c in clients.items() if c == client_id), None)
+        if node is None:
+            raise ClientOfflineError(
+                f"client {client_id} is not connected: gradient-ascent unlearning needs the withdrawing "
+                "client online; use a strategy that needs no work from it (retrain, calibrated, subtract)"
+            )
+        config = ConfigRecord(
+            {
+                wire.ASCENT_RADIUS: settings.radius,
+                wire.LEARNING_RATE: settings.lr,
+                wire.LOCAL_EPOCHS: settings.epochs,
+                wire.BATCH_SIZE: settings.batch_size,
+                wire.ASCENT_ACCURACY_FLOOR: settings.accuracy_floor,
+                wire.SEED: self._run.settings.seed,
+            }
+        )
+        content = RecordDict(
+            {
+                wire.ARRAYS_KEY: wire.record_from_arrays(model),
+                wire.REFERENCE_KEY: wire.record_from_arrays(reference),
+                wire.CONFIG_KEY: config,
+            }
+        )
+        message = Message(content=content, message_type=wire.ASCENT_MESSAGE, dst_node_id=node)
+        replies = list(grid.send_and_receive([message], timeout=self._run.settings.round_timeout))
+        if not replies:
+            raise ClientOfflineError(f"client {client_id} did not answer the gradient-ascent request in time")
+        (reply,) = replies
+        if reply.has_error():
+            raise RunError(f"client {client_id} failed its gradient ascent: {reply.error.reason}")
+        metrics = next(iter(reply.content.metric_records.values()))
+        return (
+            wire.arrays_from_record(reply.content[wire.ARRAYS_KEY]),
+            float(metrics.get(wire.LOCAL_EPOCHS, 0.0)),
+        )

@@ -10,7 +10,7 @@ from fedforget.server.errors import FedforgetError
 from fedforget.server.federated_run import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
-from fedforget.strategies.registry import STRATEGY_NAMES
+from fedforget.strategies.registry import STRATEGY_NAMES, UnlearningOptions
 
 STORE_DTYPES = ("float32", "float16")
 NUM_CLASSES = 10  # every built-in dataset has ten classes
@@ -57,6 +57,9 @@ class SimulationConfig:
     """Shadow models for the per-example membership attack (offline LiRA); 0 skips it."""
     seeds: int = 1
     """Repeat the whole run over seeds ``seed .. seed + seeds - 1`` (the retrain band)."""
+    calibration_ratio: float = 0.5
+    """FedEraser's r: calibration trains r·E local epochs."""
+    calibration_norm: str = "layer"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -105,7 +108,16 @@ class SimulationConfig:
         if not 0 <= self.backdoor_target < NUM_CLASSES:
             raise ConfigError(f"--backdoor-target must be a class 0..{NUM_CLASSES - 1}, got {self.backdoor_target}")
         _at_least("--shadows", self.shadows, 0)
+        if not 0 < self.calibration_ratio <= 1:
+            raise ConfigError(f"--calibration-ratio must be in (0, 1], got {self.calibration_ratio}")
+        _one_of("--calibration-norm", self.calibration_norm, ("layer", "global"))
         _at_least("--seeds", self.seeds, 1)
+
+    def unlearning_options(self) -> UnlearningOptions:
+        """The chosen strategy's settings, matched to this federation's E and Δt."""
+        return UnlearningOptions.for_config(
+            self, calibration_ratio=self.calibration_ratio, calibration_norm=self.calibration_norm
+        )
 
     def trigger(self) -> Trigger:
         """The canary: a bright square in the top-left corner (dark in every class), relabelled to the target.

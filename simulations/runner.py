@@ -215,12 +215,14 @@ def _run_federation(
             expected_clients=config.clients,
         ),
         strategy=config.strategy,
+        unlearning_options=config.unlearning_options(),
         withdrawals=config.withdrawals,
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
         resume=resume,
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed),
         observer=observer,
+        reference_retrain=config.strategy != "retrain",
         metadata={CONFIG_META: config.to_json()},
     )
     outcomes: list[RunOutcome] = []
@@ -287,6 +289,9 @@ def build_report(
                     "base_version": event["base_version"],
                     "source_trajectory": event["source_trajectory"],
                     "trajectory": event["trajectory"],
+                    "reference_trajectory": event.get("reference_trajectory"),
+                    "retrain_seconds": event.get("retrain_seconds"),
+                    "retrain_client_epochs": event.get("retrain_client_epochs"),
                 }
             )
     rounds = [

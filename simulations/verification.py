@@ -49,7 +49,8 @@ class EvidenceData:
     test: tuple[np.ndarray, np.ndarray]
 
 
-def _module(dataset: str, arrays: Arrays) -> nn.Module:
+def model_from_arrays(dataset: str, arrays: Arrays) -> nn.Module:
+    """The built-in model of ``dataset`` holding ``arrays``, in eval mode."""
     model = build_model(dataset, seed=0)
     load_weights(model, arrays)
     model.eval()
@@ -127,11 +128,13 @@ def verify_run(
             original = store.reader(int(event["source_trajectory"])).model(version)  # type: ignore[arg-type]
             unlearned = store.reader(int(event["trajectory"])).model(version)  # type: ignore[arg-type]
             # Retrain is exact: for it, the unlearned model *is* the retrained one.
-            retrain = unlearned if event["strategy"] == "retrain" else None
-            if retrain is None:
-                raise NotImplementedError(
-                    f"verification of strategy {event['strategy']!r} needs a reference retrain"
+            reference = event.get("reference_trajectory")
+            if reference is None and event["strategy"] != "retrain":
+                raise ValueError(
+                    f"the {event['strategy']} unlearning of client(s) {forgotten} has no reference retrain "
+                    "to be judged against; run it with reference_retrain enabled"
                 )
+            retrain = unlearned if reference is None else store.reader(int(reference)).model(version)  # type: ignore[arg-type]
             arrays = {"original": original, "unlearned": unlearned, "retrain": retrain}
             label = "+".join(forgotten)
             for role, model_arrays in arrays.items():
@@ -144,10 +147,10 @@ def verify_run(
             curves[label] = {}
             for role, model_arrays in arrays.items():
                 figures[role], curves[label][role] = model_figures(
-                    _module(config.dataset, model_arrays), data, trigger, shadows
+                    model_from_arrays(config.dataset, model_arrays), data, trigger, shadows
                 )
-            unlearned_model = _module(config.dataset, unlearned)
-            retrain_model = _module(config.dataset, retrain)
+            unlearned_model = model_from_arrays(config.dataset, unlearned)
+            retrain_model = model_from_arrays(config.dataset, retrain)
             entry = {
                 "client": label,
                 "clients": forgotten,
@@ -160,7 +163,7 @@ def verify_run(
                     "js": mean_js_divergence(unlearned_model, retrain_model, data.test[0]),
                     "original_l2": parameter_l2(original, retrain),
                     "original_js": mean_js_divergence(
-                        _module(config.dataset, original), retrain_model, data.test[0]
+                        model_from_arrays(config.dataset, original), retrain_model, data.test[0]
                     ),
                 },
                 "evidence_seconds": time.perf_counter() - started,

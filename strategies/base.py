@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+import numpy as np
+
 from fedforget.arrays import Arrays
 
 
@@ -42,7 +44,11 @@ class RoundRecord(Protocol):
 
 
 class HistoryView(Protocol):
-    """Read access to one trajectory of the history, one round at a time."""
+    """Read access to one trajectory of the history, one round at a time.
+
+    Rounds without participants exist: an approximate unlearning records its
+    result as a round of its own, whose model no client update explains.
+    """
 
     def rounds(self, start: int = 1, end: int | None = None) -> Iterator[RoundRecord]: ...
 
@@ -51,6 +57,29 @@ class HistoryView(Protocol):
     def first_participation(self, client_id: str) -> int | None: ...
 
     def model(self, version: int) -> Arrays: ...
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's local training result: returned weights minus the model it was sent."""
+
+    client_id: str
+    update: Arrays
+    num_examples: int
+    epochs: float
+
+
+@dataclass(frozen=True)
+class AscentSettings:
+    """Projected gradient ascent a withdrawing client runs on its own data (Halimi et al. 2022)."""
+
+    radius: float
+    """L2 radius of the ball around the reference model the iterate is projected onto."""
+    lr: float = 0.01
+    epochs: float = 5.0
+    batch_size: int = 32
+    accuracy_floor: float = 0.1
+    """Early stopping: stop once accuracy on the client's own data falls to this value."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,38 @@ class Federation(ABC):
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
         """Run one FedAvg round from ``model`` with the remaining clients and record it."""
 
+    @abstractmethod
+    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
+        """Have every remaining client train from ``model`` for ``local_epochs``; record nothing.
+
+        Calibration training (FedEraser) and recovery rounds use it; the
+        strategy decides what, if anything, to record.
+        """
+
+    @abstractmethod
+    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
+        """Record a round of the new trajectory the strategy computed itself.
+
+        Aggregation weights are the FedAvg weights of ``updates`` (n_k / sum n).
+        ``updates`` may be empty: the round then only records ``model_after``,
+        e.g. the result of an approximate unlearning, or a round the
+        reconstruction skipped (FedEraser between retained rounds).
+        """
+
+    @abstractmethod
+    def gradient_ascent(
+        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
+    ) -> tuple[Arrays, float]:
+        """Have the (still online) withdrawing client run projected gradient ascent on its own data.
+
+        Returns the client's resulting model and the epochs it spent. Raises
+        :class:`ClientOfflineError` if the client cannot be reached.
+        """
+
+
+class ClientOfflineError(RuntimeError):
+    """A strategy needed work from a client that is not connected."""
+
 
 @dataclass(frozen=True)
 class UnlearningRequest:
@@ -93,6 +154,9 @@ class UnlearningRequest:
     clients: frozenset[str]
     completed_rounds: int
     seed: int = 0
+    residual_clients: frozenset[str] = frozenset()
+    """Clients an earlier *approximate* unlearning removed: the models of this trajectory
+    may still hold traces of them, so an exact strategy must start before they joined too."""
 
 
 @dataclass
@@ -125,6 +189,24 @@ class Unlearner(ABC):
     def hyperparameters(self) -> dict[str, object]:
         """Settings that determine the result, recorded with every unlearning."""
         return {}
+
+
+def fedavg_step(updates: Sequence[ClientUpdate]) -> Arrays:
+    """Σ_k (n_k / Σ n) · U_k: the FedAvg aggregate of client updates, computed in float64."""
+    if not updates:
+        raise ValueError("cannot aggregate an empty set of client updates")
+    total = float(sum(u.num_examples for u in updates))
+    step = {name: np.zeros(value.shape, dtype=np.float64) for name, value in updates[0].update.items()}
+    for client in updates:
+        weight = client.num_examples / total
+        for name, value in client.update.items():
+            step[name] += weight * value
+    return {name: value.astype(updates[0].update[name].dtype) for name, value in step.items()}
+
+
+def add(model: Arrays, step: Arrays, scale: float = 1.0) -> Arrays:
+    """``model + scale * step`` for every array, keeping ``model``'s dtypes."""
+    return {name: (value + scale * step[name]).astype(value.dtype) for name, value in model.items()}
 
 
 def earliest_participation(history: HistoryView, clients: Sequence[str]) -> int | None:

@@ -2,9 +2,10 @@
 
 The yardstick every faster strategy is judged against. It restarts from the
 last global model that holds none of the withdrawn clients' contributions —
-the model before the first round any of them took part in — and replays every
-round since with the remaining clients, so the result is what the federation
-would hold had those clients never joined.
+the model before the first round any of them took part in, or any client an
+earlier approximate unlearning removed — and replays every round since with
+the remaining clients, so the result is what the federation would hold had
+those clients never joined.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Retrain(Unlearner):
     def unlearn(
         self, request: UnlearningRequest, history: HistoryView, federation: Federation
     ) -> UnlearningOutcome:
-        first = earliest_participation(history, sorted(request.clients))
+        first = earliest_participation(history, sorted(request.clients | request.residual_clients))
         # A client that never contributed leaves nothing to remove: the new
         # trajectory simply continues from the current model.
         base_version = request.completed_rounds if first is None else first - 1

@@ -229,6 +229,15 @@ class CrashingRetrain(Retrain):
                 federation.train_round(server_round, model)
                 raise _Interrupt()
 
+            def local_training(self, server_round, model, *, local_epochs):
+                return federation.local_training(server_round, model, local_epochs=local_epochs)
+
+            def record_round(self, server_round, model_after, updates):
+                federation.record_round(server_round, model_after, updates)
+
+            def gradient_ascent(self, client_id, model, reference, settings):
+                return federation.gradient_ascent(client_id, model, reference, settings)
+
         return super().unlearn(request, history, Dying())
 
 
