@@ -68,7 +68,11 @@ def simulate(
         typer.Option(help="CLIENT@ROUND: the client withdraws before ROUND (repeatable)."),
     ] = None,
     strategy: Annotated[
-        Optional[str], typer.Option(help="Unlearning strategy: retrain (exact), calibrated (FedEraser).")
+        Optional[str],
+        typer.Option(
+            help="Unlearning strategy: retrain (exact), calibrated (FedEraser), subtract (FedRecovery), "
+            "gradient-ascent (Halimi et al.)."
+        ),
     ] = None,
     retention_interval: Annotated[
         Optional[int], typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")
@@ -91,6 +95,14 @@ def simulate(
     ] = None,
     calibration_norm: Annotated[
         Optional[str], typer.Option(help="calibrated: rescale per array (layer) or whole update (global).")
+    ] = None,
+    recovery_rounds: Annotated[
+        Optional[int], typer.Option(help="subtract / gradient-ascent: FedAvg rounds afterwards (defaults 0 / 2).")
+    ] = None,
+    noise_epsilon: Annotated[Optional[float], typer.Option(help="subtract: ε of FedRecovery's Gaussian noise.")] = None,
+    noise_sensitivity: Annotated[Optional[float], typer.Option(help="subtract: sensitivity d for the noise.")] = None,
+    ascent_accuracy_floor: Annotated[
+        Optional[float], typer.Option(help="gradient-ascent: stop once the client's own accuracy falls to this.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
@@ -122,6 +134,10 @@ def simulate(
         "seeds": seeds,
         "calibration_ratio": calibration_ratio,
         "calibration_norm": calibration_norm,
+        "recovery_rounds": recovery_rounds,
+        "noise_epsilon": noise_epsilon,
+        "noise_sensitivity": noise_sensitivity,
+        "ascent_accuracy_floor": ascent_accuracy_floor,
     }
     try:
         settings = {k: v for k, v in given.items() if v is not None}
@@ -168,6 +184,25 @@ def _print_run_summary(report: dict[str, object], out: Path) -> None:
         f"history store: {store['bytes'] / 1e6:.2f} MB for {store['client_rounds']} client-rounds "  # type: ignore[index]
         f"in {out / 'store'}; report: {out / 'report.json'}"
     )
+
+
+@bench_app.command("unlearning")
+def bench_unlearning(
+    out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and the runs.")] = Path("runs/bench-unlearning"),
+    quick: Annotated[bool, typer.Option(help="digits, 15 rounds: a few minutes. Without it: MNIST, 20 rounds.")] = False,
+    seeds: Annotated[int, typer.Option(help="Seeds to average over (at least 3 for a band).")] = 3,
+) -> None:
+    """Every unlearning strategy against exact retraining, measured side by side per seed."""
+    from dataclasses import replace
+
+    from fedforget.simulations.bench_unlearning import BenchSettings, run_unlearning_benchmark
+    from fedforget.simulations.datasets import DatasetUnavailableError
+
+    settings = BenchSettings.quick() if quick else BenchSettings.headline()
+    try:
+        run_unlearning_benchmark(replace(settings, seeds=seeds), out)
+    except (ValueError, PermissionError, DatasetUnavailableError) as exc:
+        _fail(str(exc))
 
 
 @bench_app.command("overhead")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -9,6 +10,7 @@ from fedforget.evidence.backdoor import Trigger
 from fedforget.server.errors import FedforgetError
 from fedforget.server.federated_run import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
+from fedforget.simulations.models import build_model
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
 from fedforget.strategies.registry import STRATEGY_NAMES, UnlearningOptions
 
@@ -60,6 +62,11 @@ class SimulationConfig:
     calibration_ratio: float = 0.5
     """FedEraser's r: calibration trains r·E local epochs."""
     calibration_norm: str = "layer"
+    recovery_rounds: int | None = None
+    """subtract / gradient-ascent: FedAvg rounds with the remaining clients afterwards."""
+    noise_epsilon: float | None = None
+    noise_sensitivity: float | None = None
+    ascent_accuracy_floor: float = 0.3
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -111,12 +118,30 @@ class SimulationConfig:
         if not 0 < self.calibration_ratio <= 1:
             raise ConfigError(f"--calibration-ratio must be in (0, 1], got {self.calibration_ratio}")
         _one_of("--calibration-norm", self.calibration_norm, ("layer", "global"))
+        if not 0 <= self.ascent_accuracy_floor < 1:
+            raise ConfigError(f"--ascent-accuracy-floor must be in [0, 1), got {self.ascent_accuracy_floor}")
+        if self.recovery_rounds is not None:
+            _at_least("--recovery-rounds", self.recovery_rounds, 0)
+        if (self.noise_epsilon is None) != (self.noise_sensitivity is None):
+            raise ConfigError("--noise-epsilon and --noise-sensitivity go together (FedRecovery's ε and d)")
+        if self.noise_epsilon is not None and self.noise_epsilon <= 0:
+            raise ConfigError(f"--noise-epsilon must be positive, got {self.noise_epsilon}")
+        if self.strategy == "gradient-ascent" and len({w.round for w in self.withdrawals}) != len(self.withdrawals):
+            raise ConfigError("--strategy gradient-ascent unlearns one client at a time: give each its own round")
         _at_least("--seeds", self.seeds, 1)
 
     def unlearning_options(self) -> UnlearningOptions:
         """The chosen strategy's settings, matched to this federation's E and Δt."""
+        dataset = self.dataset
         return UnlearningOptions.for_config(
-            self, calibration_ratio=self.calibration_ratio, calibration_norm=self.calibration_norm
+            self,
+            calibration_ratio=self.calibration_ratio,
+            calibration_norm=self.calibration_norm,
+            recovery_rounds=self.recovery_rounds,
+            noise_epsilon=self.noise_epsilon,
+            noise_sensitivity=self.noise_sensitivity,
+            ascent_accuracy_floor=self.ascent_accuracy_floor,
+            model_factory=functools.partial(build_model, dataset),
         )
 
     def trigger(self) -> Trigger:

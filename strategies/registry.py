@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from fedforget.strategies.base import Unlearner
 from fedforget.strategies.calibrated import Calibrated
+from fedforget.strategies.gradient_ascent import GradientAscent
 from fedforget.strategies.retrain import Retrain
+from fedforget.strategies.subtract import Subtract
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,21 @@ class UnlearningOptions:
     """FedEraser's r."""
     calibration_norm: str = "layer"
     """FedEraser's norm: per array ("layer", as its reference code) or over the whole update ("global")."""
+    recovery_rounds: int | None = None
+    """FedAvg rounds with the remaining clients after subtract / gradient-ascent (None: the strategy's default)."""
+    noise_epsilon: float | None = None
+    """subtract: privacy budget ε of the Gaussian noise FedRecovery adds (None: no noise)."""
+    noise_sensitivity: float | None = None
+    """subtract: the sensitivity d the noise is calibrated to (required with ``noise_epsilon``)."""
+    ascent_accuracy_floor: float = 0.3
+    """gradient-ascent: the client stops ascending once its own accuracy falls to this.
+
+    The paper's 0.1 drives the digits model to chance level, from which two
+    recovery rounds do not bring it back; 0.3 removes the canary (ASR 0.08)
+    and keeps test accuracy within a point of the original (measured on digits).
+    """
+    model_factory: Callable[[], object] | None = None
+    """gradient-ascent: fresh random models, to size the ball around the reference model."""
 
     @classmethod
     def for_config(cls, config: object, **overrides: object) -> UnlearningOptions:
@@ -40,6 +57,18 @@ _FACTORIES: dict[str, Callable[[UnlearningOptions], Unlearner]] = {
         calibration_ratio=options.calibration_ratio,
         local_epochs=options.local_epochs,
         norm=options.calibration_norm,
+    ),
+    Subtract.name: lambda options: Subtract(
+        epsilon=options.noise_epsilon,
+        sensitivity=options.noise_sensitivity,
+        recovery_rounds=0 if options.recovery_rounds is None else options.recovery_rounds,
+        recovery_epochs=options.local_epochs,
+    ),
+    GradientAscent.name: lambda options: GradientAscent(
+        model_factory=options.model_factory,  # type: ignore[arg-type]
+        accuracy_floor=options.ascent_accuracy_floor,
+        recovery_rounds=2 if options.recovery_rounds is None else options.recovery_rounds,
+        recovery_epochs=options.local_epochs,
     ),
 }
 

@@ -1,0 +1,350 @@
+"""Halimi et al.: the withdrawing client unlearns itself by projected gradient ascent, then FedAvg recovers.
+
+Halimi, Kadhe, Rawat, Baracaldo: "Federated Unlearning: How to Efficiently
+Erase a Client in FL?", UpML workshop at ICML 2022 (arXiv:2207.05521);
+reference implementation IBM/federated-unlearning (``federated_unlearning.ipynb``,
+sections 4 "Unlearn the contribution of the target client" and 5 "Post-Training").
+
+The method, for N clients whose last round's local models w_1..w_N FedAvg
+averaged into w_T, and the withdrawing client u:
+
+1. reference model: the average of the *other* clients' local models, which
+   the client can compute from w_T and its own local model alone:
+   w_ref = (1/(N−1)) Σ_{i≠u} w_i = (N·w_T − w_u)/(N − 1);
+2. radius δ of the ball around w_ref: a third of the mean distance from
+   w_ref to randomly initialised models;
+3. the client runs projected gradient ascent on its own data from w_ref
+   inside ‖w − w_ref‖ ≤ δ, stopping early when its accuracy falls to a floor
+   (:func:`fedforget.client.ascent.projected_gradient_ascent`);
+4. a few FedAvg rounds with the remaining clients ("post-training").
+
+How the history and this framework stand in (interpretation):
+
+* w_u is the client's last *recorded* local model: t = the last round ≤ T
+  in which u took part and whose updates were retained,
+  w_u = model_before(t) + U_u^t. N = the number of participants of round t.
+* Aggregation weights. The paper's FedAvg averages uniformly, hence N and
+  N−1. The recorded FedAvg weights by examples, α_k = n_k / Σ n; the exact
+  inversion of that aggregation is w_ref = (w_T − α_u w_u)/(1 − α_u).
+  ``reference_weights="recorded"`` (default) uses the recorded α_u of round
+  t; ``"uniform"`` uses α_u = 1/N, the paper's formula literally. With equal
+  data sizes they coincide.
+* t < T (Δt > 1, or u missed the last rounds). Both forms above equal
+  w_T + c·(w_T − w_u) with c = α_u/(1 − α_u) (= 1/(N−1) uniformly). For
+  t < T the difference w_T − w_u would also carry all the progress of rounds
+  t+1..T, which has nothing to do with u; we use the round-t aggregation
+  instead, w_ref = w_T + c·(model_after(t) − w_u): the current model with
+  u's share of round t's aggregate replaced by the others' average. For
+  t = T this is exactly the paper's formula.
+* No usable record (u took part only in rounds whose updates were not
+  retained, or was alone in round t): w_ref = w_T, noted in ``details``.
+* Radius (when not given): the reference code takes *squared* distances,
+  averages them over 10 random models, divides by 3, and projects onto the
+  ball of that squared radius; so δ = √(mean_k ‖w_ref − w_rand,k‖² · 1/3)
+  (``radius_fraction`` = 1/3, ``random_models`` = 10). Random models come
+  from ``model_factory`` (a fresh ``nn.Module`` or named arrays), seeded
+  from the request's seed without disturbing torch's global generator.
+  Distances are over the module's parameters (what the ascent projects); a
+  factory returning arrays is measured over its floating arrays.
+* Starting point: w_ref, as in the reference code.
+* Post-training: ``recovery_rounds`` (default 2) rounds of
+  ``federation.local_training`` + :func:`fedavg_step` with the remaining
+  clients, ``recovery_epochs`` local epochs each, asked as
+  ``server_round = completed`` (the version the result becomes). The
+  reference code runs as many as training had (10) with 50 batches each;
+  the number is a knob.
+
+All client work happens before the store is touched: if the client is
+offline (:class:`~fedforget.strategies.base.ClientOfflineError`) nothing has
+been written. Then the result — recovery folded in — is recorded as version
+``completed`` of a trajectory forked at ``completed − 1``, as a round without
+participants.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedforget.arrays import Arrays
+from fedforget.strategies.base import (
+    AscentSettings,
+    Federation,
+    HistoryView,
+    UnlearningOutcome,
+    UnlearningRequest,
+    Unlearner,
+    add,
+    fedavg_step,
+)
+
+REFERENCE_WEIGHTS: tuple[str, ...] = ("recorded", "uniform")
+
+ModelFactory = Callable[[], Any]
+"""A freshly (randomly) initialised model: a torch ``nn.Module`` or named numpy arrays."""
+
+
+def _is_float(value: np.ndarray) -> bool:
+    return np.issubdtype(value.dtype, np.floating)
+
+
+def reference_model(
+    current: Arrays, before: Arrays, after: Arrays, update: Arrays, share: float
+) -> Arrays:
+    """w_ref = w_T + c·(model_after(t) − w_u), w_u = model_before(t) + U_u^t, c = share/(1 − share).
+
+    ``current`` is w_T, ``before``/``after`` the global models around round t,
+    ``update`` the client's U_u^t, ``share`` its aggregation weight in round t
+    (1/N for the paper's uniform FedAvg). For t = T (``after`` is w_T) and
+    share = 1/N this is (N·w_T − w_u)/(N − 1). Computed in float64; only
+    floating arrays change, the others are taken from ``current``.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"the client's aggregation share must be in (0, 1), got {share}")
+    c = share / (1.0 - share)
+    out: Arrays = {}
+    for name, value in current.items():
+        if not _is_float(value):
+            out[name] = value.copy()
+            continue
+        local = before[name].astype(np.float64) + update[name].astype(np.float64)  # w_u
+        out[name] = (value.astype(np.float64) + c * (after[name].astype(np.float64) - local)).astype(value.dtype)
+    return out
+
+
+def random_model_radius(
+    reference: Arrays, factory: ModelFactory, *, count: int = 10, fraction: float = 1.0 / 3.0, seed: int = 0
+) -> float:
+    """δ = √(fraction · mean_k ‖w_ref − w_rand,k‖²) over ``count`` random models from ``factory``.
+
+    The reference code's radius (squared distances averaged, divided by 3,
+    used as the squared radius). Each model is drawn under its own torch
+    seed (derived from ``seed``) inside ``torch.random.fork_rng``, so the
+    caller's generator state is untouched.
+    """
+    import torch  # local: the strategy itself needs torch only for this
+
+    squares = []
+    for k in range(count):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{seed}:random-model:{k}".encode()))
+            np_state = np.random.get_state()
+            np.random.seed(zlib.crc32(f"{seed}:random-model-np:{k}".encode()))
+            try:
+                drawn = factory()
+            finally:
+                np.random.set_state(np_state)
+        if hasattr(drawn, "named_parameters") and hasattr(drawn, "state_dict"):
+            state = drawn.state_dict()
+            names = [name for name, _ in drawn.named_parameters()]
+            arrays = {name: state[name].detach().cpu().numpy() for name in names}
+        else:
+            arrays = {name: np.asarray(v) for name, v in dict(drawn).items() if _is_float(np.asarray(v))}
+        missing = [name for name in arrays if name not in reference]
+        if missing:
+            raise ValueError(f"model_factory's model has arrays the federation's model lacks: {missing}")
+        squares.append(
+            sum(
+                float(np.sum(np.square(reference[name].astype(np.float64) - value.astype(np.float64))))
+                for name, value in arrays.items()
+            )
+        )
+    return math.sqrt(fraction * float(np.mean(squares)))
+
+
+class GradientAscent(Unlearner):
+    """Halimi et al. (2022): projected gradient ascent by the withdrawing client, then FedAvg recovery.
+
+    Arguments (all keyword-only):
+
+    * ``radius``: the L2 radius δ of the ball around w_ref; ``None`` (default)
+      computes it from ``model_factory`` as the reference code does.
+    * ``model_factory``: zero-argument callable returning a freshly initialised
+      model (``nn.Module`` or named arrays); needed when ``radius`` is None.
+    * ``random_models`` (10), ``radius_fraction`` (1/3): the radius rule.
+    * ``lr`` (0.01), ``epochs`` (5.0), ``batch_size`` (32),
+      ``accuracy_floor`` (0.1): the client's :class:`AscentSettings`. The
+      reference code uses lr 0.01 and 5 epochs.
+    * ``recovery_rounds`` (2), ``recovery_epochs`` (1.0): the post-training.
+    * ``reference_weights``: ``"recorded"`` (default) or ``"uniform"``, see
+      the module docstring.
+
+    Exactly one client per request (the ascent runs on that client's data):
+    several raise ``ValueError``. A client that never took part leaves the
+    model unchanged (new trajectory at ``completed``, no client work).
+
+    The outcome's ``client_epochs`` is the ascent's epochs plus the recovery
+    training's, ``rounds_replayed`` the number of recovery rounds,
+    ``base_version`` is ``completed − 1``.
+    """
+
+    name: ClassVar[str] = "gradient-ascent"
+    needs_client_work: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        radius: float | None = None,
+        model_factory: ModelFactory | None = None,
+        random_models: int = 10,
+        radius_fraction: float = 1.0 / 3.0,
+        lr: float = 0.01,
+        epochs: float = 5.0,
+        batch_size: int = 32,
+        accuracy_floor: float = 0.1,
+        recovery_rounds: int = 2,
+        recovery_epochs: float = 1.0,
+        reference_weights: str = "recorded",
+    ) -> None:
+        if radius is not None and not (math.isfinite(radius) and radius >= 0):
+            raise ValueError(f"radius must be a finite number >= 0 or None, got {radius!r}")
+        if isinstance(random_models, bool) or not isinstance(random_models, int) or random_models < 1:
+            raise ValueError(f"random_models must be an integer >= 1, got {random_models!r}")
+        if not (math.isfinite(radius_fraction) and radius_fraction > 0):
+            raise ValueError(f"radius_fraction must be positive, got {radius_fraction!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"epochs must be positive, got {epochs!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not math.isfinite(accuracy_floor):
+            raise ValueError(f"accuracy_floor must be a number, got {accuracy_floor!r}")
+        if isinstance(recovery_rounds, bool) or not isinstance(recovery_rounds, int) or recovery_rounds < 0:
+            raise ValueError(f"recovery_rounds must be an integer >= 0, got {recovery_rounds!r}")
+        if not (math.isfinite(recovery_epochs) and recovery_epochs > 0):
+            raise ValueError(f"recovery_epochs must be positive, got {recovery_epochs!r}")
+        if reference_weights not in REFERENCE_WEIGHTS:
+            raise ValueError(f"reference_weights must be one of {REFERENCE_WEIGHTS}, got {reference_weights!r}")
+        self.radius = None if radius is None else float(radius)
+        self.model_factory = model_factory
+        self.random_models = random_models
+        self.radius_fraction = float(radius_fraction)
+        self.lr = float(lr)
+        self.epochs = float(epochs)
+        self.batch_size = batch_size
+        self.accuracy_floor = float(accuracy_floor)
+        self.recovery_rounds = recovery_rounds
+        self.recovery_epochs = float(recovery_epochs)
+        self.reference_weights = reference_weights
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {
+            "radius": self.radius,
+            "random_models": self.random_models,
+            "radius_fraction": self.radius_fraction,
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "accuracy_floor": self.accuracy_floor,
+            "recovery_rounds": self.recovery_rounds,
+            "recovery_epochs": self.recovery_epochs,
+            "reference_weights": self.reference_weights,
+        }
+
+    def unlearn(
+        self, request: UnlearningRequest, history: HistoryView, federation: Federation
+    ) -> UnlearningOutcome:
+        if len(request.clients) != 1:
+            raise ValueError(
+                "gradient-ascent unlearning (Halimi et al.) removes exactly one client per request, because "
+                f"the ascent runs on that client's own data; got {sorted(request.clients)}. Unlearn them one "
+                "at a time, or use a strategy that removes several at once (retrain, calibrated, subtract)"
+            )
+        if self.radius is None and self.model_factory is None:
+            raise ValueError(
+                "gradient-ascent needs either radius= or a model_factory= to draw the random models "
+                "the paper's radius is measured against"
+            )
+        (client,) = request.clients
+        completed = request.completed_rounds
+        info = {"strategy": self.name, "clients": [client], **self.hyperparameters()}
+        first = history.first_participation(client)
+        if completed == 0 or first is None or first > completed:
+            federation.start_trajectory(completed, info)
+            return UnlearningOutcome(
+                model=history.model(completed),
+                client_epochs=0.0,
+                rounds_replayed=0,
+                base_version=completed,
+                details={"reason": "the client never took part"},
+            )
+
+        current = history.model(completed)
+        reference, reference_details = self._reference(history, client, first, completed, current)
+        if self.radius is not None:
+            radius = self.radius
+        else:
+            assert self.model_factory is not None
+            radius = random_model_radius(
+                reference, self.model_factory, count=self.random_models, fraction=self.radius_fraction,
+                seed=request.seed,
+            )
+        settings = AscentSettings(
+            radius=radius,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            accuracy_floor=self.accuracy_floor,
+        )
+        model, ascent_epochs = federation.gradient_ascent(client, reference, reference, settings)
+        client_epochs = float(ascent_epochs)
+        for _ in range(self.recovery_rounds):
+            updates = [
+                u
+                for u in federation.local_training(completed, model, local_epochs=self.recovery_epochs)
+                if u.client_id != client
+            ]
+            client_epochs += float(sum(u.epochs for u in updates))
+            if sum(u.num_examples for u in updates) > 0:
+                model = add(model, fedavg_step(updates))
+        base = completed - 1
+        federation.start_trajectory(base, info)
+        federation.record_round(completed, model, [])
+        return UnlearningOutcome(
+            model=model,
+            client_epochs=client_epochs,
+            rounds_replayed=self.recovery_rounds,
+            base_version=base,
+            details={
+                **reference_details,
+                "radius": radius,
+                "ascent_epochs": float(ascent_epochs),
+                "recovery_rounds": self.recovery_rounds,
+            },
+        )
+
+    def _reference(
+        self, history: HistoryView, client: str, first: int, completed: int, current: Arrays
+    ) -> tuple[Arrays, dict[str, object]]:
+        """w_ref from the client's last retained local model (see the module docstring)."""
+        last: int | None = None
+        for view in history.rounds(first, completed):  # metadata only: no arrays are loaded here
+            if any(p.client_id == client and p.retained for p in view.participants):
+                last = view.round
+        if last is None:
+            return current, {"reference": "global model: no retained update of the client", "reference_round": None}
+        (view,) = list(history.rounds(last, last))
+        (mine,) = [p for p in view.participants if p.client_id == client]
+        participants = len(view.participants)
+        if self.reference_weights == "uniform":
+            share = 1.0 / participants
+        else:
+            total = sum(p.weight for p in view.participants)
+            share = mine.weight / total if total > 0 else 0.0
+        if participants < 2 or not 0.0 < share < 1.0:
+            return current, {
+                "reference": f"global model: the client had no co-participants in round {last}",
+                "reference_round": last,
+            }
+        reference = reference_model(current, view.model_before(), view.model_after(), view.update(client), share)
+        return reference, {
+            "reference": "others' average",
+            "reference_round": last,
+            "reference_participants": participants,
+            "reference_share": share,
+        }

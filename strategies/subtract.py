@@ -1,0 +1,329 @@
+"""FedRecovery: subtract a weighted sum of the client's gradient residuals, then add Gaussian noise.
+
+Zhang, Zhu, Zhang, Xiong, Zhou: "FedRecovery: Differentially Private Machine
+Unlearning for Federated Learning Frameworks", IEEE TIFS 18, 2023.
+
+The paper's unlearning algorithm (its Algorithm 2), for FL rounds i with
+global models w_i and clients' gradients ∇f_k(w_i), η the learning rate,
+n clients and the withdrawn client u:
+
+    ∇F(w_i) = (1/n) Σ_k ∇f_k(w_i)                                   (aggregate gradient)
+    δ_i = (η/n) [ (1/(n−1)) Σ_{k≠u} ∇f_k(w_i) − ∇f_u(w_i) ]         (gradient residual, Eq. 13)
+    p_i = ‖∇F(w_i)‖² / Σ_j ‖∇F(w_j)‖²                               (round weights, step 8)
+    w̄ = w_T − Σ_i p_i δ_i                                          (step 9)
+    w_u = w̄ + z,  z ~ N(0, σ² I),
+    σ = d / (√2 (√(ln(1/β) + ε) − √ln(1/β)))                        (step 1 / Eq. 25)
+
+with d an upper bound on ‖w̄ − w̃‖ (w̃ the retrained model; the paper's
+Theorem 3), i and j running over the training rounds. Only the server's
+stored history is used; no client works (unless ``recovery_rounds`` asks
+for extra FedAvg rounds afterwards). Equation and step numbers are those a
+published review of the paper quotes; they were not checked against the PDF.
+
+How the history stands in for the paper's gradients (interpretation):
+
+* The residual, in model space. A FedSGD round moves the model by
+  −(η/n) Σ_k ∇f_k(w_i); the retrained federation would have moved it by
+  −(η/(n−1)) Σ_{k≠u} ∇f_k(w_i). Their difference is exactly δ_i above. With
+  FedAvg and stored client updates U_k (returned weights − sent weights)
+  and the stored aggregation weights α_k, the same quantity is
+
+      δ_i = Σ_k α_k U_k / Σ_k α_k − Σ_{k∉u} α_k U_k / Σ_{k∉u} α_k
+
+  the round's aggregate with the client minus the aggregate of the remaining
+  participants re-weighted among themselves. With α_k = 1/n and U_k = −η ∇f_k
+  this is the paper's Eq. 13 term for term. Several withdrawn clients are
+  removed together (u is then a set). If every participant of a round is
+  withdrawn the retrained round has no one to train, no step: δ_i is the
+  whole aggregate.
+* ∇F(w_i): the recorded global step w_{i+1} − w_i = −η ∇F(w_i) of the
+  round; η cancels in p_i. Rounds without participants (the recorded result
+  of an earlier approximate unlearning) are no training step and are left out.
+* Retention (Δt > 1) and partial participation. δ_i = 0 exactly in a round
+  the client did not take part in. In a round it took part in whose updates
+  were not retained, δ_i is unknown; such a round is left out of the sum
+  *and* of the normaliser Σ_j, i.e. the paper's convex combination
+  Σ_i p_i δ_i is estimated over the rounds whose residual is known. With
+  Δt = 1 this is exactly the paper's formula; with Δt > 1 the weights of the
+  rounds used are scaled up by Σ_all / Σ_known, so the correction keeps the
+  paper's total weight Σ p_i = 1 but is built from about 1/Δt of the
+  client's rounds (listed in ``details``).
+* Non-floating arrays (counters such as BatchNorm's ``num_batches_tracked``)
+  have no gradient: they are neither corrected nor noised.
+* The noise needs the sensitivity d. The paper's bound (Theorem 3) depends
+  on the loss's smoothness and gradient bound, which the framework cannot
+  know, so d is a constructor argument (``sensitivity``) required whenever
+  ``epsilon`` is given. The paper also perturbs the *retrained* model with
+  the same σ (its Algorithm 1) for the indistinguishability guarantee; that
+  is outside an unlearning strategy and is not done here.
+* ``recovery_rounds`` > 0 (not in the paper): after the noise, that many
+  FedAvg rounds with the remaining clients (``local_training`` +
+  :func:`fedavg_step`), each from the model of the previous one; they are
+  asked as ``server_round = completed``, the version the result becomes.
+* Clients an earlier approximate unlearning removed
+  (``request.residual_clients``) are, in the rounds they took part in,
+  participants like any other: δ_i is the withdrawn clients' share of each
+  round as it was aggregated.
+
+Trajectory: the result — including any recovery rounds, which are folded in —
+is recorded as version ``completed`` of a new trajectory forked at
+``completed − 1``, as a round without participants. The history is read in one
+forward pass, one round at a time; memory stays O(model size).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import ClassVar
+
+import numpy as np
+
+from fedforget.arrays import Arrays
+from fedforget.strategies.base import (
+    Federation,
+    HistoryView,
+    RoundRecord,
+    UnlearningOutcome,
+    UnlearningRequest,
+    Unlearner,
+    add,
+    earliest_participation,
+    fedavg_step,
+)
+
+
+def _is_float(value: np.ndarray) -> bool:
+    return np.issubdtype(value.dtype, np.floating)
+
+
+def gaussian_sigma(epsilon: float, delta_prob: float, sensitivity: float) -> float:
+    """σ = d / (√2 (√(ln(1/β) + ε) − √ln(1/β))): FedRecovery's noise scale (Algorithm 2, step 1; Eq. 25).
+
+    It is the σ solving the paper's Gaussian-mechanism relation
+    ε = d²/(2σ²) + (d/σ)·√(2 ln(1/β)) for the given ε, β (``delta_prob``) and
+    sensitivity d.
+    """
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive number, got {epsilon}")
+    if not 0.0 < delta_prob < 1.0:
+        raise ValueError(f"delta_prob (the paper's β) must be in (0, 1), got {delta_prob}")
+    if not (math.isfinite(sensitivity) and sensitivity >= 0):
+        raise ValueError(f"sensitivity must be a finite number >= 0, got {sensitivity}")
+    log_term = math.log(1.0 / delta_prob)
+    return sensitivity / (math.sqrt(2.0) * (math.sqrt(log_term + epsilon) - math.sqrt(log_term)))
+
+
+def gradient_residual(view: RoundRecord, withdrawn: frozenset[str]) -> Arrays:
+    """δ_i of one retained round, in model space (float64): aggregate with u − aggregate without u.
+
+    Σ_k α_k U_k / Σ_k α_k − Σ_{k∉u} α_k U_k / Σ_{k∉u} α_k over the round's
+    participants, α_k their stored aggregation weights (Eq. 13 of the paper
+    with U_k = −η ∇f_k and α_k = 1/n). Updates are loaded one at a time.
+    Only floating arrays are returned.
+    """
+    total_with: Arrays | None = None
+    total_without: Arrays | None = None
+    weight_with = weight_without = 0.0
+    for info, update in view.updates():
+        if total_with is None:
+            total_with = {k: np.zeros(v.shape, np.float64) for k, v in update.items() if _is_float(v)}
+            total_without = {k: np.zeros(v.shape, np.float64) for k, v in update.items() if _is_float(v)}
+        assert total_without is not None
+        weight_with += info.weight
+        for name in total_with:
+            total_with[name] += info.weight * update[name].astype(np.float64)
+        if info.client_id not in withdrawn:
+            weight_without += info.weight
+            for name in total_without:
+                total_without[name] += info.weight * update[name].astype(np.float64)
+    if total_with is None or total_without is None or weight_with <= 0.0:
+        raise ValueError(f"round {view.round} has no retained updates with a positive weight")
+    if weight_without <= 0.0:
+        # Nobody would have trained in the retrained round: it makes no step.
+        return {name: value / weight_with for name, value in total_with.items()}
+    return {
+        name: total_with[name] / weight_with - total_without[name] / weight_without for name in total_with
+    }
+
+
+def _squared_step(before: Arrays, after: Arrays) -> float:
+    """‖w_{i+1} − w_i‖² over the floating arrays: ‖∇F(w_i)‖² up to the constant η²."""
+    return float(
+        sum(
+            np.sum(np.square(after[name].astype(np.float64) - before[name].astype(np.float64)))
+            for name, value in before.items()
+            if _is_float(value)
+        )
+    )
+
+
+class Subtract(Unlearner):
+    """FedRecovery (Zhang et al., TIFS 2023): w̄ = w_T − Σ_i p_i δ_i, plus optional noise and recovery.
+
+    Arguments (all keyword-only):
+
+    * ``epsilon``: the privacy budget ε of the Gaussian noise; ``None`` (the
+      default) adds no noise.
+    * ``delta_prob``: the paper's failure probability β (default 1e-5).
+    * ``sensitivity``: the paper's d, an upper bound on ‖w̄ − w̃‖ (required
+      with ``epsilon``).
+    * ``recovery_rounds``: FedAvg rounds with the remaining clients after the
+      subtraction (default 0: the paper's server-only algorithm).
+    * ``recovery_epochs``: local epochs of each recovery round (default 1).
+
+    See the module docstring for how each of the paper's quantities is
+    obtained from the stored history. ``needs_client_work`` is true exactly
+    when ``recovery_rounds`` > 0 (an instance attribute shadowing the class's
+    ``False``).
+
+    The outcome's ``client_epochs`` is the recovery training actually spent,
+    ``rounds_replayed`` the number of recovery rounds, ``base_version`` is
+    ``completed − 1``; ``details`` lists the rounds whose residual was
+    subtracted, their weights p_i, the rounds left out as unknown and σ.
+    """
+
+    name: ClassVar[str] = "subtract"
+    needs_client_work: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        epsilon: float | None = None,
+        delta_prob: float = 1e-5,
+        sensitivity: float | None = None,
+        recovery_rounds: int = 0,
+        recovery_epochs: float = 1.0,
+    ) -> None:
+        if epsilon is not None:
+            if sensitivity is None:
+                raise ValueError(
+                    "epsilon needs the sensitivity d (an upper bound on the distance between the "
+                    "unlearned and the retrained model, FedRecovery's Theorem 3): pass sensitivity="
+                )
+            self.sigma: float = gaussian_sigma(float(epsilon), float(delta_prob), float(sensitivity))
+        else:
+            if not 0.0 < delta_prob < 1.0:
+                raise ValueError(f"delta_prob (the paper's β) must be in (0, 1), got {delta_prob}")
+            self.sigma = 0.0
+        if isinstance(recovery_rounds, bool) or not isinstance(recovery_rounds, int) or recovery_rounds < 0:
+            raise ValueError(f"recovery_rounds must be an integer >= 0, got {recovery_rounds!r}")
+        if not (math.isfinite(recovery_epochs) and recovery_epochs > 0):
+            raise ValueError(f"recovery_epochs must be a positive number, got {recovery_epochs!r}")
+        self.epsilon = None if epsilon is None else float(epsilon)
+        self.delta_prob = float(delta_prob)
+        self.sensitivity = None if sensitivity is None else float(sensitivity)
+        self.recovery_rounds = recovery_rounds
+        self.recovery_epochs = float(recovery_epochs)
+        self.needs_client_work = recovery_rounds > 0  # type: ignore[misc]
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {
+            "epsilon": self.epsilon,
+            "delta_prob": self.delta_prob,
+            "sensitivity": self.sensitivity,
+            "sigma": self.sigma,
+            "recovery_rounds": self.recovery_rounds,
+            "recovery_epochs": self.recovery_epochs,
+        }
+
+    def unlearn(
+        self, request: UnlearningRequest, history: HistoryView, federation: Federation
+    ) -> UnlearningOutcome:
+        withdrawn = frozenset(request.clients)
+        completed = request.completed_rounds
+        info = {"strategy": self.name, "clients": sorted(withdrawn), **self.hyperparameters()}
+        first = earliest_participation(history, sorted(withdrawn))
+        if completed == 0 or first is None or first > completed:
+            # Nothing of theirs is in the model: continue from the current one.
+            federation.start_trajectory(completed, info)
+            return UnlearningOutcome(
+                model=history.model(completed),
+                client_epochs=0.0,
+                rounds_replayed=0,
+                base_version=completed,
+                details={"reason": "the clients never took part"},
+            )
+
+        current = history.model(completed)
+        correction, details = self._weighted_residuals(history, withdrawn, completed)
+        model = {
+            name: (value.astype(np.float64) - correction[name]).astype(value.dtype)
+            if name in correction
+            else value.copy()
+            for name, value in current.items()
+        }
+        if self.sigma > 0.0:
+            model = self._add_noise(model, request)
+        client_epochs = 0.0
+        for _ in range(self.recovery_rounds):
+            updates = [u for u in federation.local_training(completed, model, local_epochs=self.recovery_epochs)
+                       if u.client_id not in withdrawn]
+            client_epochs += float(sum(u.epochs for u in updates))
+            if sum(u.num_examples for u in updates) > 0:
+                model = add(model, fedavg_step(updates))
+        base = completed - 1
+        federation.start_trajectory(base, info)
+        federation.record_round(completed, model, [])
+        return UnlearningOutcome(
+            model=model,
+            client_epochs=client_epochs,
+            rounds_replayed=self.recovery_rounds,
+            base_version=base,
+            details={**details, "sigma": self.sigma, "recovery_rounds": self.recovery_rounds},
+        )
+
+    @staticmethod
+    def _weighted_residuals(
+        history: HistoryView, withdrawn: frozenset[str], completed: int
+    ) -> tuple[Arrays, dict[str, object]]:
+        """Σ_i p_i δ_i in one streaming pass: Σ_i ‖Δ_i‖² δ_i and Σ_i ‖Δ_i‖² are summed, divided at the end."""
+        weighted: Arrays = {}
+        normaliser = 0.0
+        used: dict[int, float] = {}
+        unknown: list[int] = []
+        previous: tuple[int, Arrays] | None = None  # (round, model after it): saves one model read per round
+        for view in history.rounds(1, completed):
+            if not view.participants:
+                previous = None
+                continue  # the recorded result of an approximate unlearning: no training step
+            mine = [p for p in view.participants if p.client_id in withdrawn]
+            if mine and not all(p.retained for p in view.participants):
+                unknown.append(view.round)  # the residual of this round cannot be computed
+                previous = None
+                continue
+            before = previous[1] if previous is not None and previous[0] == view.round - 1 else view.model_before()
+            after = view.model_after()
+            squared = _squared_step(before, after)
+            previous = (view.round, after)
+            normaliser += squared
+            if not mine:
+                continue  # δ_i = 0: the client contributed nothing to this round
+            residual = gradient_residual(view, withdrawn)
+            used[view.round] = squared
+            for name, value in residual.items():
+                if name in weighted:
+                    weighted[name] += squared * value
+                else:
+                    weighted[name] = squared * value
+        weights = {r: (s / normaliser if normaliser > 0 else 0.0) for r, s in used.items()}
+        correction = (
+            {name: value / normaliser for name, value in weighted.items()} if normaliser > 0 else {}
+        )
+        details: dict[str, object] = {
+            "residual_rounds": sorted(used),
+            "round_weights": {str(r): w for r, w in sorted(weights.items())},
+            "unknown_residual_rounds": unknown,
+        }
+        return correction, details
+
+    def _add_noise(self, model: Arrays, request: UnlearningRequest) -> Arrays:
+        """w̄ + z, z ~ N(0, σ² I) on every floating array; seeded by the request (seed, round, clients)."""
+        clients = zlib.crc32(",".join(sorted(request.clients)).encode())
+        rng = np.random.default_rng([request.seed, request.completed_rounds, clients])
+        return {
+            name: (value.astype(np.float64) + rng.normal(0.0, self.sigma, size=value.shape)).astype(value.dtype)
+            if _is_float(value)
+            else value
+            for name, value in model.items()
+        }
