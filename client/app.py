@@ -130,6 +130,8 @@ def make_client_app(task: ClientTask) -> ClientApp:
             epochs=float(config.get(wire.LOCAL_EPOCHS, 5.0)),
             batch_size=int(config.get(wire.BATCH_SIZE, DEFAULT_BATCH_SIZE)),
             accuracy_floor=float(config.get(wire.ASCENT_ACCURACY_FLOOR, 0.1)),
+            momentum=float(config.get(wire.ASCENT_MOMENTUM, 0.9)),
+            clip_norm=float(config[wire.ASCENT_CLIP_NORM]) if wire.ASCENT_CLIP_NORM in config else None,
         )
         arrays, epochs = projected_gradient_ascent(
             model,
@@ -137,6 +139,8 @@ def make_client_app(task: ClientTask) -> ClientApp:
             wire.arrays_from_record(msg.content[wire.REFERENCE_KEY]),
             settings,
             seed=int(config.get(wire.SEED, 0)),
+            momentum=settings.momentum,
+            clip_norm=settings.clip_norm,
         )
         content = RecordDict(
             {

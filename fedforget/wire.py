@@ -34,6 +34,8 @@ REFERENCE_KEY = "reference"
 """RecordDict key of the reference model whose L2 ball the ascent stays in."""
 ASCENT_RADIUS = "ascent-radius"
 ASCENT_ACCURACY_FLOOR = "ascent-accuracy-floor"
+ASCENT_MOMENTUM = "ascent-momentum"
+ASCENT_CLIP_NORM = "ascent-clip-norm"
 
 IDENTITY_QUERY = "query.identity"
 """Message type by which the server asks a ClientApp for its stable client id."""

@@ -463,9 +463,12 @@ class _GridFederation(Federation):
                 wire.LOCAL_EPOCHS: settings.epochs,
                 wire.BATCH_SIZE: settings.batch_size,
                 wire.ASCENT_ACCURACY_FLOOR: settings.accuracy_floor,
+                wire.ASCENT_MOMENTUM: settings.momentum,
                 wire.SEED: self._run.settings.seed,
             }
         )
+        if settings.clip_norm is not None:
+            config[wire.ASCENT_CLIP_NORM] = settings.clip_norm
         content = RecordDict(
             {
                 wire.ARRAYS_KEY: wire.record_from_arrays(model),

@@ -64,14 +64,14 @@ class BenchSettings:
         """Digits, ten clients, one backdoored client withdrawn after 15 rounds: a few minutes."""
         config = SimulationConfig(dataset="digits", clients=10, rounds=15, backdoors=("3",), shadows=0,
                                   retention_interval=2)
-        return cls(config=config, client="3", options=UnlearningOptions.for_config(config))
+        return cls(config=config, client="3", options=config.unlearning_options())
 
     @classmethod
     def headline(cls) -> BenchSettings:
         """MNIST, ten clients: the published comparison (tens of minutes per seed on 2 cores)."""
         config = SimulationConfig(dataset="mnist", clients=10, rounds=20, local_epochs=1.0, lr=0.05,
                                   batch_size=32, backdoors=("3",), shadows=0, retention_interval=2)
-        return cls(config=config, client="3", options=UnlearningOptions.for_config(config))
+        return cls(config=config, client="3", options=config.unlearning_options())
 
 
 def _unlearn_every_way(settings: BenchSettings, config: SimulationConfig, out: Path) -> dict[str, dict[str, object]]:

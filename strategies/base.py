@@ -80,6 +80,11 @@ class AscentSettings:
     batch_size: int = 32
     accuracy_floor: float = 0.1
     """Early stopping: stop once accuracy on the client's own data falls to this value."""
+    momentum: float = 0.9
+    """SGD momentum of the ascent, as in the reference implementation (IBM/federated-unlearning):
+    without it, ascent from a model that fits the client's data confidently barely moves."""
+    clip_norm: float | None = 5.0
+    """Gradient-norm clipping of the ascent, as in the reference implementation."""
 
 
 @dataclass(frozen=True)
