@@ -68,7 +68,6 @@ from fedforget.server.errors import (
     BlobCorruptError,
     FederationMismatchError,
     KeyDestroyedError,
-    KeyFileError,
     MissingModelError,
     MissingUpdateError,
     ModelMismatchError,

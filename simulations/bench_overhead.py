@@ -11,8 +11,6 @@ share of the round is shown too, to say how much there is to hide.
 
 from __future__ import annotations
 
-import logging
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +28,7 @@ from fedforget.client.app import make_client_app, model_arrays
 from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.server.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
+from fedforget.simulations.runner import quiet_engines
 from fedforget.simulations.task import DataSettings, SimulationTask
 
 CONFIGURATIONS = ("off", "fp32", "fp16")
@@ -84,9 +83,7 @@ def run_overhead_benchmark(
     """Measure and print recording overhead; return the figures."""
     if clients < 2 or rounds < 3:
         raise ValueError("the benchmark needs at least 2 clients and 3 rounds per configuration")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    quiet_engines()
     from flwr.simulation import run_simulation
 
     console = Console()

@@ -9,8 +9,6 @@ of the same seed, so machine noise and drift hit both sides alike.
 
 from __future__ import annotations
 
-import logging
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +26,7 @@ from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.server.recording import RecordingFedAvg
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.models import build_model
-from fedforget.simulations.runner import data_settings, make_evaluate_fn
+from fedforget.simulations.runner import data_settings, quiet_engines
 from fedforget.simulations.task import SimulationTask
 from fedforget.simulations.verification import evidence_data, model_figures, model_from_arrays
 from fedforget.evidence.distance import mean_js_divergence, parameter_l2
@@ -150,12 +148,10 @@ def _figures(settings: BenchSettings, config: SimulationConfig, out: Path, runs:
 
 def run_unlearning_benchmark(settings: BenchSettings, out: Path, console: Console | None = None) -> dict[str, object]:
     """Measure every strategy over ``settings.seeds`` seeds; write ``OUT/bench.json`` and a plot."""
-    console = console or Console()
+    console = console or Console(width=170)  # the comparison table is wide
     settings.config.validate()
     out = ensure_writable_dir(out)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    quiet_engines()
     per_seed: list[dict[str, dict[str, float]]] = []
     for index in range(settings.seeds):
         config = replace(settings.config, seed=settings.config.seed + index)
@@ -170,7 +166,7 @@ def run_unlearning_benchmark(settings: BenchSettings, out: Path, console: Consol
     document = {
         "config": settings.config.to_json(),
         "client": settings.client,
-        "options": settings.options.__dict__,
+        "options": settings.options.to_json(),
         "seeds": [settings.config.seed + i for i in range(settings.seeds)],
         "strategies": summary,
         "per_seed": per_seed,

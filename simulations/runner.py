@@ -130,7 +130,8 @@ def _prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
     return out
 
 
-def _quiet_engines(verbose: bool) -> None:
+def quiet_engines(verbose: bool = False) -> None:
+    """Quiet Flower, Ray and telemetry, and keep torch single-threaded on small machines."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -158,7 +159,7 @@ def simulate(
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
     out = _prepare_output(config, out, resume)
-    _quiet_engines(verbose)
+    quiet_engines(verbose)
     say = progress or (lambda message: None)
     reports: list[tuple[SimulationConfig, Path, dict[str, object]]] = []
     for index, (seeded, run_dir) in enumerate(_run_dirs(config, out)):

@@ -40,6 +40,10 @@ class UnlearningOptions:
     model_factory: Callable[[], object] | None = None
     """gradient-ascent: fresh random models, to size the ball around the reference model."""
 
+    def to_json(self) -> dict[str, object]:
+        """The settings as recorded in reports (the model factory is code, not a setting)."""
+        return {k: v for k, v in self.__dict__.items() if k != "model_factory"}
+
     @classmethod
     def for_config(cls, config: object, **overrides: object) -> UnlearningOptions:
         """Options matching a simulation's settings (its E and Δt)."""
