@@ -1,14 +1,30 @@
-"""Client side of fedforget: the ClientApp and local training loops."""
+"""Client side of fedforget: the ClientApp, local training, withdrawal and verification.
 
-from fedforget.client.app import ClientData, ClientTask, make_client_app
-from fedforget.client.training import EvaluationResult, TrainingResult, evaluate, train_local
+Names are imported on first use: checking a certificate offline must not pay
+for importing Flower and torch.
+"""
 
-__all__ = [
-    "ClientData",
-    "ClientTask",
-    "EvaluationResult",
-    "TrainingResult",
-    "evaluate",
-    "make_client_app",
-    "train_local",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ClientData": "fedforget.client.app",
+    "ClientTask": "fedforget.client.app",
+    "make_client_app": "fedforget.client.app",
+    "EvaluationResult": "fedforget.client.training",
+    "TrainingResult": "fedforget.client.training",
+    "evaluate": "fedforget.client.training",
+    "train_local": "fedforget.client.training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'fedforget.client' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(module), name)

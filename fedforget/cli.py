@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedforget import __version__
+from fedforget.keys_cli import keys_app, verify_certificate_command
 
 app = typer.Typer(
     name="fedforget",
@@ -24,6 +25,8 @@ bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one ru
 app.add_typer(bench_app, name="bench")
 client_app = typer.Typer(help="What a client runs: check what the server says it did.", no_args_is_help=True)
 app.add_typer(client_app, name="client")
+app.add_typer(keys_app, name="keys", help="Organisation keys (ECDSA P-384, OpenSSH format, as Flower's node auth).")
+client_app.command("verify-certificate")(verify_certificate_command)
 
 _err = Console(stderr=True)
 

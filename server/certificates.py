@@ -1,0 +1,198 @@
+"""Unlearning certificates: the server's signed, offline-verifiable account of a withdrawal.
+
+A certificate is one JSON file::
+
+    {"certificate": {...payload...},
+     "signature": "<base64 DER ECDSA-SHA384 over canonical_json(payload)>",
+     "signer": {"public_key": "ecdsa-sha2-nistp384 AAAA...", "fingerprint": "SHA256:..."}}
+
+The payload holds the withdrawal request exactly as the client signed it
+(signature included), the ledger entries of the unlearning (each with its entry
+hash), the measured evidence, the key destruction record, and two lists of
+plain-English statements: what the server attests and, as explicitly, what it
+does not. Anyone holding the federation's server public key can check it with
+:func:`fedforget.client.certificate_check.verify_certificate`, offline. The
+``signer`` block is a convenience for display; a verifier must check the
+signature against a server key it obtained independently, never the embedded one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedforget.errors import FedforgetError
+from fedforget.files import write_bytes_atomic
+from fedforget.identity import (
+    IdentityError,
+    canonical_json,
+    fingerprint,
+    public_key_openssh,
+    sign_document,
+)
+
+__all__ = [
+    "CERTIFICATE_FORMAT",
+    "CERTIFICATE_VERSION",
+    "CertificateError",
+    "entry_hash",
+    "issue_certificate",
+    "write_certificate",
+]
+
+CERTIFICATE_FORMAT = "fedforget-unlearning-certificate"
+CERTIFICATE_VERSION = 1
+ENTRY_HASH_FIELD = "entry_hash"
+
+
+class CertificateError(FedforgetError):
+    """A certificate cannot be issued or written from what was given."""
+
+
+def entry_hash(entry: dict) -> str:
+    """``sha256:<hex>`` of the canonical JSON of a ledger entry (used when it carries none)."""
+    return "sha256:" + hashlib.sha256(canonical_json(entry)).hexdigest()
+
+
+def _utc_timestamp(issued_at: str | None) -> str:
+    if issued_at is None:
+        moment = datetime.now(timezone.utc).replace(microsecond=0)
+    else:
+        try:
+            moment = datetime.fromisoformat(issued_at)
+        except (TypeError, ValueError):
+            raise CertificateError(f"issued_at {issued_at!r} is not an ISO 8601 timestamp") from None
+        if moment.tzinfo is None:
+            raise CertificateError(f"issued_at {issued_at!r} has no time zone; give it in UTC, e.g. 2025-01-31T12:00:00Z")
+        moment = moment.astimezone(timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _statements(
+    *, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None
+) -> tuple[list[str], list[str]]:
+    attests = [
+        "The federation's server received the withdrawal request included in this certificate, "
+        "with the client's signature as included, and acted on it.",
+    ]
+    does_not_attest = []
+    if ledger_entries:
+        attests.append(
+            "The unlearning algorithm named in the ledger entries of this certificate was run on the "
+            "training history recorded in the federation's history store, and produced the model "
+            "whose hash those entries state."
+        )
+    else:
+        does_not_attest.append("That any unlearning ran: this certificate records no ledger entries.")
+    if key_destruction is not None:
+        when = key_destruction.get("destroyed_at")
+        at = f"at {when}" if isinstance(when, str) and when else "at the time stated in its key destruction record"
+        attests.append(
+            f"The data key under which the history store kept this client's recorded updates was destroyed {at}, "
+            "so the server can no longer decrypt the client's updates held in that store."
+        )
+    else:
+        does_not_attest.append("That the client's data key was destroyed: no key destruction is recorded here.")
+    if evidence is not None:
+        attests.append(
+            "The evidence figures in this certificate are what the server measured, as described there, "
+            "on the model the unlearning produced."
+        )
+    else:
+        does_not_attest.append("Any measured evidence of forgetting: none is included in this certificate.")
+    does_not_attest += [
+        "That no trace of the client's data can remain in the model. Approximate unlearning strategies "
+        "reduce the client's influence without removing it by construction, and membership-inference or "
+        "other evidence figures bound only what those tests measured, on the examples they used.",
+        "Anything about copies of the client's data, updates or earlier models outside the federation's "
+        "history store: backups, logs, or models and updates that other parties received or kept.",
+        "The truth of these statements beyond the server's word: the signature proves that the holder of "
+        "the server key made them and that they have not been altered since.",
+    ]
+    return attests, does_not_attest
+
+
+def issue_certificate(
+    server_key: ec.EllipticCurvePrivateKey,
+    *,
+    federation_id: str,
+    request: dict,
+    ledger_entries: list[dict],
+    evidence: dict | None,
+    key_destruction: dict | None,
+    issued_at: str | None = None,
+) -> dict:
+    """Build and sign an unlearning certificate with the federation's server key.
+
+    ``request`` is embedded exactly as given (the client's signed withdrawal
+    request, signature included). Each ledger entry keeps its own
+    ``entry_hash`` if it has one; an entry without one gets
+    ``sha256:<hex of canonical JSON of the entry>``. ``issued_at`` (ISO 8601
+    with a time zone) defaults to now; it is stored in UTC with a ``Z``.
+    Inputs are deep-copied: later changes to them do not touch the certificate.
+    Raises :class:`CertificateError` on missing or non-JSON inputs (NaN and
+    infinities included).
+    """
+    if not isinstance(server_key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"the server key must be an ECDSA P-384 private key, got {type(server_key).__name__}")
+    if not isinstance(federation_id, str) or not federation_id:
+        raise CertificateError("federation_id must be a non-empty string")
+    if not isinstance(request, dict) or not request:
+        raise CertificateError("request must be the client's signed withdrawal request (a non-empty dict)")
+    if not isinstance(ledger_entries, (list, tuple)) or not all(isinstance(e, dict) for e in ledger_entries):
+        raise CertificateError("ledger_entries must be a list of dicts")
+    for name, value in (("evidence", evidence), ("key_destruction", key_destruction)):
+        if value is not None and not isinstance(value, dict):
+            raise CertificateError(f"{name} must be a dict or None, got {type(value).__name__}")
+
+    try:
+        entries = []
+        for index, entry in enumerate(ledger_entries):
+            entry = copy.deepcopy(entry)
+            if ENTRY_HASH_FIELD not in entry:
+                entry[ENTRY_HASH_FIELD] = entry_hash(entry)
+            elif not isinstance(entry[ENTRY_HASH_FIELD], str) or not entry[ENTRY_HASH_FIELD]:
+                raise CertificateError(f"ledger entry {index} has an {ENTRY_HASH_FIELD} that is not a non-empty string")
+            entries.append(entry)
+        attests, does_not_attest = _statements(
+            ledger_entries=entries, evidence=evidence, key_destruction=key_destruction
+        )
+        payload: dict[str, Any] = {
+            "format": CERTIFICATE_FORMAT,
+            "version": CERTIFICATE_VERSION,
+            "federation_id": federation_id,
+            "issued_at": _utc_timestamp(issued_at),
+            "request": request,
+            "ledger_entries": entries,
+            "evidence": evidence,
+            "key_destruction": key_destruction,
+            "attests": attests,
+            "does_not_attest": does_not_attest,
+        }
+        # Validate (canonical_json refuses NaN, non-string keys, non-JSON values), then copy through
+        # JSON: what is signed is exactly what gets written (tuples become lists, the caller's objects
+        # are not shared), in the readable field order above.
+        canonical_json(payload)
+        payload = json.loads(json.dumps(payload, ensure_ascii=False, allow_nan=False))
+        signature = sign_document(server_key, payload)
+        signer = {"public_key": public_key_openssh(server_key), "fingerprint": fingerprint(server_key)}
+    except IdentityError as exc:
+        raise CertificateError(f"cannot issue the certificate: {exc}") from exc
+    return {"certificate": payload, "signature": signature, "signer": signer}
+
+
+def write_certificate(path: Path, cert: dict) -> None:
+    """Write a certificate as indented UTF-8 JSON, atomically (readers see the old file or the new one)."""
+    if not isinstance(cert, dict) or set(cert) != {"certificate", "signature", "signer"}:
+        raise CertificateError("not a certificate: expected the dict returned by issue_certificate")
+    try:
+        text = json.dumps(cert, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise CertificateError(f"certificate is not writable as JSON: {exc}") from exc
+    write_bytes_atomic(Path(path), text.encode("utf-8"), mode=0o644)
