@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from fedforget import __version__
 from fedforget.keys_cli import keys_app, verify_certificate_command
+from fedforget.server.audit_cli import audit_app
 
 app = typer.Typer(
     name="fedforget",
@@ -27,6 +28,7 @@ client_app = typer.Typer(help="What a client runs: check what the server says it
 app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys", help="Organisation keys (ECDSA P-384, OpenSSH format, as Flower's node auth).")
 client_app.command("verify-certificate")(verify_certificate_command)
+app.add_typer(audit_app, name="audit", help="Check the hash-chained ledger; which models contain a client.")
 
 _err = Console(stderr=True)
 
