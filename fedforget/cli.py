@@ -14,6 +14,7 @@ from rich.markup import escape
 from fedforget import __version__
 from fedforget.keys_cli import keys_app, verify_certificate_command
 from fedforget.server.audit_cli import audit_app
+from fedforget.withdraw_cli import enroll_command, serve_command, withdraw_app
 
 app = typer.Typer(
     name="fedforget",
@@ -29,6 +30,9 @@ app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys", help="Organisation keys (ECDSA P-384, OpenSSH format, as Flower's node auth).")
 client_app.command("verify-certificate")(verify_certificate_command)
 app.add_typer(audit_app, name="audit", help="Check the hash-chained ledger; which models contain a client.")
+app.add_typer(withdraw_app, name="withdraw", help="Withdraw consent with a signed request; follow its status.")
+app.command("withdrawal-service")(serve_command)
+app.command("enroll")(enroll_command)
 
 _err = Console(stderr=True)
 

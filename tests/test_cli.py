@@ -13,7 +13,13 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["simulate"], ["bench"], ["bench", "overhead"], ["client"], ["client", "verify"]]
+    "command",
+    [
+        [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["client"], ["client", "verify"],
+        ["client", "verify-certificate"], ["keys"], ["keys", "generate"], ["audit"], ["audit", "verify"],
+        ["audit", "client"], ["withdraw"], ["withdraw", "request"], ["withdraw", "status"], ["withdrawal-service"],
+        ["enroll"],
+    ],
 )
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])

@@ -1,0 +1,156 @@
+"""Commands for withdrawing consent and for running the withdrawal service.
+
+``withdraw_app`` is a sub-application (``fedforget withdraw request|status``);
+``serve_command`` and ``enroll_command`` are plain commands for the main
+application (``fedforget withdrawal-service``, ``fedforget enroll``). Heavy
+imports (grpc, the server package) happen inside the commands so ``--help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["enroll_command", "serve_command", "withdraw_app"]
+
+withdraw_app = typer.Typer(
+    help="Withdraw your organisation's consent: one signed request to the federation's withdrawal service.",
+    no_args_is_help=True,
+)
+
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+@withdraw_app.command("request")
+def request_command(
+    server: Annotated[str, typer.Option(help="The withdrawal service, HOST:PORT.")],
+    ca: Annotated[Path, typer.Option(help="PEM CA certificate that signed the service's TLS certificate.")],
+    key: Annotated[Path, typer.Option(help="Your organisation's OpenSSH private key (the SuperNode's key).")],
+    client: Annotated[str, typer.Option(help="Your client id, as enrolled with the federation.")],
+    federation: Annotated[str, typer.Option(help="The federation id you withdraw from.")],
+    reason: Annotated[str, typer.Option(help="Why you withdraw (stored with the request).")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each attempt.")] = 10.0,
+) -> None:
+    """Withdraw consent: sign a request, send it over TLS, print the request id."""
+    from fedforget.client.withdraw import submit_withdrawal
+    from fedforget.errors import FedforgetError
+
+    try:
+        request_id = submit_withdrawal(server, ca, key, client, federation, reason, timeout=timeout)
+    except FedforgetError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(request_id)
+    _err.print(
+        f"withdrawal of {escape(client)} from {escape(federation)} accepted. Follow it with: "
+        f"fedforget withdraw status {request_id} --server {escape(server)} --ca {escape(str(ca))}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@withdraw_app.command("status")
+def status_command(
+    request_ids: Annotated[list[str], typer.Argument(help="Request ids printed by 'fedforget withdraw request'.")],
+    server: Annotated[str, typer.Option(help="The withdrawal service, HOST:PORT.")],
+    ca: Annotated[Path, typer.Option(help="PEM CA certificate that signed the service's TLS certificate.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answers as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Show where withdrawal requests stand: received, unlearning, done (with certificate) or failed."""
+    from fedforget.client.withdraw import query_status
+    from fedforget.errors import FedforgetError
+
+    try:
+        answers = query_status(server, ca, request_ids, timeout=timeout)
+    except FedforgetError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(answers, indent=2))
+    else:
+        console = Console()
+        for answer in answers:
+            if not answer["found"]:
+                console.print(f"{escape(answer['request_id'])}  [red]unknown[/]", highlight=False)
+                continue
+            detail = answer["certificate"] or answer["reason"] or ""
+            console.print(
+                f"{escape(answer['request_id'])}  [bold]{answer['status']}[/]  client {escape(answer['client_id'])}  "
+                f"received {answer['received_at']}  updated {answer['updated_at']}"
+                + (f"  {escape(detail)}" if detail else ""),
+                highlight=False,
+                soft_wrap=True,
+            )
+    unknown = [a["request_id"] for a in answers if not a["found"]]
+    if unknown:
+        _fail(f"the service knows no request with id {', '.join(unknown)}")
+
+
+def serve_command(
+    address: Annotated[str, typer.Option(help="HOST:PORT to listen on (port 0 picks a free one).")] = "0.0.0.0:9094",
+    registry: Annotated[Path, typer.Option(help="Consent registry (SQLite; created if missing).")] = Path(
+        "consent.db"
+    ),
+    federation: Annotated[str, typer.Option(help="The federation id requests must name.")] = "",
+    cert: Annotated[Optional[Path], typer.Option(help="The service's PEM TLS certificate (chain).")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="The service's PEM TLS private key.")] = None,
+    skew: Annotated[float, typer.Option(help="Allowed clock difference for request timestamps, seconds.")] = 300.0,
+) -> None:
+    """Run the withdrawal service (TLS only) beside the SuperLink, until Ctrl-C or SIGTERM."""
+    from fedforget.errors import FedforgetError
+    from fedforget.server.withdrawal_service import main
+
+    if not federation:
+        _fail("give the federation id with --federation")
+    if cert is None or key is None:
+        _fail("the withdrawal service only runs over TLS: give --cert and --key")
+    if skew <= 0:
+        _fail(f"--skew must be positive, got {skew}")
+    try:
+        main(
+            address,
+            registry_path=registry,
+            federation_id=federation,
+            cert=cert,  # type: ignore[arg-type]
+            key=key,  # type: ignore[arg-type]
+            skew=skew,
+            announce=typer.echo,
+        )
+    except FedforgetError as exc:
+        _fail(str(exc))
+
+
+def enroll_command(
+    name: Annotated[str, typer.Argument(help="The client id the organisation will use.")],
+    public_key: Annotated[Path, typer.Argument(help="The organisation's OpenSSH public key file (KEY.pub).")],
+    registry: Annotated[Path, typer.Option(help="Consent registry (SQLite; created if missing).")] = Path(
+        "consent.db"
+    ),
+    replace: Annotated[bool, typer.Option(help="Replace the key of an already enrolled client.")] = False,
+) -> None:
+    """Enrol a client with its public key so the withdrawal service accepts its signed requests."""
+    from fedforget.errors import FedforgetError
+    from fedforget.identity import fingerprint, load_public_key, public_key_openssh
+    from fedforget.server.consent_registry import ConsentRegistry
+
+    try:
+        key = load_public_key(public_key)
+        with ConsentRegistry.open(registry) as consent:
+            changed = consent.enroll(name, public_key_openssh(key), replace=replace)
+    except FedforgetError as exc:
+        _fail(str(exc))
+        return
+    what = "enrolled" if changed else "already enrolled with this key:"
+    typer.echo(f"{what} {name} ({fingerprint(key)}) in {registry}")
