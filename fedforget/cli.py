@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -283,6 +284,8 @@ def client_verify(
 
 def main() -> None:
     """Console-script entry point."""
+    # gRPC's C core logs at INFO about Ray forking worker processes: noise to a user.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     app(prog_name="fedforget")
 
 

@@ -10,6 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedforget.arrays import Arrays
+from fedforget.server.accountability import Accountability
+from fedforget.server.consent import ConsentSource
 from fedforget.server.federated_run import (
     EvaluateFn,
     FederatedRun,
@@ -41,6 +43,10 @@ class ServerSetup:
     evaluate_fn: EvaluateFn | None = None
     observer: RunObserver | None = None
     fedavg_options: dict[str, object] = field(default_factory=dict)
+    consent: ConsentSource | None = None
+    """Where withdrawals come from; ``withdrawals`` is the fixed-schedule alternative."""
+    accountability: Accountability | None = None
+    """Ledger, key destruction and certificates; None runs without them."""
     reference_retrain: bool = False
     """After an approximate unlearning, also retrain exactly (in a side trajectory) as its yardstick."""
     metadata: dict[str, object] = field(default_factory=dict)
@@ -89,6 +95,8 @@ def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
             evaluate_fn=setup.evaluate_fn,
             observer=setup.observer,
             reference_retrain=setup.reference_retrain,
+            consent=setup.consent,
+            accountability=setup.accountability,
         )
         return run.execute(setup.initial_model)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import getLogger
@@ -22,7 +23,10 @@ from flwr.serverapp import Grid
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
+from fedforget.server.accountability import Accountability, RoundParticipant
+from fedforget.server.consent import ConsentSource, ScheduledWithdrawals, Withdrawal, WithdrawalNotice
 from fedforget.server.errors import FedforgetError
+from fedforget.server.ledger import model_hash
 from fedforget.server.history_store import HistoryStore
 from fedforget.server.recording import RecordingFedAvg
 from fedforget.strategies.base import (
@@ -48,14 +52,6 @@ class RunError(FedforgetError):
 
 
 @dataclass(frozen=True)
-class Withdrawal:
-    """Client ``client_id`` withdraws before round ``round``: it trained in rounds ``1..round-1`` at most."""
-
-    client_id: str
-    round: int
-
-
-@dataclass(frozen=True)
 class RunSettings:
     """How many rounds to run and what every client is told to do in them."""
 
@@ -76,6 +72,8 @@ class RunObserver(Protocol):
 
     def run_started(self, first_round: int, num_rounds: int) -> None: ...
 
+    def round_starting(self, server_round: int) -> None: ...
+
     def round_finished(self, entry: dict[str, object]) -> None: ...
 
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None: ...
@@ -87,6 +85,9 @@ class SilentObserver:
     """An observer that ignores everything."""
 
     def run_started(self, first_round: int, num_rounds: int) -> None:
+        pass
+
+    def round_starting(self, server_round: int) -> None:
         pass
 
     def round_finished(self, entry: dict[str, object]) -> None:
@@ -121,6 +122,8 @@ class FederatedRun:
         settings: RunSettings,
         *,
         withdrawals: Sequence[Withdrawal] = (),
+        consent: ConsentSource | None = None,
+        accountability: Accountability | None = None,
         evaluate_fn: EvaluateFn | None = None,
         observer: RunObserver | None = None,
         reference_retrain: bool = False,
@@ -132,7 +135,10 @@ class FederatedRun:
         self.strategy = strategy
         self.unlearner = unlearner
         self.settings = settings
-        self.withdrawals = sorted(withdrawals, key=lambda w: (w.round, w.client_id))
+        if consent is not None and withdrawals:
+            raise ValueError("give withdrawals either as a schedule or through a consent source, not both")
+        self.consent: ConsentSource = consent or ScheduledWithdrawals(withdrawals)
+        self.accountability = accountability
         self.evaluate_fn = evaluate_fn
         self.observer: RunObserver = observer or SilentObserver()
         self.reference_retrain = reference_retrain
@@ -170,7 +176,8 @@ class FederatedRun:
         self.observer.run_started(completed + 1, self.settings.num_rounds)
         timeline = self._complete_timeline(model, completed)
         for server_round in range(completed + 1, self.settings.num_rounds + 1):
-            due = self._due_withdrawals(server_round)
+            self.observer.round_starting(server_round)
+            due = self.consent.due(server_round, self.withdrawn_clients())
             if due:
                 model = self._unlearn(due, server_round, model)
             started = time.perf_counter()
@@ -205,6 +212,7 @@ class FederatedRun:
             )
         recorded = self.strategy.last_recorded
         assert recorded is not None and recorded.round == server_round
+        self._account_for_round(server_round, wire.arrays_from_record(arrays))
         return RoundResult(
             model_after=wire.arrays_from_record(arrays),
             participants=recorded.participants,
@@ -230,13 +238,36 @@ class FederatedRun:
         """Clients whose unlearning has completed: they never take part again."""
         return {str(c) for event in self.unlearning_events() for c in event["clients"]}  # type: ignore[union-attr]
 
-    def _due_withdrawals(self, server_round: int) -> list[Withdrawal]:
-        done = self.withdrawn_clients()
-        return [w for w in self.withdrawals if w.round <= server_round and w.client_id not in done]
+    def _account_for_round(self, server_round: int, model: Arrays) -> None:
+        """Ledger entry for the round, written after the store has committed it."""
+        if self.accountability is None:
+            return
+        recorded = self.strategy.last_recorded
+        assert recorded is not None
+        participants = [
+            RoundParticipant(client, recorded.examples[client], recorded.update_hashes.get(client))
+            for client in recorded.participants
+        ]
+        trajectory, accountability = self._trajectory, self.accountability
+        self.strategy.submit_write(
+            lambda: accountability.round_committed(trajectory, server_round, model, participants)
+        )
 
-    def _unlearn(self, due: list[Withdrawal], server_round: int, model: Arrays) -> Arrays:
-        clients = sorted({w.client_id for w in due})
+    def _unlearn(self, due: list[WithdrawalNotice], server_round: int, model: Arrays) -> Arrays:
+        clients = sorted({notice.client_id for notice in due})
         self.strategy.exclude(clients)
+        self.consent.started(due)
+        try:
+            unlearned = self._unlearn_clients(due, clients, server_round, model)
+        except Exception as exc:
+            for notice in due:
+                self.consent.failed(notice, f"unlearning with {self.unlearner.name} failed: {exc}")
+            raise
+        return unlearned
+
+    def _unlearn_clients(
+        self, due: list[WithdrawalNotice], clients: list[str], server_round: int, model: Arrays
+    ) -> Arrays:
         self.observer.unlearning_started(clients, server_round, self.unlearner.name)
         before = self._evaluate(model)
         self.strategy.flush()
@@ -275,8 +306,16 @@ class FederatedRun:
                 retrain_client_epochs=retrained.client_epochs,
                 retrain_test_accuracy=self._evaluate(retrained.model).get("test_accuracy"),
             )
+        certificates: dict[str, Path] = {}
+        if self.accountability is not None:
+            event["seed"] = self.settings.seed
+            certificates = self.accountability.unlearned(self.store, due, event, model, outcome.model)
+            event["keys_destroyed"] = clients
+            event["certificates"] = {client: str(path) for client, path in certificates.items()}
         self.store.set_trajectory_status(trajectory, "complete", info=event)
         self._refresh_from_store()
+        for notice in due:
+            self.consent.finished(notice, certificates.get(notice.client_id))
         self.observer.unlearning_finished(event)
         return outcome.model
 
@@ -390,7 +429,7 @@ class _GridFederation(Federation):
 
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self._run.strategy.flush()
-        self._run.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
+        self._run._trajectory = self._run.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
         result = self._run.train_round(server_round, model)
@@ -444,6 +483,13 @@ class _GridFederation(Federation):
                 server_round, u.client_id, u.update, num_examples=u.num_examples, weight=u.num_examples / total
             )
         store.commit_round(server_round, model_after)
+        if self._run.accountability is not None:
+            self._run.accountability.round_committed(
+                store.current_trajectory(),
+                server_round,
+                model_after,
+                [RoundParticipant(u.client_id, u.num_examples, model_hash(u.update)) for u in updates],
+            )
 
     def gradient_ascent(
         self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings

@@ -31,6 +31,7 @@ from fedforget.server.client_identity import ClientIdResolver
 from fedforget.server.consenting_grid import ConsentingGrid
 from fedforget.server.errors import FedforgetError
 from fedforget.server.history_store import HistoryStore
+from fedforget.server.ledger import model_hash
 
 _log = getLogger(__name__)
 
@@ -47,6 +48,10 @@ class RecordedRound:
     participants: tuple[str, ...]
     num_examples: int
     client_epochs: float
+    examples: dict[str, int]
+    """Training examples per participant (what FedAvg weighted by)."""
+    update_hashes: dict[str, str]
+    """sha256 of each participant's update, as the ledger records it."""
 
 
 class RecordingFedAvg(FedAvg):
@@ -180,6 +185,8 @@ class RecordingFedAvg(FedAvg):
             participants=tuple(sorted(client_id for client_id, *_ in updates)),
             num_examples=int(total),
             client_epochs=client_epochs,
+            examples={client_id: n for client_id, _, n, _ in updates},
+            update_hashes={client_id: model_hash(update) for client_id, update, _, _ in updates},
         )
         return arrays, metrics
 

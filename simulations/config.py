@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -10,7 +9,7 @@ from fedforget.evidence.backdoor import Trigger
 from fedforget.server.errors import FedforgetError
 from fedforget.server.federated_run import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
-from fedforget.simulations.models import build_model
+from fedforget.simulations.models import SeededModelFactory
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
 from fedforget.strategies.registry import STRATEGY_NAMES, UnlearningOptions
 
@@ -141,7 +140,7 @@ class SimulationConfig:
             noise_epsilon=self.noise_epsilon,
             noise_sensitivity=self.noise_sensitivity,
             ascent_accuracy_floor=self.ascent_accuracy_floor,
-            model_factory=functools.partial(build_model, dataset),
+            model_factory=SeededModelFactory(dataset, seed=self.seed),
         )
 
     def trigger(self) -> Trigger:

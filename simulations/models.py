@@ -83,3 +83,20 @@ def build_model(dataset: str, *, seed: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()
+
+
+class SeededModelFactory:
+    """Fresh models of a dataset's architecture with seeds ``seed, seed+1, ...``.
+
+    Strategies that draw random models (gradient ascent sizes its ball with
+    them) then give the same result whatever else used torch's global RNG.
+    """
+
+    def __init__(self, dataset: str, seed: int = 0) -> None:
+        self.dataset = dataset
+        self._next_seed = seed
+
+    def __call__(self) -> torch.nn.Module:
+        model = build_model(self.dataset, seed=self._next_seed)
+        self._next_seed += 1
+        return model

@@ -21,6 +21,9 @@ class ConsoleObserver:
         else:
             self.console.print(f"[bold]training[/] {num_rounds} rounds")
 
+    def round_starting(self, server_round: int) -> None:
+        pass
+
     def round_finished(self, entry: dict[str, object]) -> None:
         accuracy = entry.get("test_accuracy")
         loss = entry.get("test_loss")

@@ -23,7 +23,10 @@ from fedforget.client.app import load_weights, make_client_app, model_arrays
 from fedforget.client.training import evaluate
 from fedforget.files import ensure_writable_dir, write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
-from fedforget.server.federated_run import RunObserver, RunOutcome, RunSettings
+from fedforget.server.accountability import Accountability
+from fedforget.server.consent import RegistryConsent
+from fedforget.server.federated_run import RunObserver, RunOutcome, RunSettings, SilentObserver
+from fedforget.server.withdrawal_service import serve
 from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
@@ -31,6 +34,7 @@ from fedforget.simulations.models import build_model
 from fedforget.simulations.plots import write_plots
 from fedforget.simulations.task import DataSettings, SimulationTask, test_dataset
 from fedforget.simulations.verification import aggregate_seeds, verify_run
+from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
 
 CONFIG_META = "simulation_config"
 STORE_DIR = "store"
@@ -205,6 +209,25 @@ def _run_federation(
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     initial = model_arrays(build_model(config.dataset, seed=config.seed))
+    paths = FederationPaths(out)
+    federation = federation_id(config)
+    prepare_federation(paths, sorted({w.client_id for w in config.withdrawals}))
+    accountability = Accountability(
+        ledger_path=paths.ledger,
+        server_key=paths.server_key,
+        certificates_dir=paths.certificates,
+        federation_id=federation,
+    )
+    service = None
+    consent = None
+    if config.withdrawals:
+        # The one path: clients sign requests, the service records them, the server reads the registry.
+        tls = paths.tls()
+        service = serve(
+            "127.0.0.1:0", registry_path=paths.registry, federation_id=federation, cert=tls.certificate, key=tls.private_key
+        )
+        consent = RegistryConsent(paths.registry)
+        observer = WithdrawingClients(observer or SilentObserver(), config.withdrawals, paths, service.address, federation)
     setup = ServerSetup(
         store_dir=out / STORE_DIR,
         federation_id=federation_id(config),
@@ -217,7 +240,8 @@ def _run_federation(
         ),
         strategy=config.strategy,
         unlearning_options=config.unlearning_options(),
-        withdrawals=config.withdrawals,
+        consent=consent,
+        accountability=accountability,
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
         resume=resume,
@@ -229,22 +253,32 @@ def _run_federation(
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(setup, on_finish=outcomes.append)
     client_app = make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed))
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=config.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1},
-            "init_args": {"num_cpus": 2, "log_to_driver": verbose, "logging_level": "error"},
-        },
-        verbose_logging=verbose,
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=config.clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1},
+                "init_args": {"num_cpus": 2, "log_to_driver": verbose, "logging_level": "error"},
+            },
+            verbose_logging=verbose,
+        )
+    finally:
+        if service is not None:
+            service.stop()
     if not outcomes:
         raise RuntimeError(
             "the simulation ended without finishing its rounds; the history store in "
             f"{out / STORE_DIR} is intact: rerun with --resume to continue"
         )
     report = build_report(config, out, outcomes[0], wall_seconds=time.perf_counter() - started)
+    report["ledger"] = str(paths.ledger)
+    report["certificates"] = [
+        {"client": client, "path": path, "server_key": str(paths.server_public_key)}
+        for event in outcomes[0].unlearning
+        for client, path in dict(event.get("certificates", {})).items()  # type: ignore[arg-type]
+    ]
     write_json_atomic(out / REPORT_FILE, report)
     return report
 

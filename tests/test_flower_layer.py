@@ -11,7 +11,7 @@ from local_grid import LocalGrid
 
 from fedforget import wire
 from fedforget.server.client_identity import ClientIdentityError, ClientIdResolver
-from fedforget.server.federated_run import Withdrawal
+from fedforget.server.federated_run import SilentObserver, Withdrawal
 from fedforget.server.history_store import HistoryStore, ModelSpec
 from fedforget.server.recording import RecordingError, RecordingFedAvg
 from fedforget.strategies.base import Federation, HistoryView, UnlearningOutcome, UnlearningRequest
@@ -173,24 +173,15 @@ class _Interrupt(Exception):
     pass
 
 
-class StopAfterRound:
+class StopAfterRound(SilentObserver):
     """Observer that kills the run once a given round is committed, as a crash would."""
 
     def __init__(self, round_: int) -> None:
         self.round = round_
 
-    def run_started(self, first_round, num_rounds):
-        pass
-
     def round_finished(self, entry):
         if entry["round"] == self.round:
             raise _Interrupt()
-
-    def unlearning_started(self, clients, before_round, strategy):
-        pass
-
-    def unlearning_finished(self, event):
-        pass
 
 
 def test_resume_after_interruption_loses_nothing(tmp_path):

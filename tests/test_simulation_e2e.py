@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from fedforget.client.certificate_check import verify_certificate
 from fedforget.server.federated_run import Withdrawal
 from fedforget.server.history_store import HistoryStore
 from fedforget.simulations.config import SimulationConfig
@@ -49,6 +50,10 @@ def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
     for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 < unlearning[key] <= 1.0
     assert on_disk["wall_seconds"] > 0
+    # The simulated client withdrew through the real service and got a certificate that verifies.
+    (certificate,) = on_disk["certificates"]
+    assert certificate["client"] == "1"
+    assert verify_certificate(certificate["path"], certificate["server_key"]).valid
     verification = json.loads((tmp_path / "run" / "verification.json").read_text())
     assert [u["client"] for u in verification["unlearning"]] == ["1"]
     assert (tmp_path / "run" / "plots" / "backdoor_asr.png").exists()

@@ -7,7 +7,6 @@ then unlearns that client from the same history into a trajectory of its own
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 from local_grid import LocalGrid
@@ -23,7 +22,7 @@ from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import data_settings
 from fedforget.simulations.task import SimulationTask
-from fedforget.strategies.registry import STRATEGY_NAMES, UnlearningOptions, make_unlearner
+from fedforget.strategies.registry import STRATEGY_NAMES, make_unlearner
 
 CONFIG = SimulationConfig(clients=6, rounds=12, backdoors=("1",), retention_interval=1)
 TRAIN = {"local-epochs": CONFIG.local_epochs, "lr": CONFIG.lr, "batch-size": CONFIG.batch_size}
@@ -37,7 +36,7 @@ def _federation(tmp_path, config: SimulationConfig, withdrawals=(), unlearner="r
         retention_interval=config.retention_interval,
     )
     strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
-    options = UnlearningOptions.for_config(config, model_factory=functools.partial(build_model, config.dataset))
+    options = config.unlearning_options()
     run = FederatedRun(
         grid, store, strategy, make_unlearner(unlearner, options),
         RunSettings(num_rounds=config.rounds, train_config=dict(TRAIN), expected_clients=config.clients),

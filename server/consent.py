@@ -1,0 +1,108 @@
+"""Where the round loop learns that a client withdrew, and where it reports back.
+
+In a federation that is the consent registry, filled by the withdrawal
+service from clients' signed requests. A schedule of withdrawals serves the
+Python API and in-process tests that run no service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from fedforget.server.consent_registry import ConsentRegistry
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """Client ``client_id`` withdraws before round ``round``: it trained in rounds ``1..round-1`` at most."""
+
+    client_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class WithdrawalNotice:
+    """A withdrawal the loop must act on now; ``request`` is the signed request when there is one."""
+
+    client_id: str
+    request_id: str | None = None
+    request: dict[str, object] | None = None
+
+
+class ConsentSource(Protocol):
+    """Withdrawals due at a round boundary, and what became of them."""
+
+    def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]: ...
+
+    def started(self, notices: Sequence[WithdrawalNotice]) -> None: ...
+
+    def finished(self, notice: WithdrawalNotice, certificate: Path | None) -> None: ...
+
+    def failed(self, notice: WithdrawalNotice, reason: str) -> None: ...
+
+
+class ScheduledWithdrawals:
+    """Withdrawals fixed in advance (``CLIENT@ROUND``), for the Python API and tests."""
+
+    def __init__(self, withdrawals: Sequence[Withdrawal]) -> None:
+        self.withdrawals = sorted(withdrawals, key=lambda w: (w.round, w.client_id))
+
+    def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]:
+        return [
+            WithdrawalNotice(w.client_id)
+            for w in self.withdrawals
+            if w.round <= server_round and w.client_id not in already_withdrawn
+        ]
+
+    def started(self, notices: Sequence[WithdrawalNotice]) -> None:
+        pass
+
+    def finished(self, notice: WithdrawalNotice, certificate: Path | None) -> None:
+        pass
+
+    def failed(self, notice: WithdrawalNotice, reason: str) -> None:
+        pass
+
+
+class RegistryConsent:
+    """Signed requests accepted by the withdrawal service, read between rounds.
+
+    Requests a crash left in "unlearning" are due again: the unlearning they
+    started is redone from its start.
+    """
+
+    def __init__(self, registry_path: Path) -> None:
+        self.registry_path = registry_path
+
+    def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]:
+        with ConsentRegistry.open(self.registry_path) as registry:
+            requests = registry.pending() + [r for r in registry.requests() if r.status == "unlearning"]
+        return [
+            WithdrawalNotice(
+                client_id=r.client_id,
+                request_id=r.request_id,
+                request={"document": r.document, "signature": r.signature, "request_hash": r.request_hash},
+            )
+            for r in sorted(requests, key=lambda r: r.received_at)
+        ]
+
+    def started(self, notices: Sequence[WithdrawalNotice]) -> None:
+        self._mark(notices, "unlearning")
+
+    def finished(self, notice: WithdrawalNotice, certificate: Path | None) -> None:
+        self._mark([notice], "done", certificate=None if certificate is None else str(certificate))
+
+    def failed(self, notice: WithdrawalNotice, reason: str) -> None:
+        self._mark([notice], "failed", reason=reason)
+
+    def _mark(self, notices: Sequence[WithdrawalNotice], status: str, **details: object) -> None:
+        with ConsentRegistry.open(self.registry_path) as registry:
+            for notice in notices:
+                if notice.request_id is None:
+                    continue
+                current = registry.status(notice.request_id)
+                if current is not None and current.status != status:
+                    registry.mark(notice.request_id, status, **details)  # type: ignore[arg-type]

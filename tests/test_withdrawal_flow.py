@@ -1,0 +1,111 @@
+"""The whole withdrawal path in one process: signed request -> service -> registry -> unlearning -> proof.
+
+A real withdrawal service on loopback TLS, the client's own signed request,
+the round loop reading the consent registry between rounds, crypto-shredding,
+the ledger and a certificate checked offline (no simulation engine: the
+federation runs on the in-process grid).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flower_fixtures import initial_model, local_federation
+
+from fedforget.client.certificate_check import verify_certificate
+from fedforget.server.accountability import Accountability
+from fedforget.server.consent import RegistryConsent, Withdrawal
+from fedforget.server.consent_registry import ConsentRegistry
+from fedforget.server.errors import KeyDestroyedError
+from fedforget.server.federated_run import SilentObserver
+from fedforget.server.ledger import Ledger
+from fedforget.server.withdrawal_service import serve
+from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
+
+FEDERATION = "test-federation"
+
+
+@pytest.fixture(scope="module")
+def withdrawn_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("federation")
+    paths = FederationPaths(root)
+    prepare_federation(paths, ["1"])
+    tls = paths.tls()
+    service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id=FEDERATION,
+                    cert=tls.certificate, key=tls.private_key)
+    try:
+        fed = local_federation(root / "store", clients=3, rounds=4)
+        fed.run.consent = RegistryConsent(paths.registry)
+        fed.run.accountability = Accountability(
+            ledger_path=paths.ledger, server_key=paths.server_key,
+            certificates_dir=paths.certificates, federation_id=FEDERATION,
+        )
+        clients = WithdrawingClients(SilentObserver(), [Withdrawal("1", 3)], paths, service.address, FEDERATION)
+        fed.run.observer = clients
+        outcome = fed.run.execute(initial_model())
+    finally:
+        service.stop()
+    return paths, fed, outcome, clients
+
+
+def test_the_request_is_done_with_a_certificate(withdrawn_run):
+    paths, _, outcome, clients = withdrawn_run
+    request_id = clients.request_ids["1"]
+    with ConsentRegistry.open(paths.registry) as registry:
+        request = registry.status(request_id)
+    assert request.status == "done"
+    (event,) = outcome.unlearning
+    assert request.certificate == event["certificates"]["1"]
+    report = verify_certificate(request.certificate, paths.server_public_key)
+    assert report.valid, report.reason
+    assert any("destroyed" in line for line in report.attests)
+    assert any("no trace" in line for line in report.does_not_attest)
+
+
+def test_a_tampered_certificate_fails(withdrawn_run, tmp_path):
+    paths, _, outcome, _ = withdrawn_run
+    original = outcome.unlearning[0]["certificates"]["1"]
+    text = open(original).read()
+    forged = tmp_path / "forged.json"
+    forged.write_text(text.replace('"retrain"', '"retrair"', 1))
+    assert text != forged.read_text()
+    assert not verify_certificate(forged, paths.server_public_key).valid
+
+
+def test_the_withdrawn_client_is_shredded_and_the_others_still_decrypt(withdrawn_run):
+    _, fed, outcome, _ = withdrawn_run
+    source = outcome.unlearning[0]["source_trajectory"]
+    view = next(fed.store.reader(source).rounds())
+    with pytest.raises(KeyDestroyedError, match="'1'"):
+        view.update("1")
+    assert view.update("0") is not None and view.update("2") is not None
+
+
+def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn_run):
+    paths, fed, outcome, _ = withdrawn_run
+    with Ledger.open(paths.ledger) as ledger:
+        kinds = [e.kind for e in ledger.entries()]
+        assert ledger.verify() == len(kinds)
+        audit = ledger.client_history("1")
+    assert kinds.count("withdrawal-request") == 1 and kinds.count("unlearning") == 1
+    assert kinds.count("key-destroyed") == 1
+    event = outcome.unlearning[0]
+    assert audit.contains(event["source_trajectory"], 2) is True
+    for version in range(1, 5):
+        assert audit.contains(event["trajectory"], version) is False
+    fed.store.close()
+    from fedforget.server.history_store import HistoryStore
+
+    with HistoryStore.open(fed.store.path) as store, Ledger.open(paths.ledger) as ledger:
+        assert ledger.verify_against_store(store) > 0
+
+
+def test_every_round_of_the_run_is_in_the_ledger(withdrawn_run):
+    paths, _, outcome, _ = withdrawn_run
+    with Ledger.open(paths.ledger) as ledger:
+        rounds = [(e.body["trajectory"], e.body["round"]) for e in ledger.entries() if e.kind == "round"]
+    trajectory = outcome.unlearning[0]["trajectory"]
+    # original rounds 1-2, replayed rounds 1-2 and rounds 3-4 in the unlearned trajectory
+    assert rounds == [(1, 1), (1, 2), (trajectory, 1), (trajectory, 2), (trajectory, 3), (trajectory, 4)]
+    json.dumps(outcome.unlearning)  # the event stays serialisable
