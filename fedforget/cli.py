@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
+
+# gRPC's C core logs at INFO whenever Ray forks with gRPC threads running: noise to
+# a user. It reads this once, when grpc is first imported, so it is set first.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -284,8 +289,6 @@ def client_verify(
 
 def main() -> None:
     """Console-script entry point."""
-    # gRPC's C core logs at INFO about Ray forking worker processes: noise to a user.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     app(prog_name="fedforget")
 
 
