@@ -117,34 +117,29 @@ def gaussian_sigma(epsilon: float, delta_prob: float, sensitivity: float) -> flo
 def gradient_residual(view: RoundRecord, withdrawn: frozenset[str]) -> Arrays:
     """δ_i of one retained round, in model space (float64): aggregate with u − aggregate without u.
 
-    Σ_k α_k U_k / Σ_k α_k − Σ_{k∉u} α_k U_k / Σ_{k∉u} α_k over the round's
-    participants, α_k their stored aggregation weights (Eq. 13 of the paper
-    with U_k = −η ∇f_k and α_k = 1/n). Updates are loaded one at a time.
-    Only floating arrays are returned.
+    The aggregate with u is the round's recorded step w_{i+1} − w_i
+    (= Σ_k α_k U_k, the stored weights summing to 1); the aggregate without u
+    is Σ_{k∉u} α_k U_k / Σ_{k∉u} α_k over the other participants (Eq. 13 of
+    the paper with U_k = −η ∇f_k and α_k = 1/n). Only the staying clients'
+    updates are read, one at a time: a client removed earlier may have had its
+    key destroyed, and it is not part of the retrained round either (pass it
+    in ``withdrawn``). Only floating arrays are returned.
     """
-    total_with: Arrays | None = None
-    total_without: Arrays | None = None
-    weight_with = weight_without = 0.0
-    for info, update in view.updates():
-        if total_with is None:
-            total_with = {k: np.zeros(v.shape, np.float64) for k, v in update.items() if _is_float(v)}
-            total_without = {k: np.zeros(v.shape, np.float64) for k, v in update.items() if _is_float(v)}
-        assert total_without is not None
-        weight_with += info.weight
-        for name in total_with:
-            total_with[name] += info.weight * update[name].astype(np.float64)
-        if info.client_id not in withdrawn:
-            weight_without += info.weight
-            for name in total_without:
-                total_without[name] += info.weight * update[name].astype(np.float64)
-    if total_with is None or total_without is None or weight_with <= 0.0:
-        raise ValueError(f"round {view.round} has no retained updates with a positive weight")
+    before, after = view.model_before(), view.model_after()
+    step = {k: after[k].astype(np.float64) - v.astype(np.float64) for k, v in before.items() if _is_float(v)}
+    total_without = {k: np.zeros(v.shape, np.float64) for k, v in step.items()}
+    weight_without = 0.0
+    for info in view.participants:
+        if info.client_id in withdrawn or not info.retained or info.weight <= 0.0:
+            continue
+        update = view.update(info.client_id)
+        weight_without += info.weight
+        for name in total_without:
+            total_without[name] += info.weight * update[name].astype(np.float64)
     if weight_without <= 0.0:
         # Nobody would have trained in the retrained round: it makes no step.
-        return {name: value / weight_with for name, value in total_with.items()}
-    return {
-        name: total_with[name] / weight_with - total_without[name] / weight_without for name in total_with
-    }
+        return step
+    return {name: step[name] - total_without[name] / weight_without for name in step}
 
 
 def _squared_step(before: Arrays, after: Arrays) -> float:
@@ -246,7 +241,9 @@ class Subtract(Unlearner):
             )
 
         current = history.model(completed)
-        correction, details = self._weighted_residuals(history, withdrawn, completed)
+        correction, details = self._weighted_residuals(
+            history, withdrawn, completed, frozenset(request.residual_clients) - withdrawn
+        )
         model = {
             name: (value.astype(np.float64) - correction[name]).astype(value.dtype)
             if name in correction
@@ -275,7 +272,7 @@ class Subtract(Unlearner):
 
     @staticmethod
     def _weighted_residuals(
-        history: HistoryView, withdrawn: frozenset[str], completed: int
+        history: HistoryView, withdrawn: frozenset[str], completed: int, earlier: frozenset[str] = frozenset()
     ) -> tuple[Arrays, dict[str, object]]:
         """Σ_i p_i δ_i in one streaming pass: Σ_i ‖Δ_i‖² δ_i and Σ_i ‖Δ_i‖² are summed, divided at the end."""
         weighted: Arrays = {}
@@ -288,7 +285,7 @@ class Subtract(Unlearner):
                 previous = None
                 continue  # the recorded result of an approximate unlearning: no training step
             mine = [p for p in view.participants if p.client_id in withdrawn]
-            if mine and not all(p.retained for p in view.participants):
+            if mine and not all(p.retained for p in view.participants if p.client_id not in earlier):
                 unknown.append(view.round)  # the residual of this round cannot be computed
                 previous = None
                 continue
@@ -299,7 +296,7 @@ class Subtract(Unlearner):
             normaliser += squared
             if not mine:
                 continue  # δ_i = 0: the client contributed nothing to this round
-            residual = gradient_residual(view, withdrawn)
+            residual = gradient_residual(view, withdrawn | earlier)
             used[view.round] = squared
             for name, value in residual.items():
                 if name in weighted:

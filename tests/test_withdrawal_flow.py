@@ -109,3 +109,25 @@ def test_every_round_of_the_run_is_in_the_ledger(withdrawn_run):
     # original rounds 1-2, replayed rounds 1-2 and rounds 3-4 in the unlearned trajectory
     assert rounds == [(1, 1), (1, 2), (trajectory, 1), (trajectory, 2), (trajectory, 3), (trajectory, 4)]
     json.dumps(outcome.unlearning)  # the event stays serialisable
+
+
+@pytest.mark.parametrize("strategy", ["subtract", "calibrated", "retrain"])
+def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, strategy):
+    """After client 1's key is destroyed its updates are unreadable; unlearning client 2 later must not need them."""
+    from fedforget.strategies.registry import make_unlearner
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, [])
+    fed = local_federation(
+        tmp_path / "store", clients=4, rounds=6,
+        withdrawals=[Withdrawal("1", 3), Withdrawal("2", 5)], unlearner=make_unlearner(strategy),
+    )
+    fed.run.accountability = Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key,
+        certificates_dir=paths.certificates, federation_id=FEDERATION,
+    )
+    outcome = fed.run.execute(initial_model())
+    assert [e["clients"] for e in outcome.unlearning] == [["1"], ["2"]]
+    assert all(len(e["certificates"]) == 1 for e in outcome.unlearning)
+    with Ledger.open(paths.ledger) as ledger:
+        assert ledger.verify() > 0
