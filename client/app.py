@@ -133,14 +133,17 @@ def make_client_app(task: ClientTask) -> ClientApp:
             momentum=float(config.get(wire.ASCENT_MOMENTUM, 0.9)),
             clip_norm=float(config[wire.ASCENT_CLIP_NORM]) if wire.ASCENT_CLIP_NORM in config else None,
         )
+        train = task.load_data(context).train
         arrays, epochs = projected_gradient_ascent(
             model,
-            task.load_data(context).train,
+            train,
             wire.arrays_from_record(msg.content[wire.REFERENCE_KEY]),
             settings,
             seed=int(config.get(wire.SEED, 0)),
             momentum=settings.momentum,
             clip_norm=settings.clip_norm,
+            # About ten early-stopping checks per epoch: each one evaluates all local data.
+            check_every=max(1, len(train) // (settings.batch_size * 10)),  # type: ignore[arg-type]
         )
         content = RecordDict(
             {
