@@ -240,6 +240,37 @@ def bench_overhead(
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("unlearn")
+def unlearn_command(
+    state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, keys/, certificates/).")],
+    client: Annotated[str, typer.Option(help="The client whose accepted withdrawal request to act on.")],
+    strategy: Annotated[str, typer.Option(help="A strategy that needs no client work: subtract.")] = "subtract",
+) -> None:
+    """Unlearn a withdrawn client now, while no run is active (strategies without client work)."""
+    from fedforget.errors import FedforgetError
+    from fedforget.server.offline import unlearn_offline
+    from fedforget.simulations.withdrawing_clients import FederationPaths
+
+    paths = FederationPaths(state)
+    try:
+        event = unlearn_offline(
+            store_dir=state / "store",
+            registry=paths.registry,
+            ledger=paths.ledger,
+            server_key=paths.server_key,
+            certificates=paths.certificates,
+            client=client,
+            strategy=strategy,
+        )
+    except (FedforgetError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    Console().print(
+        f"client {client} unlearned by {event['strategy']} in {event['seconds']:.2f} s; "
+        f"data key destroyed; certificate: {dict(event.get('certificates', {})).get(client)}"  # type: ignore[arg-type]
+    )
+
+
 @client_app.command("verify")
 def client_verify(
     model: Annotated[Path, typer.Option(help="The published model (.npz of named arrays).")],

@@ -163,11 +163,19 @@ class FederatedRun:
                 self.strategy.flush()
             raise
 
-    def _execute(self, initial_model: Arrays) -> RunOutcome:
+    def prepare(self) -> None:
+        """Settle the store after a crash and restore who has withdrawn (called by ``execute``)."""
         self.strategy.flush()
         self._abandon_interrupted_unlearning()
         self._refresh_from_store()
         self.strategy.exclude(self.withdrawn_clients())
+
+    def unlearn_now(self, notices: list[WithdrawalNotice], before_round: int, model: Arrays) -> Arrays:
+        """Act on withdrawals outside the round loop (``fedforget unlearn``); returns the unlearned model."""
+        return self._unlearn(notices, before_round, model)
+
+    def _execute(self, initial_model: Arrays) -> RunOutcome:
+        self.prepare()
         completed = self.store.last_completed_round()
         if completed == 0 and not self.store.has_model(0):
             self.store.write_initial_model(initial_model)

@@ -131,3 +131,49 @@ def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, str
     assert all(len(e["certificates"]) == 1 for e in outcome.unlearning)
     with Ledger.open(paths.ledger) as ledger:
         assert ledger.verify() > 0
+
+
+def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedforget.cli import app
+    from fedforget.client.withdraw import submit_withdrawal
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, ["1"])
+    fed = local_federation(tmp_path / "store", clients=3, rounds=3)
+    fed.run.accountability = Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key,
+        certificates_dir=paths.certificates, federation_id="test-federation",
+    )
+    fed.run.execute(initial_model())
+    fed.store.close()  # the run is over
+
+    tls = paths.tls()
+    service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id="test-federation",
+                    cert=tls.certificate, key=tls.private_key)
+    try:
+        request_id = submit_withdrawal(service.address, tls.ca_certificate, paths.client_key("1"), "1",
+                                       "test-federation", reason="left the consortium")
+    finally:
+        service.stop()
+
+    refused = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "retrain"])
+    assert refused.exit_code == 2 and "needs work from the remaining clients" in " ".join(refused.output.split())
+
+    result = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "subtract"])
+    assert result.exit_code == 0, result.output
+    with ConsentRegistry.open(paths.registry) as registry:
+        request = registry.status(request_id)
+    assert request.status == "done"
+    assert verify_certificate(request.certificate, paths.server_public_key).valid
+    from fedforget.server.history_store import HistoryStore
+
+    with HistoryStore.open(tmp_path / "store") as store:
+        view = next(store.reader(1).rounds())
+        with pytest.raises(KeyDestroyedError):
+            view.update("1")
+        assert store.last_completed_round() == 3  # the unlearned model is version 3 of a new trajectory
+        assert store.current_trajectory() != 1
+    with Ledger.open(paths.ledger) as ledger:
+        assert [e.kind for e in ledger.entries()][-3:] == ["withdrawal-request", "unlearning", "key-destroyed"]
