@@ -214,6 +214,20 @@ def add(model: Arrays, step: Arrays, scale: float = 1.0) -> Arrays:
     return {name: (value + scale * step[name]).astype(value.dtype) for name, value in model.items()}
 
 
+def nothing_to_unlearn(
+    history: HistoryView, federation: Federation, completed: int, info: dict[str, object], **details: object
+) -> UnlearningOutcome:
+    """The outcome when the clients never contributed: the new trajectory continues from the current model."""
+    federation.start_trajectory(completed, info)
+    return UnlearningOutcome(
+        model=history.model(completed),
+        client_epochs=0.0,
+        rounds_replayed=0,
+        base_version=completed,
+        details={**details, "reason": "the withdrawn clients never took part"},
+    )
+
+
 def earliest_participation(history: HistoryView, clients: Sequence[str]) -> int | None:
     """First round in which any of ``clients`` contributed, or ``None`` if none did."""
     rounds = [r for r in (history.first_participation(c) for c in clients) if r is not None]

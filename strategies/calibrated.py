@@ -36,6 +36,7 @@ from fedforget.strategies.base import (
     Unlearner,
     add,
     earliest_participation,
+    nothing_to_unlearn,
     fedavg_step,
 )
 
@@ -207,15 +208,7 @@ class Calibrated(Unlearner):
         first = earliest_participation(history, sorted(withdrawn))
         info = {"strategy": self.name, "clients": sorted(request.clients), **self.hyperparameters()}
         if first is None or first > completed:
-            # Nothing of theirs is in the model: continue from the current one.
-            federation.start_trajectory(completed, info)
-            return UnlearningOutcome(
-                model=history.model(completed),
-                client_epochs=0.0,
-                rounds_replayed=0,
-                base_version=completed,
-                details={**self._details([], [], {}), "reason": "the clients never took part"},
-            )
+            return nothing_to_unlearn(history, federation, completed, info, **self._details([], [], {}))
 
         base = first - 1
         federation.start_trajectory(base, info)

@@ -80,6 +80,7 @@ from fedforget.strategies.base import (
     Unlearner,
     add,
     fedavg_step,
+    nothing_to_unlearn,
 )
 
 REFERENCE_WEIGHTS: tuple[str, ...] = ("recorded", "uniform")
@@ -265,14 +266,7 @@ class GradientAscent(Unlearner):
         info = {"strategy": self.name, "clients": [client], **self.hyperparameters()}
         first = history.first_participation(client)
         if completed == 0 or first is None or first > completed:
-            federation.start_trajectory(completed, info)
-            return UnlearningOutcome(
-                model=history.model(completed),
-                client_epochs=0.0,
-                rounds_replayed=0,
-                base_version=completed,
-                details={"reason": "the client never took part"},
-            )
+            return nothing_to_unlearn(history, federation, completed, info)
 
         current = history.model(completed)
         reference, reference_details = self._reference(history, client, first, completed, current)

@@ -89,6 +89,7 @@ from fedforget.strategies.base import (
     Unlearner,
     add,
     earliest_participation,
+    nothing_to_unlearn,
     fedavg_step,
 )
 
@@ -230,15 +231,7 @@ class Subtract(Unlearner):
         info = {"strategy": self.name, "clients": sorted(withdrawn), **self.hyperparameters()}
         first = earliest_participation(history, sorted(withdrawn))
         if completed == 0 or first is None or first > completed:
-            # Nothing of theirs is in the model: continue from the current one.
-            federation.start_trajectory(completed, info)
-            return UnlearningOutcome(
-                model=history.model(completed),
-                client_epochs=0.0,
-                rounds_replayed=0,
-                base_version=completed,
-                details={"reason": "the clients never took part"},
-            )
+            return nothing_to_unlearn(history, federation, completed, info)
 
         current = history.model(completed)
         correction, details = self._weighted_residuals(
