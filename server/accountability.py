@@ -85,6 +85,9 @@ class Accountability:
             for client in clients:
                 store.destroy_client_key(client)
                 destroyed_at[client] = dt.datetime.now(dt.timezone.utc).isoformat()
+            # Copies of the index made before (backups) still hold the wrapped key; a new
+            # federation key leaves them nothing to unwrap it with.
+            store.rotate_federation_key()
             unlearning = ledger.record_unlearning(
                 clients=clients,
                 strategy=str(event["strategy"]),
@@ -115,7 +118,12 @@ class Accountability:
                 key_destruction={
                     "client": notice.client_id,
                     "destroyed_at": destroyed_at.get(notice.client_id),
-                    "what": "the client's data key in the history store: its stored updates can no longer be decrypted",
+                    "what": (
+                        "the client's data key in the history store, so its stored updates can no longer be "
+                        "decrypted; the federation key that wrapped it was then replaced, so copies of the "
+                        "store's index made earlier (backups) cannot recover it either"
+                    ),
+                    "federation_key_rotated": True,
                 },
             )
             name = notice.request_id or f"client-{notice.client_id}-round{event['round']}"

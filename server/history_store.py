@@ -604,6 +604,7 @@ class HistoryStore:
                 raise StoreError(f"{index} has a newer schema ({state['schema_version']}); upgrade fedforget")
             if "key_check" not in state:
                 raise StoreError(f"the index {index} has no key-check value; the store is damaged")
+            self._finish_interrupted_rotation(state["key_check"])
             verify_key_check(self._fed_key, self.federation_id, state["key_check"], self.key_path, path)
             self.discard_uncommitted()
         except BaseException:
@@ -1283,6 +1284,63 @@ class HistoryStore:
             retained_updates=int(retained),
             rounds=int(rounds),
         )
+
+    def _next_key_path(self) -> Path:
+        return self.key_path.with_name(self.key_path.name + ".next")
+
+    def _finish_interrupted_rotation(self, key_check: bytes) -> None:
+        """A rotation cut short leaves ``KEY.next``: promote it if the index already uses it, else drop it."""
+        pending = self._next_key_path()
+        if not pending.exists():
+            return
+        new_key = read_key_file(pending)
+        try:
+            verify_key_check(new_key, self.federation_id, key_check, pending, self.path)
+        except KeyFileError:
+            pending.unlink()  # the index still uses the current key: the rotation never happened
+            fsync_dir(pending.parent)
+            return
+        os.replace(pending, self.key_path)
+        fsync_dir(self.key_path.parent)
+        self._fed_key = new_key
+
+    def rotate_federation_key(self) -> None:
+        """Re-wrap every data key under a fresh federation key, then destroy the old key.
+
+        Why: after ``destroy_client_key`` the client's wrapped data key is gone
+        from this index, but a copy of the index made earlier (a backup) still
+        holds it, wrapped under the federation key. Once that key is replaced,
+        such copies can unwrap nothing: the destroyed client's updates are out of
+        reach in backups too. (Copies of the old *key file* defeat this: keep
+        the key file out of backups, e.g. with ``key_file=`` outside the store.)
+        Order: the new key is made durable beside the old one, the index is
+        re-wrapped in one transaction, then the new key replaces the old file;
+        ``open()`` finishes a rotation a crash interrupted.
+        """
+        new_key = generate_key()
+        pending = self._next_key_path()
+        write_bytes_atomic(pending, new_key, mode=0o600)
+        try:
+            with self._tx() as conn:
+                rows = conn.execute("SELECT key_id, owner, wrapped FROM data_keys").fetchall()
+                for key_id, owner, wrapped in rows:
+                    data_key = unwrap_data_key(self._fed_key, self.federation_id, owner, wrapped)
+                    conn.execute(
+                        "UPDATE data_keys SET wrapped = ? WHERE key_id = ?",
+                        (wrap_data_key(new_key, self.federation_id, owner, data_key), key_id),
+                    )
+                conn.execute(
+                    "UPDATE state SET value = ? WHERE key = 'key_check'",
+                    (make_key_check(new_key, self.federation_id),),
+                )
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        os.replace(pending, self.key_path)
+        fsync_dir(self.key_path.parent)
+        self._fed_key = new_key
+        # Old wrappings must not linger in WAL frames either.
+        self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def destroy_client_key(self, client_id: str) -> None:
         """Crypto-shred a client: delete its wrapped data key(s).

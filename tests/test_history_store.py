@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -716,3 +717,64 @@ def test_meta_and_stats(tmp_path: Path) -> None:
             store.set_meta("bad", object())
     with HistoryStore.open(tmp_path / "store") as store:
         assert store.get_meta("run") == {"lr": 0.1, "clients": ["a", "b"]}
+
+
+# --------------------------------------------------------------------------- key rotation (backups)
+
+
+def test_rotation_after_shredding_leaves_backups_unable_to_recover_the_client(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys" / "federation.key"  # kept out of the store directory, as documented
+    key_file.parent.mkdir()
+    with make_store(tmp_path, key_file=key_file) as store:
+        store.write_initial_model(small_model(0))
+        run_rounds(store, 1, 2, ["a", "b"])
+        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    backup = tmp_path / "backup"
+    shutil.copytree(tmp_path / "store", backup, ignore=shutil.ignore_patterns("store.lock"))
+    with HistoryStore.open(tmp_path / "store") as store:
+        old_key = key_file.read_bytes()
+        store.destroy_client_key("a")
+        store.rotate_federation_key()
+        assert key_file.read_bytes() != old_key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        view = next(store.reader().rounds())
+        with pytest.raises(KeyDestroyedError):
+            view.update("a")
+        assert_arrays_equal(view.update("b"), delta(101))
+    with HistoryStore.open(tmp_path / "store") as store:  # reopens under the new key
+        assert_arrays_equal(next(store.reader().rounds()).update("b"), delta(101))
+    # The backup still holds a's wrapped key, but only the old federation key opened it.
+    with pytest.raises(KeyFileError, match="does not open this store"):
+        HistoryStore.open(backup, key_file=key_file)
+
+
+@pytest.mark.parametrize("crash_after_commit", [True, False])
+def test_an_interrupted_rotation_is_finished_or_undone_on_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_after_commit: bool
+) -> None:
+    import fedforget.server.history_store as module
+
+    with make_store(tmp_path) as store:
+        store.write_initial_model(small_model(0))
+        run_rounds(store, 1, 1, ["a", "b"])
+        real_replace = os.replace
+
+        class Crash(Exception):
+            pass
+
+        def replace(src: object, dst: object) -> None:
+            if str(src).endswith("federation.key.next"):
+                raise Crash()
+            real_replace(src, dst)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(module.os, "replace", replace)
+        if not crash_after_commit:
+            monkeypatch.setattr(store, "_tx", lambda: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            store.rotate_federation_key()
+        monkeypatch.undo()
+    if crash_after_commit:
+        assert (tmp_path / "store" / "federation.key.next").exists()
+    with HistoryStore.open(tmp_path / "store") as store:
+        assert not (tmp_path / "store" / "federation.key.next").exists()
+        assert_arrays_equal(next(store.reader().rounds()).update("b"), delta(101))
