@@ -21,7 +21,7 @@ __all__ = ["enroll_command", "serve_command", "withdraw_app"]
 
 withdraw_app = typer.Typer(
     help="Withdraw your organisation's consent: one signed request to the federation's withdrawal service.",
-    no_args_is_help=True,
+    invoke_without_command=True,
 )
 
 _err = Console(stderr=True)
@@ -30,6 +30,30 @@ _err = Console(stderr=True)
 def _fail(message: str) -> None:
     _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
+
+
+@withdraw_app.callback()
+def withdraw_callback(
+    ctx: typer.Context,
+    server: Annotated[Optional[str], typer.Option(help="The withdrawal service, HOST:PORT.")] = None,
+    ca: Annotated[Optional[Path], typer.Option(help="PEM CA certificate that signed the service's TLS certificate.")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="Your organisation's OpenSSH private key (the SuperNode's key).")] = None,
+    client: Annotated[Optional[str], typer.Option(help="Your client id, as enrolled with the federation.")] = None,
+    federation: Annotated[Optional[str], typer.Option(help="The federation id you withdraw from.")] = None,
+    reason: Annotated[str, typer.Option(help="Why you withdraw (stored with the request).")] = "",
+) -> None:
+    """Withdraw consent (``fedforget withdraw --server ... --client ...``), or follow a request (``status``)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [f"--{name}" for name, value in
+               (("server", server), ("ca", ca), ("key", key), ("client", client), ("federation", federation))
+               if value is None]
+    if missing:
+        if len(missing) == 5:
+            typer.echo(ctx.get_help())
+            raise typer.Exit(code=0)
+        _fail(f"withdrawing needs {', '.join(missing)}")
+    request_command(server, ca, key, client, federation, reason)  # type: ignore[arg-type]
 
 
 @withdraw_app.command("request")

@@ -108,3 +108,9 @@ def test_resume_of_a_store_from_another_federation_or_model_is_refused(tmp_path)
     result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "other-model")])
     assert result.exit_code == 2
     assert "model" in result.output.lower()
+
+
+def test_withdraw_without_its_settings_says_which_are_missing():
+    result = runner.invoke(app, ["withdraw", "--server", "127.0.0.1:1", "--client", "org-a"])
+    assert result.exit_code == 2
+    assert "withdrawing needs --ca, --key, --federation" in " ".join(result.output.split())
