@@ -228,6 +228,35 @@ def nothing_to_unlearn(
     )
 
 
+def recover_and_record(
+    federation: Federation,
+    model: Arrays,
+    completed: int,
+    info: dict[str, object],
+    *,
+    rounds: int,
+    epochs: float,
+    withdrawn: frozenset[str],
+) -> tuple[Arrays, float]:
+    """FedAvg recovery rounds with the remaining clients, then the result as version ``completed``.
+
+    Approximate strategies end this way: the recovered model is recorded as a
+    round with no participants in a trajectory forked at ``completed - 1``.
+    Returns the model and the client epochs the recovery cost.
+    """
+    client_epochs = 0.0
+    for _ in range(rounds):
+        updates = [
+            u for u in federation.local_training(completed, model, local_epochs=epochs) if u.client_id not in withdrawn
+        ]
+        client_epochs += float(sum(u.epochs for u in updates))
+        if sum(u.num_examples for u in updates) > 0:
+            model = add(model, fedavg_step(updates))
+    federation.start_trajectory(completed - 1, info)
+    federation.record_round(completed, model, [])
+    return model, client_epochs
+
+
 def earliest_participation(history: HistoryView, clients: Sequence[str]) -> int | None:
     """First round in which any of ``clients`` contributed, or ``None`` if none did."""
     rounds = [r for r in (history.first_participation(c) for c in clients) if r is not None]

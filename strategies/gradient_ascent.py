@@ -78,9 +78,8 @@ from fedforget.strategies.base import (
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
-    add,
-    fedavg_step,
     nothing_to_unlearn,
+    recover_and_record,
 )
 
 REFERENCE_WEIGHTS: tuple[str, ...] = ("recorded", "uniform")
@@ -287,23 +286,15 @@ class GradientAscent(Unlearner):
         )
         model, ascent_epochs = federation.gradient_ascent(client, reference, reference, settings)
         client_epochs = float(ascent_epochs)
-        for _ in range(self.recovery_rounds):
-            updates = [
-                u
-                for u in federation.local_training(completed, model, local_epochs=self.recovery_epochs)
-                if u.client_id != client
-            ]
-            client_epochs += float(sum(u.epochs for u in updates))
-            if sum(u.num_examples for u in updates) > 0:
-                model = add(model, fedavg_step(updates))
-        base = completed - 1
-        federation.start_trajectory(base, info)
-        federation.record_round(completed, model, [])
+        model, recovery_epochs = recover_and_record(
+            federation, model, completed, info,
+            rounds=self.recovery_rounds, epochs=self.recovery_epochs, withdrawn=frozenset({client}),
+        )
         return UnlearningOutcome(
             model=model,
-            client_epochs=client_epochs,
+            client_epochs=client_epochs + recovery_epochs,
             rounds_replayed=self.recovery_rounds,
-            base_version=base,
+            base_version=completed - 1,
             details={
                 **reference_details,
                 "radius": radius,

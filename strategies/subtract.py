@@ -87,10 +87,9 @@ from fedforget.strategies.base import (
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
-    add,
     earliest_participation,
     nothing_to_unlearn,
-    fedavg_step,
+    recover_and_record,
 )
 
 
@@ -245,21 +244,15 @@ class Subtract(Unlearner):
         }
         if self.sigma > 0.0:
             model = self._add_noise(model, request)
-        client_epochs = 0.0
-        for _ in range(self.recovery_rounds):
-            updates = [u for u in federation.local_training(completed, model, local_epochs=self.recovery_epochs)
-                       if u.client_id not in withdrawn]
-            client_epochs += float(sum(u.epochs for u in updates))
-            if sum(u.num_examples for u in updates) > 0:
-                model = add(model, fedavg_step(updates))
-        base = completed - 1
-        federation.start_trajectory(base, info)
-        federation.record_round(completed, model, [])
+        model, client_epochs = recover_and_record(
+            federation, model, completed, info,
+            rounds=self.recovery_rounds, epochs=self.recovery_epochs, withdrawn=withdrawn,
+        )
         return UnlearningOutcome(
             model=model,
             client_epochs=client_epochs,
             rounds_replayed=self.recovery_rounds,
-            base_version=base,
+            base_version=completed - 1,
             details={**details, "sigma": self.sigma, "recovery_rounds": self.recovery_rounds},
         )
 
