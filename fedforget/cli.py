@@ -240,6 +240,31 @@ def bench_overhead(
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("certs")
+def certs_command(
+    out: Annotated[Path, typer.Option(help="Directory to write the credentials into.")],
+    host: Annotated[
+        list[str], typer.Option(help="DNS name or IP address the server is reached at (repeatable).")
+    ],
+    org: Annotated[Optional[list[str]], typer.Option(help="An organisation to make a key pair for (repeatable).")] = None,
+) -> None:
+    """A CA, the server's TLS certificate, the federation's signing key and each organisation's keys."""
+    from fedforget.certs import make_credentials
+    from fedforget.errors import FedforgetError
+
+    try:
+        made = make_credentials(out, hosts=list(host), organisations=list(org or []))
+    except (FedforgetError, ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    console = Console()
+    console.print(f"CA certificate (give it to every organisation): {made.tls.ca_certificate}")
+    console.print(f"server certificate and key (SuperLink, withdrawal service): {made.tls.certificate}, {made.tls.private_key}")
+    console.print(f"federation signing key (certificates of unlearning): {made.federation_key}; public: {made.federation_public_key}")
+    for name, (private, public) in made.organisations.items():
+        console.print(f"organisation {name}: {private} (keep secret, 0600), {public} (register and enrol it)")
+
+
 @app.command("unlearn")
 def unlearn_command(
     state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, keys/, certificates/).")],

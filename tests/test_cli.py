@@ -18,7 +18,7 @@ runner = CliRunner()
         [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["client"], ["client", "verify"],
         ["client", "verify-certificate"], ["keys"], ["keys", "generate"], ["audit"], ["audit", "verify"],
         ["audit", "client"], ["withdraw"], ["withdraw", "request"], ["withdraw", "status"], ["withdrawal-service"],
-        ["enroll"], ["unlearn"],
+        ["enroll"], ["unlearn"], ["certs"],
     ],
 )
 def test_every_command_has_help(command):
@@ -114,3 +114,28 @@ def test_withdraw_without_its_settings_says_which_are_missing():
     result = runner.invoke(app, ["withdraw", "--server", "127.0.0.1:1", "--client", "org-a"])
     assert result.exit_code == 2
     assert "withdrawing needs --ca, --key, --federation" in " ".join(result.output.split())
+
+
+def test_certs_writes_a_federation_s_credentials_and_never_overwrites(tmp_path):
+    import os
+    import stat
+
+    from cryptography import x509
+
+    from fedforget.identity import load_private_key, load_public_key
+
+    out = tmp_path / "pki"
+    result = runner.invoke(app, ["certs", "--out", str(out), "--host", "127.0.0.1", "--host", "superlink.example",
+                                 "--org", "org-a", "--org", "org-b"])
+    assert result.exit_code == 0, result.output
+    for private in ("ca.key", "server.key", "federation.key", "orgs/org-a.key", "orgs/org-b.key"):
+        assert stat.S_IMODE(os.stat(out / private).st_mode) == 0o600, private
+    certificate = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "superlink.example" in names.get_values_for_type(x509.DNSName)
+    assert (out / "orgs" / "org-a.key").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (out / "orgs" / "org-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    load_private_key(out / "orgs" / "org-b.key")
+    load_public_key(out / "federation.pub")
+    again = runner.invoke(app, ["certs", "--out", str(out), "--host", "127.0.0.1", "--org", "org-a"])
+    assert again.exit_code == 2 and "refusing to overwrite" in " ".join(again.output.split())
