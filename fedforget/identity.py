@@ -341,6 +341,10 @@ def verify_document(public_key: ec.EllipticCurvePublicKey, document: dict, signa
         payload = canonical_json(document)
     except (binascii.Error, UnicodeEncodeError, IdentityError):
         return False
+    if base64.b64encode(signature).decode("ascii") != signature_b64:
+        # Base64 has spare bits in its last character: only the canonical text of
+        # these bytes is accepted, so no altered signed document verifies.
+        return False
     try:
         public_key.verify(signature, payload, ec.ECDSA(_SIGNATURE_HASH))
     except InvalidSignature:

@@ -469,3 +469,29 @@ def test_cli_verify_certificate(keys: dict[str, Path], tmp_path: Path) -> None:
 
     help_text = runner.invoke(app, ["--help"])
     assert help_text.exit_code == 0 and "--server-key" in help_text.output
+
+
+def test_a_signature_in_non_canonical_base64_is_refused(keys: dict[str, Path]) -> None:
+    """Base64's spare bits would let a signed file change without its bytes failing to verify."""
+    import base64
+
+    document = {"client_id": "org-a", "nonce": "00"}
+    # ECDSA signatures vary in DER length; sign until the base64 text has padding (spare bits).
+    for _ in range(200):
+        signature = sign_document(_priv(keys["server"]), document)
+        raw = base64.b64decode(signature)
+        if len(raw) % 3:
+            break
+    assert len(raw) % 3, "no padded signature in 200 tries"
+    stripped = signature.rstrip("=")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    variants = [
+        stripped[:-1] + c + signature[len(stripped):]
+        for c in alphabet
+        if c != stripped[-1]
+    ]
+    same_bytes = [v for v in variants if base64.b64decode(v) == raw]
+    assert same_bytes  # padding leaves spare bits: other texts decode to the same bytes
+    public = load_public_key(_pub(keys["server"]))
+    assert verify_document(public, document, signature)
+    assert not any(verify_document(public, document, v) for v in same_bytes)
