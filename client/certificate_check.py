@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fedforget.errors import FedforgetError
-from fedforget.identity import IdentityError, fingerprint, load_public_key, public_key_openssh, verify_document
+from fedforget.identity import (
+    IdentityError,
+    fingerprint,
+    load_public_key,
+    public_key_openssh,
+    strict_json_loads,
+    verify_document,
+)
 
 __all__ = ["CertificateCheckError", "CertificateReport", "verify_certificate"]
 
@@ -55,28 +62,17 @@ class _Invalid(Exception):
     pass
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    result: dict = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Invalid(f"the JSON repeats the key {key!r}, so different readers could see different contents")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise _Invalid(f"the JSON holds {name}, which a signed certificate never contains")
-
-
 def _parse(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _Invalid(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return strict_json_loads(text)
     except json.JSONDecodeError as exc:
         raise _Invalid(f"the file is not valid JSON: {exc}") from None
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
     except RecursionError:
         raise _Invalid("the JSON is nested too deeply") from None
 

@@ -300,6 +300,29 @@ def _check_json_value(value: Any, where: str) -> None:
     raise IdentityError(f"{where} is a {type(value).__name__}, which has no JSON form")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the JSON repeats the key {key!r}, so different readers could see different contents")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"the JSON holds {name}, which no signed document contains")
+
+
+def strict_json_loads(text: str) -> Any:
+    """Parse JSON that will be checked against a signature: repeated keys and NaN/Infinity are errors.
+
+    A lenient parser would let two readers of one signed file see different
+    contents (which of two repeated keys wins), so both ends refuse them.
+    Raises ``ValueError`` (and ``RecursionError`` for absurd nesting).
+    """
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def canonical_json(document: dict) -> bytes:
     """The bytes a document is signed over: sorted keys, no spaces, UTF-8, finite numbers.
 

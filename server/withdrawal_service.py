@@ -31,7 +31,6 @@ fact kept for ever (they are part of the stored request).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import signal
@@ -47,7 +46,7 @@ from typing import Any, NoReturn, Optional
 import grpc
 
 from fedforget.errors import FedforgetError
-from fedforget.identity import IdentityError, load_public_key, verify_document
+from fedforget.identity import IdentityError, load_public_key, strict_json_loads, verify_document
 from fedforget.proto import (
     DOCUMENT_FIELDS,
     DOCUMENT_TYPE,
@@ -145,19 +144,6 @@ def parse_timestamp(value: object) -> float:
     raise ValueError(f"timestamp must be ISO 8601 text or integer unix seconds, not {type(value).__name__}")
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"field {key!r} appears twice")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _parse_document(raw: bytes) -> dict[str, Any]:
     """The request document, checked for form; :class:`_Refusal` otherwise."""
     malformed = WithdrawalErrorCode.MALFORMED
@@ -169,9 +155,7 @@ def _parse_document(raw: bytes) -> dict[str, Any]:
             f"the document is {len(raw)} bytes; the limit is {MAX_DOCUMENT_BYTES}",
         )
     try:
-        document = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
-        )
+        document = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _Refusal(malformed, f"the document is not UTF-8 JSON: {exc}") from None
     if not isinstance(document, dict):
