@@ -47,8 +47,8 @@ class ClientTask(Protocol):
         """The stable id this client is known by in the federation's history."""
         ...
 
-    def build_model(self) -> nn.Module:
-        """A freshly initialised model of the federation's architecture."""
+    def build_model(self, context: Context) -> nn.Module:
+        """A freshly initialised model of the federation's architecture (which the run config may name)."""
         ...
 
     def load_data(self, context: Context) -> ClientData:
@@ -79,7 +79,7 @@ def make_client_app(task: ClientTask) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
-        model = task.build_model()
+        model = task.build_model(context)
         load_weights(model, wire.arrays_from_record(msg.content[wire.ARRAYS_KEY]))
         data = task.load_data(context)
         server_round = int(config.get(wire.SERVER_ROUND, 0))
@@ -107,7 +107,7 @@ def make_client_app(task: ClientTask) -> ClientApp:
     def evaluate_model(msg: Message, context: Context) -> Message:
         data = task.load_data(context)
         dataset = data.evaluate if data.evaluate is not None else data.train
-        model = task.build_model()
+        model = task.build_model(context)
         load_weights(model, wire.arrays_from_record(msg.content[wire.ARRAYS_KEY]))
         result = evaluate(model, dataset)
         metrics = MetricRecord(
@@ -122,7 +122,7 @@ def make_client_app(task: ClientTask) -> ClientApp:
         from fedforget.strategies.base import AscentSettings
 
         config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
-        model = task.build_model()
+        model = task.build_model(context)
         load_weights(model, wire.arrays_from_record(msg.content[wire.ARRAYS_KEY]))
         settings = AscentSettings(
             radius=float(config[wire.ASCENT_RADIUS]),

@@ -257,12 +257,34 @@ def certs_command(
     except (FedforgetError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"CA certificate (give it to every organisation): {made.tls.ca_certificate}")
     console.print(f"server certificate and key (SuperLink, withdrawal service): {made.tls.certificate}, {made.tls.private_key}")
     console.print(f"federation signing key (certificates of unlearning): {made.federation_key}; public: {made.federation_public_key}")
     for name, (private, public) in made.organisations.items():
         console.print(f"organisation {name}: {private} (keep secret, 0600), {public} (register and enrol it)")
+
+
+@app.command("export-data")
+def export_data_command(
+    out: Annotated[Path, typer.Option(help="Directory for part-0.npz, part-1.npz, ...")],
+    partitions: Annotated[int, typer.Option(help="How many shares (one per organisation).")],
+    dataset: Annotated[str, typer.Option(help="digits (bundled), mnist or fashion-mnist.")] = "digits",
+    partition: Annotated[str, typer.Option(help="iid, dirichlet or pathological.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (with --partition dirichlet).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+) -> None:
+    """Write shares of a built-in dataset as the data files deployed organisations train on (x, y in .npz)."""
+    from fedforget.errors import FedforgetError
+    from fedforget.simulations.export import export_partitions
+
+    try:
+        paths = export_partitions(dataset, partitions, out, scheme=partition, alpha=alpha, seed=seed)
+    except (FedforgetError, ValueError, RuntimeError, OSError) as exc:
+        _fail(str(exc))
+        return
+    for path in paths:
+        typer.echo(f"{path.resolve()}")
 
 
 @app.command("unlearn")

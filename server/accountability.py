@@ -59,6 +59,44 @@ class Accountability:
                 ],
             )
 
+    def reconcile(self, store: HistoryStore) -> list[int]:
+        """After a crash, give every round the store committed its ledger entry; return the rounds added.
+
+        Rounds are committed to the store first and to the ledger right after,
+        so a crash between the two leaves the ledger a round or two behind the
+        store (and perhaps a torn last line, which is dropped and recorded as a
+        ``ledger-repair``). The missing entries are rebuilt from the store:
+        participants, example counts and the model hash are all there; the
+        update hashes are not (they were computed from the updates as sent), so
+        they are recorded as unknown rather than recomputed from stored copies.
+        """
+        if self.ledger_path.exists():
+            Ledger.repair(self.ledger_path)
+        trajectory = store.current_trajectory()
+        info = next(t for t in store.trajectories() if t.id == trajectory)
+        with Ledger.open(self.ledger_path) as ledger:
+            recorded = {
+                int(e.body["round"])
+                for e in ledger.entries()
+                if e.kind == "round" and int(e.body["trajectory"]) == trajectory
+            }
+            reader = store.reader(trajectory)
+            added = []
+            for view in reader.rounds(info.base_version + 1):
+                if view.round in recorded:
+                    continue
+                ledger.record_round(
+                    trajectory=trajectory,
+                    round=view.round,
+                    model_hash=model_hash(view.model_after()),
+                    participants=[
+                        {"client": p.client_id, "num_examples": p.num_examples, "update_hash": None}
+                        for p in view.participants
+                    ],
+                )
+                added.append(view.round)
+        return added
+
     def unlearned(
         self,
         store: HistoryStore,

@@ -169,6 +169,10 @@ class FederatedRun:
         self._abandon_interrupted_unlearning()
         self._refresh_from_store()
         self.strategy.exclude(self.withdrawn_clients())
+        if self.accountability is not None:
+            added = self.accountability.reconcile(self.store)
+            if added:
+                _log.warning("ledger entries for rounds %s were lost in a crash and rebuilt from the store", added)
 
     def unlearn_now(self, notices: list[WithdrawalNotice], before_round: int, model: Arrays) -> Arrays:
         """Act on withdrawals outside the round loop (``fedforget unlearn``); returns the unlearned model."""
@@ -386,7 +390,8 @@ class FederatedRun:
     # -- bookkeeping -------------------------------------------------------------
 
     def _wait_for_nodes(self) -> None:
-        wanted = self.settings.expected_clients
+        # An organisation that has withdrawn may have shut its node down for good.
+        wanted = self.settings.expected_clients - len(self.withdrawn_clients())
         deadline = time.monotonic() + self.settings.node_wait_timeout
         while len(list(self.grid.get_node_ids())) < wanted:
             if time.monotonic() > deadline:

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "pathological")
 
@@ -138,6 +135,10 @@ def _partition_cached(
     min_partition_size: int,
 ) -> tuple[np.ndarray, ...]:
     """Run the flwr-datasets partitioner; arguments are hashable so results can be memoised."""
+    # Imported here: they take over a second, which processes that never partition should not pay.
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     # Arrow format matters for speed: with it ``dataset["label"]`` (which the
     # partitioners turn into a numpy array) is a whole Arrow column instead of a

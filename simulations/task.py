@@ -93,7 +93,7 @@ class SimulationTask:
     def client_id(self, context: Context) -> str:
         return str(int(context.node_config[PARTITION_ID]))
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, context: Context) -> nn.Module:
         # One thread per simulated client: two cores shared by several workers
         # run tiny models far slower with intra-op threading than without.
         torch.set_num_threads(1)

@@ -1,0 +1,217 @@
+"""The settings of a deployed run, read from Flower's run config (``flwr run ... --run-config``).
+
+Under ``flwr run`` the ServerApp runs in a process of its own that receives
+nothing but ``context.run_config``: the defaults come from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and the operator overrides
+them per run. Every key is checked here, before anything is written, so a typo
+fails the run at once with a message naming the key instead of training with a
+default the operator did not mean.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedforget.errors import FedforgetError
+
+UNLEARNING_PREFIX = "unlearning."
+"""Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``)."""
+
+_UNLEARNING_KEYS: dict[str, type] = {
+    "calibration-ratio": float,
+    "calibration-norm": str,
+    "recovery-rounds": int,
+    "noise-epsilon": float,
+    "noise-sensitivity": float,
+    "ascent-accuracy-floor": float,
+}
+
+
+class RunConfigError(FedforgetError):
+    """The run config is missing a key or holds a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """One deployed run, as the ServerApp and the ClientApps read it from the run config."""
+
+    state_dir: Path
+    """Where the run keeps its history store, consent registry, ledger and certificates."""
+    federation_id: str
+    """The id signed withdrawal requests and certificates name; the withdrawal service uses the same."""
+    signing_key: Path
+    """The federation's private key (``fedforget certs``: federation.key) that signs certificates."""
+    dataset: str = "digits"
+    """The model architecture, and the built-in data a node trains on unless it names its own."""
+    num_rounds: int = 5
+    strategy: str = "retrain"
+    local_epochs: float = 1.0
+    lr: float = 0.1
+    batch_size: int = 16
+    seed: int = 0
+    min_nodes: int = 1
+    """Nodes that must be connected before round 1; withdrawn organisations no longer count."""
+    round_timeout: float = 600.0
+    resume: bool = False
+    """Continue the run whose history is in ``state_dir`` (after a crash or a stop)."""
+    store_dtype: str = "float16"
+    retention_interval: int = 1
+    evaluate: bool = True
+    """Evaluate each global model on the built-in dataset's test split (server side)."""
+    unlearning: Mapping[str, object] = field(default_factory=dict)
+    """Strategy settings by their run-config names (``calibration-ratio``, ...)."""
+
+    @property
+    def store_dir(self) -> Path:
+        return self.state_dir / "store"
+
+    @property
+    def registry(self) -> Path:
+        return self.state_dir / "state" / "consent.sqlite"
+
+    @property
+    def ledger(self) -> Path:
+        return self.state_dir / "state" / "ledger.jsonl"
+
+    @property
+    def certificates(self) -> Path:
+        return self.state_dir / "certificates"
+
+    @property
+    def report(self) -> Path:
+        return self.state_dir / "report.json"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> DeploymentConfig:
+        """Parse and check Flower's run config; raise :class:`RunConfigError` naming every bad key."""
+        reader = _Reader(run_config)
+        config = cls(
+            state_dir=reader.path("state-dir"),
+            federation_id=reader.text("federation-id"),
+            signing_key=reader.path("signing-key"),
+            dataset=reader.text("dataset", cls.dataset),
+            num_rounds=reader.integer("num-rounds", cls.num_rounds, minimum=1),
+            strategy=reader.text("strategy", cls.strategy),
+            local_epochs=reader.number("local-epochs", cls.local_epochs, minimum=0.0),
+            lr=reader.number("lr", cls.lr, minimum=0.0),
+            batch_size=reader.integer("batch-size", cls.batch_size, minimum=1),
+            seed=reader.integer("seed", cls.seed, minimum=0),
+            min_nodes=reader.integer("min-nodes", cls.min_nodes, minimum=1),
+            round_timeout=reader.number("round-timeout", cls.round_timeout, minimum=0.0),
+            resume=reader.flag("resume", cls.resume),
+            store_dtype=reader.text("store-dtype", cls.store_dtype),
+            retention_interval=reader.integer("retention-interval", cls.retention_interval, minimum=1),
+            evaluate=reader.flag("evaluate", cls.evaluate),
+            unlearning=reader.unlearning(),
+        )
+        reader.check_choices(config)
+        reader.raise_errors()
+        return config
+
+
+class _Reader:
+    """Collects every problem in the run config so that one failed run names them all."""
+
+    _KNOWN = {
+        "state-dir", "federation-id", "signing-key", "dataset", "num-rounds", "strategy", "local-epochs",
+        "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
+        "retention-interval", "evaluate",
+    }
+
+    def __init__(self, run_config: Mapping[str, object]) -> None:
+        self._config = dict(run_config)
+        self._errors: list[str] = []
+        unknown = sorted(
+            k for k in self._config if k not in self._KNOWN and not k.startswith(UNLEARNING_PREFIX)
+        )
+        if unknown:
+            self._errors.append(f"unknown keys {unknown} (known: {sorted(self._KNOWN)} and unlearning.*)")
+
+    def _get(self, key: str, default: object) -> object:
+        value = self._config.get(key, default)
+        if value is _REQUIRED or value == "":
+            if default is _REQUIRED:
+                self._errors.append(f"{key} is required: pass it with --run-config \"{key}='...'\"")
+            return default
+        return value
+
+    def text(self, key: str, default: object = None) -> str:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if value is _REQUIRED:
+            return ""
+        if not isinstance(value, str):
+            self._errors.append(f"{key} must be a string, got {value!r}")
+            return ""
+        return value
+
+    def path(self, key: str) -> Path:
+        value = self.text(key)
+        if value and not os.path.isabs(value):
+            self._errors.append(
+                f"{key} must be an absolute path ({value!r} is relative, and the ServerApp's working "
+                "directory is the SuperLink's, not yours)"
+            )
+        return Path(value)
+
+    def integer(self, key: str, default: int, *, minimum: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._errors.append(f"{key} must be an integer, got {value!r}")
+            return default
+        if value < minimum:
+            self._errors.append(f"{key} must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._errors.append(f"{key} must be a number, got {value!r}")
+            return default
+        if value < minimum:
+            self._errors.append(f"{key} must be at least {minimum}, got {value}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            self._errors.append(f"{key} must be true or false, got {value!r}")
+            return default
+        return value
+
+    def unlearning(self) -> dict[str, object]:
+        settings: dict[str, object] = {}
+        for key, value in self._config.items():
+            if not key.startswith(UNLEARNING_PREFIX):
+                continue
+            name = key[len(UNLEARNING_PREFIX):]
+            kind = _UNLEARNING_KEYS.get(name)
+            if kind is None:
+                self._errors.append(f"unknown key {key} (known: {sorted(_UNLEARNING_KEYS)})")
+            elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                settings[name] = float(value)
+            elif isinstance(value, kind) and not isinstance(value, bool):
+                settings[name] = value
+            else:
+                self._errors.append(f"{key} must be of type {kind.__name__}, got {value!r}")
+        return settings
+
+    def check_choices(self, config: DeploymentConfig) -> None:
+        from fedforget.simulations.datasets import DATASET_NAMES
+        from fedforget.strategies.registry import STRATEGY_NAMES
+
+        if config.dataset not in DATASET_NAMES:
+            self._errors.append(f"dataset must be one of {list(DATASET_NAMES)}, got {config.dataset!r}")
+        if config.strategy not in STRATEGY_NAMES:
+            self._errors.append(f"strategy must be one of {list(STRATEGY_NAMES)}, got {config.strategy!r}")
+        if config.store_dtype not in ("float32", "float16"):
+            self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
+
+    def raise_errors(self) -> None:
+        if self._errors:
+            raise RunConfigError("invalid run config: " + "; ".join(self._errors))
+
+
+_REQUIRED = object()

@@ -1,0 +1,145 @@
+"""The ServerApp ``flwr run`` starts: fedforget on a real SuperLink.
+
+Flower runs it in a process of its own that knows only the run config, so
+everything lasting goes to the configured state directory: the history
+store, the consent registry the withdrawal service fills, the ledger, the
+certificates and ``report.json``. A run killed at any point is continued by
+``flwr run`` with ``resume=true``: the store says which rounds are complete,
+the registry which requests are still open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedforget.files import ensure_writable_dir, write_json_atomic
+from fedforget.run_config import DeploymentConfig
+from fedforget.server.accountability import Accountability
+from fedforget.server.app import ServerSetup, run_federation
+from fedforget.server.consent import RegistryConsent
+from fedforget.server.consent_registry import ConsentRegistry
+from fedforget.server.errors import FedforgetError
+from fedforget.server.federated_run import RunOutcome, RunSettings
+from fedforget.strategies.registry import UnlearningOptions
+
+app = ServerApp()
+
+
+class LoggedProgress:
+    """Run progress in the ServerApp's log, which ``flwr run --stream`` and ``flwr log`` show."""
+
+    def run_started(self, first_round: int, num_rounds: int) -> None:
+        log(logging.INFO, "fedforget: rounds %s..%s", first_round, num_rounds)
+
+    def round_starting(self, server_round: int) -> None:
+        log(logging.INFO, "fedforget: round %s starting", server_round)
+
+    def round_finished(self, entry: dict[str, object]) -> None:
+        accuracy = entry.get("test_accuracy")
+        shown = "" if accuracy is None else f", test accuracy {float(accuracy):.3f}"  # type: ignore[arg-type]
+        log(
+            logging.INFO,
+            "fedforget: round %s done in %.1f s with %s%s",
+            entry["round"],
+            float(entry.get("seconds", 0.0)),  # type: ignore[arg-type]
+            ", ".join(entry.get("participants", [])),  # type: ignore[arg-type]
+            shown,
+        )
+
+    def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
+        log(logging.INFO, "fedforget: unlearning %s with %s before round %s", ", ".join(clients), strategy, before_round)
+
+    def unlearning_finished(self, event: dict[str, object]) -> None:
+        log(
+            logging.INFO,
+            "fedforget: unlearned %s in %.1f s; certificates: %s",
+            ", ".join(event["clients"]),  # type: ignore[arg-type]
+            float(event["seconds"]),  # type: ignore[arg-type]
+            event.get("certificates"),
+        )
+
+
+def deployment_setup(config: DeploymentConfig) -> ServerSetup:
+    """The server's setup for a deployed run: state on disk, withdrawals from the consent registry."""
+    from fedforget.client.app import model_arrays
+    from fedforget.simulations.models import SeededModelFactory, build_model
+    from fedforget.simulations.runner import make_evaluate_fn
+
+    if not config.signing_key.is_file():
+        raise FedforgetError(
+            f"signing-key {config.signing_key} does not exist: make it with `fedforget certs` "
+            "(federation.key) and give its absolute path"
+        )
+    ensure_writable_dir(config.state_dir)
+    config.registry.parent.mkdir(parents=True, exist_ok=True)
+    # The withdrawal service may not have created the registry yet; the loop reads it every round.
+    ConsentRegistry.open(config.registry).close()
+    options = UnlearningOptions(
+        local_epochs=config.local_epochs,
+        retention_interval=config.retention_interval,
+        model_factory=SeededModelFactory(config.dataset, seed=config.seed),
+        **{key.replace("-", "_"): value for key, value in config.unlearning.items()},  # type: ignore[arg-type]
+    )
+    return ServerSetup(
+        store_dir=config.store_dir,
+        federation_id=config.federation_id,
+        initial_model=model_arrays(build_model(config.dataset, seed=config.seed)),
+        settings=RunSettings(
+            num_rounds=config.num_rounds,
+            train_config={"local-epochs": config.local_epochs, "lr": config.lr, "batch-size": config.batch_size},
+            seed=config.seed,
+            round_timeout=config.round_timeout,
+            expected_clients=config.min_nodes,
+        ),
+        strategy=config.strategy,
+        unlearning_options=options,
+        retention_interval=config.retention_interval,
+        update_dtype=config.store_dtype,
+        resume=config.resume,
+        evaluate_fn=make_evaluate_fn(config.dataset, config.seed) if config.evaluate else None,
+        observer=LoggedProgress(),
+        consent=RegistryConsent(config.registry),
+        accountability=Accountability(
+            ledger_path=config.ledger,
+            server_key=config.signing_key,
+            certificates_dir=config.certificates,
+            federation_id=config.federation_id,
+        ),
+    )
+
+
+def deployment_report(config: DeploymentConfig, outcome: RunOutcome, wall_seconds: float) -> dict[str, object]:
+    """What the run did, for the operator: rounds, unlearnings and where their certificates are."""
+    return {
+        "federation_id": config.federation_id,
+        "strategy": config.strategy,
+        "resumed_from_round": outcome.resumed_from,
+        "rounds": [
+            {k: entry.get(k) for k in ("round", "trajectory", "participants", "seconds", "test_accuracy")}
+            for entry in outcome.timeline
+        ],
+        "unlearning": [
+            {k: event.get(k) for k in ("clients", "round", "strategy", "seconds", "client_epochs",
+                                       "test_accuracy_before", "test_accuracy_after", "certificates")}
+            for event in outcome.unlearning
+        ],
+        "ledger": str(config.ledger),
+        "store": str(config.store_dir),
+        "wall_seconds": wall_seconds,
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Train (or resume), acting on signed withdrawals between rounds; write ``report.json``."""
+    started = time.perf_counter()
+    config = DeploymentConfig.from_run_config(context.run_config)
+    outcome = run_federation(grid, deployment_setup(config))
+    write_json_atomic(config.report, deployment_report(config, outcome, time.perf_counter() - started))
+    log(logging.INFO, "fedforget: run complete; report in %s", config.report)

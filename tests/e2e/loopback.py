@@ -1,0 +1,247 @@
+"""A fedforget federation of real processes on loopback, set up exactly as the README's deployment section.
+
+Every step runs the same command a user pastes: ``fedforget certs``,
+``fedforget export-data``, ``flower-superlink`` with TLS, node authentication
+and a database, ``flwr supernode register``, ``fedforget enroll``,
+``flower-supernode`` with the organisation's key, ``fedforget
+withdrawal-service``, ``flwr run``, ``fedforget withdraw``. Nothing runs
+in-process; state lives in files under one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from processes import ProcessGroup
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CONNECTION = "fedforget-e2e"
+FEDERATION_ID = "e2e-federation"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, *, every: float = 0.25) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+class LoopbackFederation:
+    """Credentials, data, SuperLink, SuperNodes and the withdrawal service of one test, under ``root``."""
+
+    def __init__(self, root: Path, organisations: list[str]) -> None:
+        self.root = root
+        self.organisations = organisations
+        self.creds = root / "creds"
+        self.data = root / "data"
+        self.state = root / "server-state"
+        self.superlink_db = root / "superlink" / "state.db"
+        self.flwr_home = root / "flwr"
+        self.superlink_port = free_port()
+        self.service_port = free_port()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "OMP_NUM_THREADS": "1",
+            "GRPC_VERBOSITY": "ERROR",
+        }
+        self.processes = ProcessGroup(root / "logs", self.env)
+        self.node_ids: dict[str, int] = {}
+
+    # -- one-off commands ---------------------------------------------------------
+
+    def command(self, *argv: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a CLI command to completion (``fedforget ...``, ``flwr ...``) with the federation's environment."""
+        result = subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], env=self.env, cwd=self.root, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"`{' '.join(argv)}` exited with {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def prepare(self) -> None:
+        """Credentials for the server and each organisation, their data files, and the flwr connection."""
+        orgs = [arg for name in self.organisations for arg in ("--org", name)]
+        self.command("fedforget", "certs", "--out", str(self.creds), "--host", "127.0.0.1", "--host", "localhost", *orgs)
+        self.command(
+            "fedforget", "export-data", "--dataset", "digits", "--partitions", str(len(self.organisations)),
+            "--out", str(self.data),
+        )
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\n'
+            f'root-certificates = "{self.creds / "ca.crt"}"\n'
+        )
+        self.superlink_db.parent.mkdir(parents=True, exist_ok=True)
+
+    def data_file(self, organisation: str) -> Path:
+        return self.data / f"part-{self.organisations.index(organisation)}.npz"
+
+    # -- long-running processes ---------------------------------------------------
+
+    def start_superlink(self) -> None:
+        self.processes.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(self.creds / "ca.crt"),
+                "--ssl-certfile", str(self.creds / "server.pem"),
+                "--ssl-keyfile", str(self.creds / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.superlink_port),
+                "--database", str(self.superlink_db),
+            ],
+        )
+        wait_until(lambda: self.tls_handshake(self.superlink_port), 60, "the SuperLink to serve TLS")
+
+    def register(self, organisation: str) -> int:
+        out = self.command(
+            "flwr", "supernode", "register", str(self.creds / "orgs" / f"{organisation}.pub"), CONNECTION,
+            "--name", organisation,
+        ).stdout
+        match = re.search(r"SuperNode (\d+) registered", out)
+        assert match, f"no node id in the output of flwr supernode register: {out}"
+        self.node_ids[organisation] = int(match.group(1))
+        return self.node_ids[organisation]
+
+    def enroll(self, organisation: str) -> None:
+        self.command(
+            "fedforget", "enroll", organisation, str(self.creds / "orgs" / f"{organisation}.pub"),
+            "--registry", str(self.state / "state" / "consent.sqlite"),
+        )
+
+    def start_supernode(
+        self, organisation: str, *, name: str | None = None, key: Path | None = None, insecure: bool = False
+    ) -> subprocess.Popen[bytes]:
+        index = self.organisations.index(organisation) if organisation in self.organisations else 0
+        argv = [
+            str(BIN / "flower-supernode"),
+            "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--auth-supernode-private-key", str(key or self.creds / "orgs" / f"{organisation}.key"),
+            "--node-config", f"data-file='{self.data / f'part-{index}.npz'}'",
+            "--port", str(free_port()),
+        ]
+        argv += ["--insecure"] if insecure else ["--root-certificates", str(self.creds / "ca.crt")]
+        return self.processes.start(name or f"supernode-{organisation}", argv)
+
+    def start_withdrawal_service(self) -> None:
+        self.processes.start(
+            "withdrawal-service",
+            [
+                str(BIN / "fedforget"), "withdrawal-service",
+                "--address", f"127.0.0.1:{self.service_port}",
+                "--registry", str(self.state / "state" / "consent.sqlite"),
+                "--federation", FEDERATION_ID,
+                "--cert", str(self.creds / "server.pem"),
+                "--key", str(self.creds / "server.key"),
+            ],
+        )
+        wait_until(lambda: self.tls_handshake(self.service_port), 60, "the withdrawal service to serve TLS")
+
+    def start_run(self, name: str, **settings: object) -> subprocess.Popen[bytes]:
+        """``flwr run`` the fedforget app from the repository with the given run-config overrides."""
+        config = {
+            "state-dir": str(self.state),
+            "federation-id": FEDERATION_ID,
+            "signing-key": str(self.creds / "federation.key"),
+            **settings,
+        }
+        rendered = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+        return self.processes.start(
+            name, [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config", rendered]
+        )
+
+    def online_nodes(self) -> set[int]:
+        out = self.command("flwr", "supernode", "list", CONNECTION, "--format", "json", check=False).stdout
+        try:
+            nodes = json.loads(out[out.index("{"):])["nodes"]
+        except (ValueError, KeyError):
+            return set()
+        return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+    # -- the organisations' side ------------------------------------------------
+
+    def withdraw(self, organisation: str) -> str:
+        """``fedforget withdraw`` as the organisation; returns the request id the service acknowledged."""
+        out = self.command(
+            "fedforget", "withdraw",
+            "--server", f"127.0.0.1:{self.service_port}",
+            "--ca", str(self.creds / "ca.crt"),
+            "--key", str(self.creds / "orgs" / f"{organisation}.key"),
+            "--client", organisation,
+            "--federation", FEDERATION_ID,
+            "--reason", "end-to-end test",
+        ).stdout.strip()
+        assert out and len(out.split()) == 1, f"fedforget withdraw printed no request id: {out!r}"
+        return out
+
+    # -- what the server wrote ---------------------------------------------------
+
+    def ledger(self) -> list[dict[str, object]]:
+        path = self.state / "state" / "ledger.jsonl"
+        if not path.exists():
+            return []
+        entries = []
+        for line in path.read_bytes().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # a line being appended right now
+        return entries
+
+    def ledger_rounds(self) -> list[tuple[int, int]]:
+        """(trajectory, round) of every round entry, in ledger order."""
+        return [
+            (int(e["body"]["trajectory"]), int(e["body"]["round"]))  # type: ignore[index]
+            for e in self.ledger()
+            if e.get("kind") == "round"
+        ]
+
+    @staticmethod
+    def tls_handshake(port: int) -> bool:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    return True
+        except OSError:
+            return False
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value) + "'"
