@@ -46,7 +46,7 @@ class OrganisationTask:
         return build_model(dataset, seed=int(context.run_config.get("seed", 0)))  # type: ignore[arg-type]
 
     def load_data(self, context: Context) -> ClientData:
-        x, y = _read_data_file(_data_file(context))
+        x, y = read_data_file(_data_file(context))
         return ClientData(train=TensorDataset(torch.from_numpy(x), torch.from_numpy(y)))
 
 
@@ -59,7 +59,7 @@ def _data_file(context: Context) -> Path:
     return Path(str(context.node_config[DATA_FILE]))
 
 
-def _read_data_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_data_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise NodeConfigError(f"data-file {path} does not exist")
     with np.load(path, allow_pickle=False) as data:

@@ -240,6 +240,23 @@ def bench_overhead(
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+@bench_app.command("deployment")
+def bench_deployment(
+    out: Annotated[Path, typer.Option(help="Directory for the federation's files and bench-deployment.json.")] = Path(
+        "runs/bench-deployment"
+    ),
+    organisations: Annotated[int, typer.Option(help="Organisations (SuperNodes).")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds to run (round 1 is not counted).")] = 4,
+) -> None:
+    """A real loopback TLS federation: the deployed round time against one ClientApp's own work."""
+    from fedforget.simulations.bench_deployment import run_deployment_benchmark
+
+    try:
+        run_deployment_benchmark(out, organisations=organisations, rounds=rounds)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
 @app.command("certs")
 def certs_command(
     out: Annotated[Path, typer.Option(help="Directory to write the credentials into.")],

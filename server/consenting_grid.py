@@ -1,4 +1,4 @@
-"""A view of a Flower Grid that hides the nodes of withdrawn clients.
+"""Views of a Flower Grid: one hides the nodes of withdrawn clients, one collects replies promptly.
 
 Flower's strategies sample from ``grid.get_node_ids()``; filtering there, rather
 than after sampling, keeps sample sizes right and guarantees a withdrawn
@@ -7,6 +7,7 @@ client receives no instruction of any kind.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
@@ -16,24 +17,17 @@ from flwr.serverapp import Grid
 from fedforget.server.client_identity import ClientIdResolver
 
 
-class ConsentingGrid(Grid):
-    """Delegate to ``grid``, listing only nodes whose client may still take part."""
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to ``grid``; subclasses change what they must."""
 
-    def __init__(
-        self, grid: Grid, identities: ClientIdResolver, is_excluded: Callable[[str], bool]
-    ) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self._identities = identities
-        self._is_excluded = is_excluded
 
     def get_node_ids(self) -> Iterable[int]:
-        node_ids = list(self._grid.get_node_ids())
-        clients = self._identities.resolve(self._grid, node_ids)
-        return [node for node in node_ids if not self._is_excluded(clients[node])]
+        return self._grid.get_node_ids()
 
     def get_nodes(self):  # type: ignore[no-untyped-def]
-        allowed = set(self.get_node_ids())
-        return [info for info in self._grid.get_nodes() if info.node_id in allowed]
+        return self._grid.get_nodes()
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -62,3 +56,53 @@ class ConsentingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class ConsentingGrid(DelegatingGrid):
+    """Delegate to ``grid``, listing only nodes whose client may still take part."""
+
+    def __init__(
+        self, grid: Grid, identities: ClientIdResolver, is_excluded: Callable[[str], bool]
+    ) -> None:
+        super().__init__(grid)
+        self._identities = identities
+        self._is_excluded = is_excluded
+
+    def get_node_ids(self) -> Iterable[int]:
+        node_ids = list(self._grid.get_node_ids())
+        clients = self._identities.resolve(self._grid, node_ids)
+        return [node for node in node_ids if not self._is_excluded(clients[node])]
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        allowed = set(self.get_node_ids())
+        return [info for info in self._grid.get_nodes() if info.node_id in allowed]
+
+
+class PromptGrid(DelegatingGrid):
+    """Collect replies every ``poll_interval`` seconds instead of Flower's deployment default of 3 s.
+
+    Flower 1.42's deployed Grid sleeps 3 s between pulls, so a round whose last
+    reply lands just after a pull waits up to 3 s for nothing; the ServerApp is
+    the project's to tune, the SuperNodes' polling is not.
+    """
+
+    def __init__(self, grid: Grid, poll_interval: float = 0.2) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        super().__init__(grid)
+        self.poll_interval = poll_interval
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {msg.metadata.reply_to_message_id for msg in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies

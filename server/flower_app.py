@@ -24,6 +24,7 @@ from fedforget.server.accountability import Accountability
 from fedforget.server.app import ServerSetup, run_federation
 from fedforget.server.consent import RegistryConsent
 from fedforget.server.consent_registry import ConsentRegistry
+from fedforget.server.consenting_grid import PromptGrid
 from fedforget.server.errors import FedforgetError
 from fedforget.server.federated_run import RunOutcome, RunSettings
 from fedforget.strategies.registry import UnlearningOptions
@@ -140,6 +141,6 @@ def main(grid: Grid, context: Context) -> None:
     """Train (or resume), acting on signed withdrawals between rounds; write ``report.json``."""
     started = time.perf_counter()
     config = DeploymentConfig.from_run_config(context.run_config)
-    outcome = run_federation(grid, deployment_setup(config))
+    outcome = run_federation(PromptGrid(grid), deployment_setup(config))
     write_json_atomic(config.report, deployment_report(config, outcome, time.perf_counter() - started))
     log(logging.INFO, "fedforget: run complete; report in %s", config.report)

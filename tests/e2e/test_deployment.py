@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from loopback import BIN, LoopbackFederation, free_port, wait_until
+from fedforget.simulations.local_federation import BIN, LoopbackFederation, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

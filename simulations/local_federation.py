@@ -1,4 +1,6 @@
-"""A fedforget federation of real processes on loopback, set up exactly as the README's deployment section.
+"""A fedforget federation of real processes on one machine, set up as the README's deployment section.
+
+Used by ``fedforget bench deployment`` and the end-to-end tests.
 
 Every step runs the same command a user pastes: ``fedforget certs``,
 ``fedforget export-data``, ``flower-superlink`` with TLS, node authentication
@@ -21,9 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from processes import ProcessGroup
+from fedforget.simulations.processes import ProcessGroup
 
-REPO = Path(__file__).resolve().parents[2]
+SOURCE_TREE = Path(__file__).resolve().parents[1]
+"""The project directory ``flwr run`` builds the app from (its pyproject.toml), in a source checkout."""
 BIN = Path(sys.executable).parent
 CONNECTION = "fedforget-e2e"
 FEDERATION_ID = "e2e-federation"
@@ -43,15 +46,22 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, *, ev
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
 
 
 class LoopbackFederation:
     """Credentials, data, SuperLink, SuperNodes and the withdrawal service of one test, under ``root``."""
 
-    def __init__(self, root: Path, organisations: list[str]) -> None:
-        self.root = root
+    def __init__(self, root: Path, organisations: list[str], *, app_dir: Path = SOURCE_TREE) -> None:
+        if "[tool.flwr.app]" not in _read(app_dir / "pyproject.toml"):
+            raise FileNotFoundError(
+                f"{app_dir} holds no Flower app (pyproject.toml with [tool.flwr.app]); run from a fedforget "
+                "source checkout installed with `pip install -e .`"
+            )
+        self.app_dir = app_dir
+        self.root = root.resolve()
+        root = self.root
         self.organisations = organisations
         self.creds = root / "creds"
         self.data = root / "data"
@@ -81,7 +91,7 @@ class LoopbackFederation:
             timeout=timeout,
         )
         if check and result.returncode != 0:
-            raise AssertionError(
+            raise RuntimeError(
                 f"`{' '.join(argv)}` exited with {result.returncode}:\n{result.stdout}\n{result.stderr}"
             )
         return result
@@ -107,7 +117,7 @@ class LoopbackFederation:
     # -- long-running processes ---------------------------------------------------
 
     def start_superlink(self) -> None:
-        self.processes.start(
+        process = self.processes.start(
             "superlink",
             [
                 str(BIN / "flower-superlink"),
@@ -121,7 +131,7 @@ class LoopbackFederation:
                 "--database", str(self.superlink_db),
             ],
         )
-        wait_until(lambda: self.tls_handshake(self.superlink_port), 60, "the SuperLink to serve TLS")
+        self._wait_serving("superlink", process, self.superlink_port)
 
     def register(self, organisation: str) -> int:
         out = self.command(
@@ -129,7 +139,8 @@ class LoopbackFederation:
             "--name", organisation,
         ).stdout
         match = re.search(r"SuperNode (\d+) registered", out)
-        assert match, f"no node id in the output of flwr supernode register: {out}"
+        if not match:
+            raise RuntimeError(f"no node id in the output of flwr supernode register: {out}")
         self.node_ids[organisation] = int(match.group(1))
         return self.node_ids[organisation]
 
@@ -154,7 +165,7 @@ class LoopbackFederation:
         return self.processes.start(name or f"supernode-{organisation}", argv)
 
     def start_withdrawal_service(self) -> None:
-        self.processes.start(
+        process = self.processes.start(
             "withdrawal-service",
             [
                 str(BIN / "fedforget"), "withdrawal-service",
@@ -165,7 +176,15 @@ class LoopbackFederation:
                 "--key", str(self.creds / "server.key"),
             ],
         )
-        wait_until(lambda: self.tls_handshake(self.service_port), 60, "the withdrawal service to serve TLS")
+        self._wait_serving("withdrawal-service", process, self.service_port)
+
+    def _wait_serving(self, name: str, process: subprocess.Popen[bytes], port: int) -> None:
+        def serving() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.processes.log(name)[-2000:]}")
+            return self.tls_handshake(port)
+
+        wait_until(serving, 60, f"{name} to serve TLS on port {port}")
 
     def start_run(self, name: str, **settings: object) -> subprocess.Popen[bytes]:
         """``flwr run`` the fedforget app from the repository with the given run-config overrides."""
@@ -177,7 +196,7 @@ class LoopbackFederation:
         }
         rendered = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
         return self.processes.start(
-            name, [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config", rendered]
+            name, [str(BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--stream", "--run-config", rendered]
         )
 
     def online_nodes(self) -> set[int]:
@@ -201,7 +220,8 @@ class LoopbackFederation:
             "--federation", FEDERATION_ID,
             "--reason", "end-to-end test",
         ).stdout.strip()
-        assert out and len(out.split()) == 1, f"fedforget withdraw printed no request id: {out!r}"
+        if not out or len(out.split()) != 1:
+            raise RuntimeError(f"fedforget withdraw printed no request id: {out!r}")
         return out
 
     # -- what the server wrote ---------------------------------------------------
@@ -237,6 +257,13 @@ class LoopbackFederation:
                     return True
         except OSError:
             return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _toml_value(value: object) -> str:
