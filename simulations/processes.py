@@ -74,15 +74,26 @@ class ProcessGroup:
         logs.mkdir(parents=True, exist_ok=True)
         _set_subreaper(True)
 
-    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with its output in ``LOGS/name.log`` (appended: a restart keeps the history)."""
+    def start(
+        self, name: str, argv: Sequence[str], *, cwd: Path | None = None, stdin: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with its output in ``LOGS/name.log`` (appended: a restart keeps the history).
+
+        With ``stdin`` the process reads from a pipe the caller writes to (a shell fed commands).
+        """
         if name in self.started and self.started[name].poll() is None:
             raise RuntimeError(f"{name} is already running (pid {self.started[name].pid})")
         with open(self.logs / f"{name}.log", "ab") as log:
             log.write(f"\n$ {' '.join(argv)}\n".encode())
             log.flush()
             process = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=cwd, start_new_session=True
+                list(argv),
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=cwd,
+                start_new_session=True,
             )
         self.started[name] = process
         return process
