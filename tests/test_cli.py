@@ -18,7 +18,7 @@ runner = CliRunner()
         [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["client"], ["client", "verify"],
         ["client", "verify-certificate"], ["keys"], ["keys", "generate"], ["audit"], ["audit", "verify"],
         ["audit", "client"], ["withdraw"], ["withdraw", "request"], ["withdraw", "status"], ["withdrawal-service"],
-        ["enroll"], ["unlearn"], ["certs"],
+        ["enroll"], ["unlearn"], ["certs"], ["export-data"], ["bench", "deployment"],
     ],
 )
 def test_every_command_has_help(command):

@@ -1,0 +1,219 @@
+"""The parts of a deployment that need no running SuperLink: run config, data files, replies, ledger recovery."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flower_fixtures import initial_model, local_federation
+from flwr.app import Context, RecordDict
+from typer.testing import CliRunner
+
+from fedforget.cli import app
+from fedforget.client.flower_app import NodeConfigError, OrganisationTask, read_data_file
+from fedforget.identity import generate_keypair
+from fedforget.run_config import DeploymentConfig, RunConfigError
+from fedforget.server.accountability import Accountability
+from fedforget.server.consenting_grid import PromptGrid
+from fedforget.server.federated_run import RunError, RunSettings
+from fedforget.server.history_store import HistoryStore
+from fedforget.server.ledger import Ledger
+
+REQUIRED = {"state-dir": "/srv/fedforget", "federation-id": "fed", "signing-key": "/srv/keys/federation.key"}
+
+
+# -- run config ----------------------------------------------------------------------
+
+
+def test_the_run_config_gives_every_setting_with_defaults_for_the_rest():
+    config = DeploymentConfig.from_run_config(
+        {**REQUIRED, "num-rounds": 7, "strategy": "calibrated", "lr": 1, "unlearning.calibration-ratio": 0.25}
+    )
+    assert config.state_dir == Path("/srv/fedforget")
+    assert config.registry == Path("/srv/fedforget/state/consent.sqlite")
+    assert config.ledger == Path("/srv/fedforget/state/ledger.jsonl")
+    assert (config.num_rounds, config.strategy, config.lr, config.resume) == (7, "calibrated", 1.0, False)
+    assert config.unlearning == {"calibration-ratio": 0.25}
+
+
+def test_every_bad_key_is_named_in_one_error():
+    with pytest.raises(RunConfigError) as caught:
+        DeploymentConfig.from_run_config(
+            {
+                "state-dir": "relative/dir",
+                "signing-key": "",
+                "num-rounds": "five",
+                "resume": "yes",
+                "strategy": "forget-everything",
+                "nmu-rounds": 3,
+                "unlearning.calibration-ration": 0.5,
+            }
+        )
+    message = str(caught.value)
+    for expected in (
+        "federation-id is required",
+        "signing-key is required",
+        "state-dir must be an absolute path",
+        "num-rounds must be an integer",
+        "resume must be true or false",
+        "strategy must be one of",
+        "unknown keys ['nmu-rounds']",
+        "unknown key unlearning.calibration-ration",
+    ):
+        assert expected in message, message
+
+
+def test_the_pyproject_defaults_parse_once_the_required_keys_are_given():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    config = DeploymentConfig.from_run_config({**defaults, **REQUIRED})
+    assert config.dataset == "digits" and config.strategy == "retrain"
+
+
+# -- the organisation's data -------------------------------------------------------
+
+
+def _context(node_config: dict[str, object]) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={"dataset": "digits"})
+
+
+def test_an_organisation_trains_on_the_data_file_its_node_config_names(tmp_path):
+    path = tmp_path / "org.npz"
+    np.savez(path, x=np.zeros((5, 1, 8, 8), np.float32), y=np.arange(5))
+    data = OrganisationTask().load_data(_context({"data-file": str(path)}))
+    assert len(data.train) == 5
+    model = OrganisationTask().build_model(_context({"data-file": str(path)}))
+    assert model(data.train[:2][0]).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (None, "does not exist"),
+        ({"images": np.zeros((2, 1, 8, 8))}, "must hold arrays 'x' and 'y'"),
+        ({"x": np.zeros((2, 64)), "y": np.zeros(2)}, "x must be (N, C, H, W)"),
+    ],
+)
+def test_a_bad_data_file_is_refused_with_what_is_wrong(tmp_path, arrays, message):
+    path = tmp_path / "org.npz"
+    if arrays is not None:
+        np.savez(path, **arrays)
+    with pytest.raises(NodeConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_data_file(path)
+
+
+def test_a_node_without_a_data_file_is_told_how_to_name_one():
+    with pytest.raises(NodeConfigError, match="--node-config"):
+        OrganisationTask().load_data(_context({"partition-id": 0}))
+
+
+def test_export_data_writes_one_share_per_organisation_and_never_overwrites(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-data", "--out", str(tmp_path), "--partitions", "3"])
+    assert result.exit_code == 0, result.output
+    sizes = [len(read_data_file(tmp_path / f"part-{i}.npz")[1]) for i in range(3)]
+    assert sum(sizes) == 1437 and max(sizes) - min(sizes) <= 1
+    again = runner.invoke(app, ["export-data", "--out", str(tmp_path), "--partitions", "3"])
+    assert again.exit_code != 0 and "refusing to overwrite" in again.output
+
+
+# -- collecting replies ------------------------------------------------------------------
+
+
+class _Reply:
+    def __init__(self, reply_to: str) -> None:
+        self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
+
+
+class _SlowGrid:
+    """Replies to message i become available i·0.1 s after the push."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        return [f"m{i}" for i in range(self.count)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        ready = (time.monotonic() - self.pushed_at) / 0.1
+        return [_Reply(m) for m in sorted(message_ids) if int(m[1:]) <= ready]
+
+
+def test_replies_are_collected_promptly_and_each_once():
+    grid = _SlowGrid(4)
+    started = time.monotonic()
+    replies = list(PromptGrid(grid, poll_interval=0.05).send_and_receive([], timeout=10))  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2", "m3"]
+    assert time.monotonic() - started < 1.5  # Flower's own loop would sleep 3 s between pulls
+
+
+def test_collecting_replies_stops_at_the_timeout():
+    grid = _SlowGrid(1000)
+    started = time.monotonic()
+    replies = list(PromptGrid(grid, poll_interval=0.05).send_and_receive([], timeout=0.3))  # type: ignore[arg-type]
+    assert 0 < len(replies) < 1000 and time.monotonic() - started < 1.0
+
+
+# -- after a crash -------------------------------------------------------------------------
+
+
+def _accountable_run(tmp_path: Path, rounds: int):
+    fed = local_federation(tmp_path / "store", clients=2, rounds=rounds)
+    generate_keypair(tmp_path / "server.key", tmp_path / "server.pub")
+    fed.run.accountability = Accountability(
+        ledger_path=tmp_path / "ledger.jsonl", server_key=tmp_path / "server.key",
+        certificates_dir=tmp_path / "certificates", federation_id="test-federation",
+    )
+    return fed
+
+
+def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(tmp_path):
+    fed = _accountable_run(tmp_path, rounds=3)
+    fed.run.execute(initial_model())
+    ledger_path = tmp_path / "ledger.jsonl"
+    lines = ledger_path.read_bytes().splitlines(keepends=True)
+    # The crash: round 3 committed to the store, its ledger entry never written, a torn line after round 2.
+    ledger_path.write_bytes(b"".join(lines[:2]) + lines[2][:40])
+    added = fed.run.accountability.reconcile(fed.store)
+    assert added == [3]
+    with Ledger.open(ledger_path) as ledger:
+        entries = list(ledger.entries())
+        ledger.verify()
+        assert ledger.verify_against_store(fed.store) == 3
+    assert [e.kind for e in entries] == ["round", "round", "ledger-repair", "round"]
+    assert all(p["update_hash"] is None for p in entries[-1].body["participants"])
+    assert fed.run.accountability.reconcile(fed.store) == []
+
+
+def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
+    fed = _accountable_run(tmp_path, rounds=2)
+    fed.run.execute(initial_model())
+    ledger_path = tmp_path / "ledger.jsonl"
+    ledger_path.write_bytes(ledger_path.read_bytes().splitlines(keepends=True)[0])
+    fed.store.close()
+    store = HistoryStore.open(tmp_path / "store")
+    resumed = local_federation(tmp_path / "store", clients=2, rounds=3, store=store)
+    resumed.run.accountability = fed.run.accountability
+    resumed.run.execute(initial_model())
+    with Ledger.open(ledger_path) as ledger:
+        rounds = [e.body["round"] for e in ledger.entries() if e.kind == "round"]
+        assert ledger.verify_against_store(store) == 3
+    assert rounds == [1, 2, 3]
+    store.close()
+
+
+def test_organisations_that_withdrew_are_not_waited_for(tmp_path):
+    fed = local_federation(tmp_path / "store", clients=2, rounds=1)
+    fed.run.settings = RunSettings(num_rounds=1, expected_clients=3, node_wait_timeout=0.3)
+    with pytest.raises(RunError, match="only 2 of 3 expected nodes"):
+        fed.run._wait_for_nodes()
+    fed.run._events = [{"kind": "unlearning", "clients": ["7"]}]
+    fed.run._wait_for_nodes()
+    fed.store.close()
