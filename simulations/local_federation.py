@@ -207,6 +207,11 @@ class LoopbackFederation:
             return set()
         return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
 
+    def runs(self) -> dict[int, str]:
+        """Run id -> status of every run the SuperLink knows (``flwr ls``)."""
+        out = self.command("flwr", "ls", CONNECTION, "--format", "json").stdout
+        return {int(r["run-id"]): str(r["status"]) for r in json.loads(out[out.index("{"):])["runs"]}
+
     # -- the organisations' side ------------------------------------------------
 
     def withdraw(self, organisation: str) -> str:

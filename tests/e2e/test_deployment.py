@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fedforget.simulations.local_federation import BIN, LoopbackFederation, free_port, wait_until
+from fedforget.simulations.local_federation import BIN, CONNECTION, LoopbackFederation, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -115,6 +115,10 @@ def test_withdrawal_unlearning_and_recovery_from_sigkill(federation: LoopbackFed
 
     fed.start_superlink()
     wait_until(lambda: fed.online_nodes() == set(fed.node_ids.values()), 90, "the SuperNodes to reconnect")
+    # The SuperLink's database still lists the killed run as running: stop it, as the README says.
+    stale = [run_id for run_id, status in fed.runs().items() if status == "running"]
+    assert len(stale) == 1, fed.runs()
+    fed.command("flwr", "stop", str(stale[0]), CONNECTION)
     resumed = fed.start_run("run-resumed", **{"num-rounds": ROUNDS, "min-nodes": 3, "resume": True})
     assert resumed.wait(timeout=300) == 0, fed.processes.log("run-resumed")[-3000:]
 
