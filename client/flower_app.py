@@ -1,7 +1,7 @@
 """The ClientApp ``flwr run`` starts on each organisation's SuperNode.
 
-The model architecture comes from the run config (``dataset``), so it always
-matches the server's. The data is the organisation's own: its SuperNode's
+The model architecture comes from the run config (``model``, else
+``dataset``), so it always matches the server's. The data is the organisation's own: its SuperNode's
 ``--node-config "data-file='/abs/path/data.npz'"`` names an ``.npz`` with
 arrays ``x`` (N, C, H, W) float32 and ``y`` (N,) integer labels, shaped as the
 architecture expects (``fedforget export-data`` writes shares of a built-in
@@ -42,8 +42,9 @@ class OrganisationTask:
         from fedforget.simulations.models import build_model
 
         torch.set_num_threads(1)
-        dataset = str(context.run_config.get("dataset", "digits"))
-        return build_model(dataset, seed=int(context.run_config.get("seed", 0)))  # type: ignore[arg-type]
+        # The same run config keys the server builds its model from (fedforget.run_config).
+        spec = str(context.run_config.get("model") or context.run_config.get("dataset", "digits"))
+        return build_model(spec, seed=int(context.run_config.get("seed", 0)))  # type: ignore[arg-type]
 
     def load_data(self, context: Context) -> ClientData:
         x, y = read_data_file(_data_file(context))

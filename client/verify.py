@@ -8,7 +8,6 @@ and still singles out its data (membership inference).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,14 +38,9 @@ def load_examples(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def model_factory(spec: str) -> Callable[[], nn.Module]:
     """A built-in dataset's model (``digits``) or ``package.module:function`` returning an ``nn.Module``."""
-    if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"--model-factory {spec!r} cannot be loaded: {exc}") from exc
     from fedforget.simulations.models import build_model
 
+    build_model(spec)  # a spec that cannot be loaded fails here, before any data is read
     return lambda: build_model(spec, seed=0)
 
 

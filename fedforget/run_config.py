@@ -45,7 +45,10 @@ class DeploymentConfig:
     signing_key: Path
     """The federation's private key (``fedforget certs``: federation.key) that signs certificates."""
     dataset: str = "digits"
-    """The model architecture, and the built-in data a node trains on unless it names its own."""
+    """The built-in dataset whose architecture the model has (unless ``model`` names one) and whose
+    test split the server evaluates on."""
+    model: str = ""
+    """Your own architecture, ``package.module:function`` returning an ``nn.Module`` (installed on every party)."""
     num_rounds: int = 5
     strategy: str = "retrain"
     local_epochs: float = 1.0
@@ -63,6 +66,11 @@ class DeploymentConfig:
     """Evaluate each global model on the built-in dataset's test split (server side)."""
     unlearning: Mapping[str, object] = field(default_factory=dict)
     """Strategy settings by their run-config names (``calibration-ratio``, ...)."""
+
+    @property
+    def model_spec(self) -> str:
+        """What :func:`fedforget.simulations.models.build_model` builds: ``model``, else the dataset's."""
+        return self.model or self.dataset
 
     @property
     def store_dir(self) -> Path:
@@ -93,6 +101,7 @@ class DeploymentConfig:
             federation_id=reader.text("federation-id"),
             signing_key=reader.path("signing-key"),
             dataset=reader.text("dataset", cls.dataset),
+            model=reader.text("model", cls.model),
             num_rounds=reader.integer("num-rounds", cls.num_rounds, minimum=1),
             strategy=reader.text("strategy", cls.strategy),
             local_epochs=reader.number("local-epochs", cls.local_epochs, minimum=0.0),
@@ -116,7 +125,7 @@ class _Reader:
     """Collects every problem in the run config so that one failed run names them all."""
 
     _KNOWN = {
-        "state-dir", "federation-id", "signing-key", "dataset", "num-rounds", "strategy", "local-epochs",
+        "state-dir", "federation-id", "signing-key", "dataset", "model", "num-rounds", "strategy", "local-epochs",
         "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
         "retention-interval", "evaluate",
     }
@@ -204,6 +213,8 @@ class _Reader:
 
         if config.dataset not in DATASET_NAMES:
             self._errors.append(f"dataset must be one of {list(DATASET_NAMES)}, got {config.dataset!r}")
+        if config.model and ":" not in config.model:
+            self._errors.append(f"model must be package.module:function, got {config.model!r}")
         if config.strategy not in STRATEGY_NAMES:
             self._errors.append(f"strategy must be one of {list(STRATEGY_NAMES)}, got {config.strategy!r}")
         if config.store_dtype not in ("float32", "float16"):

@@ -84,13 +84,13 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
     options = UnlearningOptions(
         local_epochs=config.local_epochs,
         retention_interval=config.retention_interval,
-        model_factory=SeededModelFactory(config.dataset, seed=config.seed),
+        model_factory=SeededModelFactory(config.model_spec, seed=config.seed),
         **{key.replace("-", "_"): value for key, value in config.unlearning.items()},  # type: ignore[arg-type]
     )
     return ServerSetup(
         store_dir=config.store_dir,
         federation_id=config.federation_id,
-        initial_model=model_arrays(build_model(config.dataset, seed=config.seed)),
+        initial_model=model_arrays(build_model(config.model_spec, seed=config.seed)),
         settings=RunSettings(
             num_rounds=config.num_rounds,
             train_config={"local-epochs": config.local_epochs, "lr": config.lr, "batch-size": config.batch_size},
@@ -103,7 +103,7 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
         resume=config.resume,
-        evaluate_fn=make_evaluate_fn(config.dataset, config.seed) if config.evaluate else None,
+        evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
         consent=RegistryConsent(config.registry),
         accountability=Accountability(

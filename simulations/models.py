@@ -9,6 +9,9 @@ small so that simulated rounds on a 2-core CPU take seconds, not minutes.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -64,29 +67,47 @@ class LeNet28(nn.Module):
         return logits
 
 
-def build_model(dataset: str, *, seed: int | None = None) -> nn.Module:
-    """Build a freshly initialised classifier for ``dataset`` (one of ``DATASET_NAMES``).
+def build_model(spec: str, *, seed: int | None = None) -> nn.Module:
+    """Build a freshly initialised model: a built-in dataset's (``digits``) or yours (``package.module:function``).
 
     With ``seed`` the initial weights are reproducible: the server and every
     client (and a later retraining from scratch) can start from the same model
     without shipping it.  Seeding happens inside ``torch.random.fork_rng`` so the
-    caller's global RNG state is left untouched.
+    caller's global RNG state is left untouched.  ``function`` is called with
+    no arguments and must return an ``nn.Module``.
     """
-    if dataset == "digits":
-        factory: type[nn.Module] = DigitsCNN
-    elif dataset in ("mnist", "fashion-mnist"):
-        factory = LeNet28
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    factory = _factory(spec)
     if seed is None:
-        return factory()
+        return _checked(factory(), spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory()
+        return _checked(factory(), spec)
+
+
+def _factory(spec: str) -> Callable[[], nn.Module]:
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model {spec!r} cannot be loaded (package.module:function): {exc}") from exc
+    if spec == "digits":
+        return DigitsCNN
+    if spec in ("mnist", "fashion-mnist"):
+        return LeNet28
+    raise ValueError(
+        f"unknown model {spec!r}: give a dataset ({', '.join(DATASET_NAMES)}) or package.module:function"
+    )
+
+
+def _checked(model: object, spec: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r} returned {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 class SeededModelFactory:
-    """Fresh models of a dataset's architecture with seeds ``seed, seed+1, ...``.
+    """Fresh models of one architecture (see :func:`build_model`) with seeds ``seed, seed+1, ...``.
 
     Strategies that draw random models (gradient ascent sizes its ball with
     them) then give the same result whatever else used torch's global RNG.

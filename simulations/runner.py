@@ -79,12 +79,16 @@ def federation_id(config: SimulationConfig) -> str:
     return f"sim-{config.dataset}-{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
-def make_evaluate_fn(dataset: str, model_seed: int):  # type: ignore[no-untyped-def]
-    """Central evaluation of a global model on the dataset's held-out test set."""
+def make_evaluate_fn(dataset: str, model_seed: int, model: str | None = None):  # type: ignore[no-untyped-def]
+    """Central evaluation of a global model on the dataset's held-out test set.
+
+    ``model`` is the architecture (see ``build_model``); by default the dataset's own.
+    """
     test = test_dataset(dataset)
+    spec = model or dataset
 
     def evaluate_global(arrays: Arrays) -> dict[str, float]:
-        model = build_model(dataset, seed=model_seed)
+        model = build_model(spec, seed=model_seed)
         load_weights(model, arrays)
         result = evaluate(model, test)
         return {"test_accuracy": result.accuracy, "test_loss": result.loss}

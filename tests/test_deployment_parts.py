@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flower_fixtures import initial_model, local_federation
 from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
@@ -65,6 +66,14 @@ def test_every_bad_key_is_named_in_one_error():
         assert expected in message, message
 
 
+def test_your_own_model_is_named_as_package_module_function():
+    config = DeploymentConfig.from_run_config({**REQUIRED, "model": "fedforget.simulations.models:DigitsCNN"})
+    assert config.model_spec == "fedforget.simulations.models:DigitsCNN"
+    assert DeploymentConfig.from_run_config(REQUIRED).model_spec == "digits"
+    with pytest.raises(RunConfigError, match="model must be package.module:function"):
+        DeploymentConfig.from_run_config({**REQUIRED, "model": "my_model"})
+
+
 def test_the_pyproject_defaults_parse_once_the_required_keys_are_given():
     import tomllib
 
@@ -104,6 +113,12 @@ def test_a_bad_data_file_is_refused_with_what_is_wrong(tmp_path, arrays, message
         np.savez(path, **arrays)
     with pytest.raises(NodeConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_data_file(path)
+
+
+def test_an_organisation_builds_the_model_the_run_config_names():
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                      run_config={"dataset": "digits", "model": "torch.nn:Identity"})
+    assert isinstance(OrganisationTask().build_model(context), torch.nn.Identity)
 
 
 def test_a_node_without_a_data_file_is_told_how_to_name_one():

@@ -65,8 +65,25 @@ def test_seed_leaves_global_rng_untouched() -> None:
 
 
 def test_unknown_dataset_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'.*digits, mnist, fashion-mnist"):
+    with pytest.raises(ValueError, match="unknown model 'cifar10'.*digits, mnist, fashion-mnist"):
         build_model("cifar10")
+
+
+def test_your_own_architecture_is_built_seeded_from_package_module_function() -> None:
+    first = build_model("torch.nn:Identity", seed=1)
+    assert isinstance(first, torch.nn.Identity)
+    a, b = build_model("fedforget.simulations.models:DigitsCNN", seed=3), build_model("digits", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("no_such_module:f", "cannot be loaded"), ("torch:no_such_function", "cannot be loaded"),
+     ("builtins:dict", "not a torch nn.Module")],
+)
+def test_an_architecture_that_cannot_be_built_says_why(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model(spec)
 
 
 def test_digits_central_training_reaches_95_percent(one_thread: None) -> None:
