@@ -6,8 +6,7 @@ for importing Flower and torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedforget.lazy import lazy_exports
 
 _EXPORTS = {
     "ClientData": "fedforget.client.app",
@@ -22,9 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'fedforget.client' has no attribute {name!r}") from None
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("fedforget.client", _EXPORTS)

@@ -306,23 +306,28 @@ def export_data_command(
 
 @app.command("unlearn")
 def unlearn_command(
-    state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, keys/, certificates/).")],
+    state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, certificates/).")],
     client: Annotated[str, typer.Option(help="The client whose accepted withdrawal request to act on.")],
     strategy: Annotated[str, typer.Option(help="A strategy that needs no client work: subtract.")] = "subtract",
+    signing_key: Annotated[
+        Optional[Path],
+        typer.Option(help="The federation's signing key (deployment: federation.key). Default: STATE/keys/server.key."),
+    ] = None,
 ) -> None:
     """Unlearn a withdrawn client now, while no run is active (strategies without client work)."""
     from fedforget.errors import FedforgetError
     from fedforget.server.offline import unlearn_offline
+    from fedforget.server.state_dir import StateDir
     from fedforget.simulations.withdrawing_clients import FederationPaths
 
-    paths = FederationPaths(state)
+    files = StateDir(state)
     try:
         event = unlearn_offline(
-            store_dir=state / "store",
-            registry=paths.registry,
-            ledger=paths.ledger,
-            server_key=paths.server_key,
-            certificates=paths.certificates,
+            store_dir=files.store,
+            registry=files.registry,
+            ledger=files.ledger,
+            server_key=signing_key or FederationPaths(state).server_key,
+            certificates=files.certificates,
             client=client,
             strategy=strategy,
         )

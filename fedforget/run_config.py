@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedforget.errors import FedforgetError
+from fedforget.server.state_dir import StateDir
 
 UNLEARNING_PREFIX = "unlearning."
 """Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``)."""
@@ -73,24 +74,9 @@ class DeploymentConfig:
         return self.model or self.dataset
 
     @property
-    def store_dir(self) -> Path:
-        return self.state_dir / "store"
-
-    @property
-    def registry(self) -> Path:
-        return self.state_dir / "state" / "consent.sqlite"
-
-    @property
-    def ledger(self) -> Path:
-        return self.state_dir / "state" / "ledger.jsonl"
-
-    @property
-    def certificates(self) -> Path:
-        return self.state_dir / "certificates"
-
-    @property
-    def report(self) -> Path:
-        return self.state_dir / "report.json"
+    def state(self) -> StateDir:
+        """The files in ``state_dir``: store, consent registry, ledger, certificates, report."""
+        return StateDir(self.state_dir)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> DeploymentConfig:

@@ -78,9 +78,9 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             "(federation.key) and give its absolute path"
         )
     ensure_writable_dir(config.state_dir)
-    config.registry.parent.mkdir(parents=True, exist_ok=True)
+    config.state.registry.parent.mkdir(parents=True, exist_ok=True)
     # The withdrawal service may not have created the registry yet; the loop reads it every round.
-    ConsentRegistry.open(config.registry).close()
+    ConsentRegistry.open(config.state.registry).close()
     options = UnlearningOptions(
         local_epochs=config.local_epochs,
         retention_interval=config.retention_interval,
@@ -88,7 +88,7 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
         **{key.replace("-", "_"): value for key, value in config.unlearning.items()},  # type: ignore[arg-type]
     )
     return ServerSetup(
-        store_dir=config.store_dir,
+        store_dir=config.state.store,
         federation_id=config.federation_id,
         initial_model=model_arrays(build_model(config.model_spec, seed=config.seed)),
         settings=RunSettings(
@@ -105,11 +105,11 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
         resume=config.resume,
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
-        consent=RegistryConsent(config.registry),
+        consent=RegistryConsent(config.state.registry),
         accountability=Accountability(
-            ledger_path=config.ledger,
+            ledger_path=config.state.ledger,
             server_key=config.signing_key,
-            certificates_dir=config.certificates,
+            certificates_dir=config.state.certificates,
             federation_id=config.federation_id,
         ),
     )
@@ -130,8 +130,8 @@ def deployment_report(config: DeploymentConfig, outcome: RunOutcome, wall_second
                                        "test_accuracy_before", "test_accuracy_after", "certificates")}
             for event in outcome.unlearning
         ],
-        "ledger": str(config.ledger),
-        "store": str(config.store_dir),
+        "ledger": str(config.state.ledger),
+        "store": str(config.state.store),
         "wall_seconds": wall_seconds,
     }
 
@@ -142,5 +142,5 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     config = DeploymentConfig.from_run_config(context.run_config)
     outcome = run_federation(PromptGrid(grid), deployment_setup(config))
-    write_json_atomic(config.report, deployment_report(config, outcome, time.perf_counter() - started))
-    log(logging.INFO, "fedforget: run complete; report in %s", config.report)
+    write_json_atomic(config.state.report, deployment_report(config, outcome, time.perf_counter() - started))
+    log(logging.INFO, "fedforget: run complete; report in %s", config.state.report)

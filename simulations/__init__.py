@@ -6,8 +6,7 @@ message) that only needs the datasets must not pay for the experiment runner.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedforget.lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "fedforget.simulations.config",
@@ -19,9 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'fedforget.simulations' has no attribute {name!r}") from None
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("fedforget.simulations", _EXPORTS)

@@ -18,6 +18,7 @@ from fedforget.pki import ServerTLS, create_server_tls
 from fedforget.server.consent import Withdrawal
 from fedforget.server.consent_registry import ConsentRegistry
 from fedforget.server.federated_run import RunObserver
+from fedforget.server.state_dir import StateDir
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,15 @@ class FederationPaths:
 
     @property
     def registry(self) -> Path:
-        return self.root / "state" / "consent.sqlite"
+        return StateDir(self.root).registry
 
     @property
     def ledger(self) -> Path:
-        return self.root / "state" / "ledger.jsonl"
+        return StateDir(self.root).ledger
 
     @property
     def certificates(self) -> Path:
-        return self.root / "certificates"
+        return StateDir(self.root).certificates
 
     @property
     def server_key(self) -> Path:

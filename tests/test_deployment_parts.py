@@ -33,8 +33,8 @@ def test_the_run_config_gives_every_setting_with_defaults_for_the_rest():
         {**REQUIRED, "num-rounds": 7, "strategy": "calibrated", "lr": 1, "unlearning.calibration-ratio": 0.25}
     )
     assert config.state_dir == Path("/srv/fedforget")
-    assert config.registry == Path("/srv/fedforget/state/consent.sqlite")
-    assert config.ledger == Path("/srv/fedforget/state/ledger.jsonl")
+    assert config.state.registry == Path("/srv/fedforget/state/consent.sqlite")
+    assert config.state.ledger == Path("/srv/fedforget/state/ledger.jsonl")
     assert (config.num_rounds, config.strategy, config.lr, config.resume) == (7, "calibrated", 1.0, False)
     assert config.unlearning == {"calibration-ratio": 0.25}
 
