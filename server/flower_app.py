@@ -78,6 +78,14 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             "(federation.key) and give its absolute path"
         )
     ensure_writable_dir(config.state_dir)
+    holds_run = (config.state.store / "store.json").exists()
+    if holds_run and not config.resume:
+        raise FedforgetError(
+            f"state-dir {config.state_dir} already holds a run: continue it with --run-config \"... resume=true\", "
+            "or give another state-dir"
+        )
+    if config.resume and not holds_run:
+        raise FedforgetError(f"resume=true, but state-dir {config.state_dir} holds no run to continue")
     config.state.registry.parent.mkdir(parents=True, exist_ok=True)
     # The withdrawal service may not have created the registry yet; the loop reads it every round.
     ConsentRegistry.open(config.state.registry).close()

@@ -83,6 +83,22 @@ def test_the_pyproject_defaults_parse_once_the_required_keys_are_given():
     assert config.dataset == "digits" and config.strategy == "retrain"
 
 
+def test_a_run_neither_overwrites_nor_invents_the_state_it_resumes(tmp_path):
+    from fedforget.server.errors import FedforgetError
+    from fedforget.server.flower_app import deployment_setup
+
+    generate_keypair(tmp_path / "federation.key", tmp_path / "federation.pub")
+    settings = {**REQUIRED, "state-dir": str(tmp_path / "state"), "signing-key": str(tmp_path / "federation.key")}
+    with pytest.raises(FedforgetError, match="holds no run to continue"):
+        deployment_setup(DeploymentConfig.from_run_config({**settings, "resume": True}))
+    (tmp_path / "state" / "store").mkdir(parents=True)
+    (tmp_path / "state" / "store" / "store.json").write_text("{}")
+    with pytest.raises(FedforgetError, match="already holds a run"):
+        deployment_setup(DeploymentConfig.from_run_config(settings))
+    with pytest.raises(FedforgetError, match="does not exist"):
+        deployment_setup(DeploymentConfig.from_run_config({**settings, "signing-key": str(tmp_path / "none.key")}))
+
+
 # -- the organisation's data -------------------------------------------------------
 
 
