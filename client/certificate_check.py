@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedforget.errors import FedforgetError
+from fedforget.files import read_at_most
 from fedforget.identity import (
     IdentityError,
     fingerprint,
@@ -195,15 +196,7 @@ def verify_certificate(path: Path, server_public_key: Path | str) -> Certificate
         raise CertificateCheckError(f"cannot use the server public key: {exc}") from exc
     expected_fingerprint = fingerprint(server_key)
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_CERTIFICATE_BYTES + 1)
-    except FileNotFoundError:
-        raise CertificateCheckError(f"certificate file {path} does not exist") from None
-    except IsADirectoryError:
-        raise CertificateCheckError(f"certificate path {path} is a directory") from None
-    except OSError as exc:
-        raise CertificateCheckError(f"cannot read certificate {path}: {exc.strerror or exc}") from exc
+    data = read_at_most(path, _MAX_CERTIFICATE_BYTES, "certificate", CertificateCheckError)
     try:
         _require(len(data) <= _MAX_CERTIFICATE_BYTES, f"the file is larger than {_MAX_CERTIFICATE_BYTES} bytes")
         return _check(_parse(data), server_key, expected_fingerprint)

@@ -1,4 +1,4 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one), and bounded reads."""
 
 from __future__ import annotations
 
@@ -57,3 +57,20 @@ def ensure_writable_dir(path: Path) -> Path:
     except OSError as exc:
         raise PermissionError(f"output directory {path} is not writable: {exc.strerror or exc}") from exc
     return path.resolve()
+
+
+def read_at_most(path: Path, limit: int, what: str, error: type[Exception]) -> bytes:
+    """Up to ``limit + 1`` bytes of ``path`` (one more than allowed shows it is too large).
+
+    A file that cannot be read raises ``error`` naming ``what`` it should have
+    been, so that a user pointed at the wrong path learns which one.
+    """
+    try:
+        with path.open("rb") as handle:
+            return handle.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} path {path} is a directory") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedforget.errors import FedforgetError
-from fedforget.files import fsync_dir
+from fedforget.files import fsync_dir, read_at_most
 
 __all__ = [
     "IdentityError",
@@ -148,15 +148,7 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_KEY_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise IdentityError(f"{what} file {path} does not exist") from None
-    except IsADirectoryError:
-        raise IdentityError(f"{what} file {path} is a directory") from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    data = read_at_most(path, _MAX_KEY_FILE_BYTES, what, IdentityError)
     if len(data) > _MAX_KEY_FILE_BYTES:
         raise IdentityError(f"{path} is too large to be a {what} file")
     return data
