@@ -28,8 +28,9 @@ from fedforget.simulations.processes import ProcessGroup
 SOURCE_TREE = Path(__file__).resolve().parents[1]
 """The project directory ``flwr run`` builds the app from (its pyproject.toml), in a source checkout."""
 BIN = Path(sys.executable).parent
-CONNECTION = "fedforget-e2e"
-FEDERATION_ID = "e2e-federation"
+CONNECTION = "fedforget-local"
+"""The name of the SuperLink connection in the federation's own FLWR_HOME."""
+FEDERATION_ID = "local-federation"
 
 
 def free_port() -> int:
@@ -51,7 +52,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, *, ev
 
 
 class LoopbackFederation:
-    """Credentials, data, SuperLink, SuperNodes and the withdrawal service of one test, under ``root``."""
+    """Credentials, data, SuperLink, SuperNodes and the withdrawal service of one local federation, under ``root``."""
 
     def __init__(self, root: Path, organisations: list[str], *, app_dir: Path = SOURCE_TREE) -> None:
         if "[tool.flwr.app]" not in _read(app_dir / "pyproject.toml"):
