@@ -31,7 +31,7 @@ from fedforget.identity import (
 
 __all__ = ["CertificateCheckError", "CertificateReport", "verify_certificate"]
 
-# Must match fedforget.server.certificates (a test checks they agree).
+# Must match fedforget.server.ledger.certificates (a test checks they agree).
 CERTIFICATE_FORMAT = "fedforget-unlearning-certificate"
 SUPPORTED_VERSIONS = frozenset({1})
 _MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024

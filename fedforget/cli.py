@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from fedforget import __version__
 from fedforget.keys_cli import keys_app, verify_certificate_command
-from fedforget.server.audit_cli import audit_app
+from fedforget.server.ledger.audit_cli import audit_app
 from fedforget.withdraw_cli import enroll_command, serve_command, withdraw_app
 
 app = typer.Typer(
@@ -123,7 +123,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
 ) -> None:
     """Run a federation on Flower's simulation engine, with withdrawals and unlearning."""
-    from fedforget.server.errors import FedforgetError
+    from fedforget.server.store.errors import FedforgetError
     from fedforget.simulations.config import SimulationConfig, parse_withdrawal
     from fedforget.simulations.datasets import DatasetUnavailableError
     from fedforget.simulations.progress import ConsoleObserver
@@ -316,7 +316,7 @@ def unlearn_command(
 ) -> None:
     """Unlearn a withdrawn client now, while no run is active (strategies without client work)."""
     from fedforget.errors import FedforgetError
-    from fedforget.server.offline import unlearn_offline
+    from fedforget.server.unlearning.offline import unlearn_offline
     from fedforget.server.state_dir import StateDir
     from fedforget.simulations.withdrawing_clients import FederationPaths
 

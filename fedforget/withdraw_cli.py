@@ -134,7 +134,7 @@ def serve_command(
 ) -> None:
     """Run the withdrawal service (TLS only) beside the SuperLink, until Ctrl-C or SIGTERM."""
     from fedforget.errors import FedforgetError
-    from fedforget.server.withdrawal_service import main
+    from fedforget.server.withdrawal.service import main
 
     if not federation:
         _fail("give the federation id with --federation")
@@ -167,7 +167,7 @@ def enroll_command(
     """Enrol a client with its public key so the withdrawal service accepts its signed requests."""
     from fedforget.errors import FedforgetError
     from fedforget.identity import fingerprint, load_public_key, public_key_openssh
-    from fedforget.server.consent_registry import ConsentRegistry
+    from fedforget.server.withdrawal.registry import ConsentRegistry
 
     try:
         key = load_public_key(public_key)

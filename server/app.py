@@ -10,9 +10,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedforget.arrays import Arrays
-from fedforget.server.accountability import Accountability
-from fedforget.server.consent import ConsentSource
-from fedforget.server.federated_run import (
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.withdrawal.consent import ConsentSource
+from fedforget.server.rounds.loop import (
     EvaluateFn,
     FederatedRun,
     RunObserver,
@@ -20,8 +20,8 @@ from fedforget.server.federated_run import (
     RunSettings,
     Withdrawal,
 )
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.strategies.registry import UnlearningOptions, make_unlearner
 
 

@@ -35,7 +35,7 @@ import flwr.clientapp, flwr.app
 flower = time.perf_counter()
 import torch
 from torch.utils.data import TensorDataset
-from fedforget.client.flower_app import app, read_data_file
+from fedforget.client.deployment import app, read_data_file
 from fedforget.client.training import train_local
 from fedforget.simulations.models import build_model
 imported = time.perf_counter()

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from fedforget import wire
 from fedforget.client.app import make_client_app, model_arrays
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import quiet_engines
 from fedforget.simulations.task import DataSettings, SimulationTask

@@ -21,9 +21,9 @@ from rich.table import Table
 
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.files import ensure_writable_dir, write_json_atomic
-from fedforget.server.federated_run import FederatedRun, RunSettings
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.rounds.loop import FederatedRun, RunSettings
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import data_settings, quiet_engines

@@ -6,8 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from fedforget.evidence.backdoor import Trigger
-from fedforget.server.errors import FedforgetError
-from fedforget.server.federated_run import Withdrawal
+from fedforget.server.store.errors import FedforgetError
+from fedforget.server.rounds.loop import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.models import SeededModelFactory
 from fedforget.simulations.partitioning import PARTITION_SCHEMES

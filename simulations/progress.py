@@ -8,7 +8,7 @@ from rich.console import Console
 
 
 class ConsoleObserver:
-    """Prints a run's progress as it happens (a :class:`~fedforget.server.federated_run.RunObserver`)."""
+    """Prints a run's progress as it happens (a :class:`~fedforget.server.rounds.loop.RunObserver`)."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)

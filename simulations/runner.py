@@ -23,11 +23,11 @@ from fedforget.client.app import load_weights, make_client_app, model_arrays
 from fedforget.client.training import evaluate
 from fedforget.files import ensure_writable_dir, write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
-from fedforget.server.accountability import Accountability
-from fedforget.server.consent import RegistryConsent
-from fedforget.server.federated_run import RunObserver, RunOutcome, RunSettings, SilentObserver
-from fedforget.server.withdrawal_service import serve
-from fedforget.server.history_store import HistoryStore, ModelSpec
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.withdrawal.consent import RegistryConsent
+from fedforget.server.rounds.loop import RunObserver, RunOutcome, RunSettings, SilentObserver
+from fedforget.server.withdrawal.service import serve
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model

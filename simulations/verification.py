@@ -28,7 +28,7 @@ from fedforget.evidence.membership import (
     population_attack,
     train_shadow_models,
 )
-from fedforget.server.history_store import HistoryStore
+from fedforget.server.store.history_store import HistoryStore
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model

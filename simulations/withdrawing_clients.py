@@ -15,9 +15,9 @@ from pathlib import Path
 from fedforget.client.withdraw import submit_withdrawal
 from fedforget.identity import generate_keypair, load_public_key, public_key_openssh
 from fedforget.pki import ServerTLS, create_server_tls
-from fedforget.server.consent import Withdrawal
-from fedforget.server.consent_registry import ConsentRegistry
-from fedforget.server.federated_run import RunObserver
+from fedforget.server.withdrawal.consent import Withdrawal
+from fedforget.server.withdrawal.registry import ConsentRegistry
+from fedforget.server.rounds.loop import RunObserver
 from fedforget.server.state_dir import StateDir
 
 

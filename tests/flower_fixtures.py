@@ -10,9 +10,9 @@ from local_grid import LocalGrid
 
 from fedforget.arrays import Arrays
 from fedforget.client.app import make_client_app, model_arrays
-from fedforget.server.federated_run import FederatedRun, RunObserver, RunSettings, Withdrawal
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.rounds.loop import FederatedRun, RunObserver, RunSettings, Withdrawal
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import make_evaluate_fn
 from fedforget.simulations.task import DataSettings, SimulationTask

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedforget.arrays import Arrays
-from fedforget.server.history_store import HistoryReader, HistoryStore, ModelSpec
+from fedforget.server.store.history_store import HistoryReader, HistoryStore, ModelSpec
 from fedforget.strategies.base import (
     AscentSettings,
     ClientUpdate,

@@ -69,7 +69,7 @@ def test_resume_without_a_run_is_refused(tmp_path):
 def _store_of(out, config, *, federation_id=None, model=None):
     """A store as `fedforget simulate` leaves it after an interruption, without running one."""
     from fedforget.client.app import model_arrays
-    from fedforget.server.history_store import HistoryStore, ModelSpec
+    from fedforget.server.store.history_store import HistoryStore, ModelSpec
     from fedforget.simulations.models import build_model
     from fedforget.simulations.runner import CONFIG_META
     from fedforget.simulations.runner import federation_id as federation_of

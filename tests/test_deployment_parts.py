@@ -13,14 +13,14 @@ from flwr.app import Context, RecordDict
 from typer.testing import CliRunner
 
 from fedforget.cli import app
-from fedforget.client.flower_app import NodeConfigError, OrganisationTask, read_data_file
+from fedforget.client.deployment import NodeConfigError, OrganisationTask, read_data_file
 from fedforget.identity import generate_keypair
 from fedforget.run_config import DeploymentConfig, RunConfigError
-from fedforget.server.accountability import Accountability
-from fedforget.server.consenting_grid import PromptGrid
-from fedforget.server.federated_run import RunError, RunSettings
-from fedforget.server.history_store import HistoryStore
-from fedforget.server.ledger import Ledger
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.rounds.grids import PromptGrid
+from fedforget.server.rounds.loop import RunError, RunSettings
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.ledger.log import Ledger
 
 REQUIRED = {"state-dir": "/srv/fedforget", "federation-id": "fed", "signing-key": "/srv/keys/federation.key"}
 
@@ -84,8 +84,8 @@ def test_the_pyproject_defaults_parse_once_the_required_keys_are_given():
 
 
 def test_a_run_neither_overwrites_nor_invents_the_state_it_resumes(tmp_path):
-    from fedforget.server.errors import FedforgetError
-    from fedforget.server.flower_app import deployment_setup
+    from fedforget.server.store.errors import FedforgetError
+    from fedforget.server.deployment import deployment_setup
 
     generate_keypair(tmp_path / "federation.key", tmp_path / "federation.pub")
     settings = {**REQUIRED, "state-dir": str(tmp_path / "state"), "signing-key": str(tmp_path / "federation.key")}

@@ -10,10 +10,10 @@ from flwr.clientapp import ClientApp
 from local_grid import LocalGrid
 
 from fedforget import wire
-from fedforget.server.client_identity import ClientIdentityError, ClientIdResolver
-from fedforget.server.federated_run import SilentObserver, Withdrawal
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingError, RecordingFedAvg
+from fedforget.server.rounds.client_identity import ClientIdentityError, ClientIdResolver
+from fedforget.server.rounds.loop import SilentObserver, Withdrawal
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingError, RecordingFedAvg
 from fedforget.strategies.base import Federation, HistoryView, UnlearningOutcome, UnlearningRequest
 from fedforget.strategies.retrain import Retrain
 

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from fedforget.arrays import Arrays
 from fedforget.client.ascent import parameter_distance, projected_gradient_ascent
 from fedforget.client.training import evaluate, train_local
-from fedforget.server.history_store import HistoryStore, ModelSpec
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.strategies.base import (
     AscentSettings,
     ClientOfflineError,

@@ -1,4 +1,4 @@
-"""Tests of the durable, encrypted, streaming history store (server/history_store.py)."""
+"""Tests of the durable, encrypted, streaming history store (server/store/history_store.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedforget.server.blob_codec import ModelSpec, decode_arrays, encode_arrays
-from fedforget.server.errors import (
+from fedforget.server.store.blob_codec import ModelSpec, decode_arrays, encode_arrays
+from fedforget.server.store.errors import (
     BlobCorruptError,
     FederationMismatchError,
     FedforgetError,
@@ -33,7 +33,7 @@ from fedforget.server.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from fedforget.server.history_store import HistoryStore, StoreStats, TrajectoryInfo, UpdateInfo
+from fedforget.server.store.history_store import HistoryStore, StoreStats, TrajectoryInfo, UpdateInfo
 
 CONV_SHAPES = {  # a small LeNet-style conv net, ~40k parameters
     "conv1.weight": (16, 1, 5, 5),
@@ -389,7 +389,7 @@ def test_crash_between_blob_and_index_then_reopen(tmp_path: Path) -> None:
         f"""
         import os, numpy as np
         from pathlib import Path
-        from fedforget.server.history_store import HistoryStore
+        from fedforget.server.store.history_store import HistoryStore
         def die(*a, **k):
             os._exit(17)  # hard crash: no cleanup, no rollback handlers
         s = HistoryStore.open(Path({str(tmp_path / 'store')!r}))
@@ -752,7 +752,7 @@ def test_rotation_after_shredding_leaves_backups_unable_to_recover_the_client(tm
 def test_an_interrupted_rotation_is_finished_or_undone_on_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_after_commit: bool
 ) -> None:
-    import fedforget.server.history_store as module
+    import fedforget.server.store.history_store as module
 
     with make_store(tmp_path) as store:
         store.write_initial_model(small_model(0))

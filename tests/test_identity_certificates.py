@@ -29,8 +29,8 @@ from fedforget.identity import (
     verify_document,
 )
 from fedforget.keys_cli import keys_app, verify_certificate_command
-from fedforget.server import certificates
-from fedforget.server.certificates import CertificateError, issue_certificate, write_certificate
+from fedforget.server.ledger import certificates
+from fedforget.server.ledger.certificates import CertificateError, issue_certificate, write_certificate
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 

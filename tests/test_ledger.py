@@ -1,4 +1,4 @@
-"""Tests of the hash-chained audit ledger (server/ledger.py) and ``fedforget audit`` (server/audit_cli.py)."""
+"""Tests of the hash-chained audit ledger (server/ledger/log.py) and ``fedforget audit`` (server/ledger/audit_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedforget.errors import FedforgetError
-from fedforget.server.audit_cli import audit_app
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.ledger import (
+from fedforget.server.ledger.audit_cli import audit_app
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.ledger.log import (
     GENESIS_HASH,
     Ledger,
     LedgerBrokenError,
@@ -325,7 +325,7 @@ def test_model_hash_is_stable_and_order_sensitive() -> None:
     code = textwrap.dedent(
         """
         import numpy as np
-        from fedforget.server.ledger import model_hash
+        from fedforget.server.ledger.log import model_hash
         print(model_hash({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -1], dtype=np.int64)}))
         """
     )
@@ -441,7 +441,7 @@ def test_concurrent_appends_from_two_processes(tmp_path: Path) -> None:
         """
         import sys, time
         from pathlib import Path
-        from fedforget.server.ledger import Ledger
+        from fedforget.server.ledger.log import Ledger
         name = sys.argv[2]
         with Ledger.open(Path(sys.argv[1])) as led:
             go = Path(sys.argv[1] + ".go")

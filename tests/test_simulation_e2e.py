@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fedforget.client.certificate_check import verify_certificate
-from fedforget.server.federated_run import Withdrawal
-from fedforget.server.history_store import HistoryStore
+from fedforget.server.rounds.loop import Withdrawal
+from fedforget.server.store.history_store import HistoryStore
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.runner import simulate
 

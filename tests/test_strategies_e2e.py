@@ -14,9 +14,9 @@ from local_grid import LocalGrid
 from fedforget.client.app import load_weights, make_client_app, model_arrays
 from fedforget.evidence.backdoor import attack_success_rate
 from fedforget.evidence.distance import accuracy
-from fedforget.server.federated_run import FederatedRun, RunSettings, Withdrawal
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.rounds.loop import FederatedRun, RunSettings, Withdrawal
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from fedforget.cli import app
 from fedforget.client.app import make_client_app, model_arrays
-from fedforget.server.federated_run import FederatedRun, RunSettings, Withdrawal
-from fedforget.server.history_store import HistoryStore, ModelSpec
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.rounds.loop import FederatedRun, RunSettings, Withdrawal
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import build_report, data_settings, write_verification

@@ -14,13 +14,13 @@ import pytest
 from flower_fixtures import initial_model, local_federation
 
 from fedforget.client.certificate_check import verify_certificate
-from fedforget.server.accountability import Accountability
-from fedforget.server.consent import RegistryConsent, Withdrawal
-from fedforget.server.consent_registry import ConsentRegistry
-from fedforget.server.errors import KeyDestroyedError
-from fedforget.server.federated_run import SilentObserver
-from fedforget.server.ledger import Ledger
-from fedforget.server.withdrawal_service import serve
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.withdrawal.consent import RegistryConsent, Withdrawal
+from fedforget.server.withdrawal.registry import ConsentRegistry
+from fedforget.server.store.errors import KeyDestroyedError
+from fedforget.server.rounds.loop import SilentObserver
+from fedforget.server.ledger.log import Ledger
+from fedforget.server.withdrawal.service import serve
 from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
 
 FEDERATION = "test-federation"
@@ -95,7 +95,7 @@ def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn
     for version in range(1, 5):
         assert audit.contains(event["trajectory"], version) is False
     fed.store.close()
-    from fedforget.server.history_store import HistoryStore
+    from fedforget.server.store.history_store import HistoryStore
 
     with HistoryStore.open(fed.store.path) as store, Ledger.open(paths.ledger) as ledger:
         assert ledger.verify_against_store(store) > 0
@@ -167,7 +167,7 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
         request = registry.status(request_id)
     assert request.status == "done"
     assert verify_certificate(request.certificate, paths.server_public_key).valid
-    from fedforget.server.history_store import HistoryStore
+    from fedforget.server.store.history_store import HistoryStore
 
     with HistoryStore.open(tmp_path / "store") as store:
         view = next(store.reader(1).rounds())

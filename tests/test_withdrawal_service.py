@@ -43,7 +43,7 @@ from fedforget.identity import (
     sign_document,
 )
 from fedforget.proto import DOCUMENT_TYPE, ERROR_CODE_KEY, WithdrawalErrorCode, withdrawal_pb2, withdrawal_pb2_grpc
-from fedforget.server.consent_registry import (
+from fedforget.server.withdrawal.registry import (
     ConsentRegistry,
     ConsentRegistryError,
     EnrollmentConflictError,
@@ -53,7 +53,7 @@ from fedforget.server.consent_registry import (
     UnknownRequestError,
     request_hash,
 )
-from fedforget.server.withdrawal_service import MAX_DOCUMENT_BYTES, MAX_MESSAGE_BYTES, serve
+from fedforget.server.withdrawal.service import MAX_DOCUMENT_BYTES, MAX_MESSAGE_BYTES, serve
 
 FEDERATION = "fed-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -552,7 +552,7 @@ _ACCEPT_SCRIPT = """
 import pathlib, sys, time
 from fedforget.client.withdraw import build_request
 from fedforget.identity import load_private_key
-from fedforget.server.consent_registry import ConsentRegistry, request_hash
+from fedforget.server.withdrawal.registry import ConsentRegistry, request_hash
 registry = ConsentRegistry.open(sys.argv[1])
 key = load_private_key(sys.argv[2])
 print("ready", flush=True)

@@ -174,7 +174,7 @@ def _round_entry(fed: LoopbackFederation, trajectory: int, round_: int) -> dict:
 
 def _completed_rounds(fed: LoopbackFederation, trajectory: int) -> int:
     """The last round the store committed in ``trajectory``, read from the store itself."""
-    from fedforget.server.history_store import HistoryStore
+    from fedforget.server.store.history_store import HistoryStore
 
     with HistoryStore.open(Path(fed.state / "store")) as store:
         return store.reader(trajectory).last_round()

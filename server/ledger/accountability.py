@@ -15,10 +15,10 @@ from pathlib import Path
 
 from fedforget.arrays import Arrays
 from fedforget.identity import load_private_key, public_key_openssh
-from fedforget.server.certificates import issue_certificate, write_certificate
-from fedforget.server.consent import WithdrawalNotice
-from fedforget.server.history_store import HistoryStore
-from fedforget.server.ledger import Ledger, LedgerEntry, model_hash
+from fedforget.server.ledger.certificates import issue_certificate, write_certificate
+from fedforget.server.withdrawal.consent import WithdrawalNotice
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.ledger.log import Ledger, LedgerEntry, model_hash
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedforget.errors import FedforgetError
-from fedforget.server.ledger import ClientAudit, Ledger
+from fedforget.server.ledger.log import ClientAudit, Ledger
 
 __all__ = ["audit_app"]
 
@@ -72,7 +72,7 @@ def verify(
             count, head = led.head(anchor=expected)
             checked = None
             if store is not None:
-                from fedforget.server.history_store import HistoryStore
+                from fedforget.server.store.history_store import HistoryStore
 
                 with HistoryStore.open(store) as history:
                     checked = led.verify_against_store(history)

@@ -49,8 +49,8 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fedforget.server.blob_codec import FLOAT_DTYPES, Arrays, CodecError, ModelSpec, decode_arrays, encode_arrays
-from fedforget.server.blob_crypto import (
+from fedforget.server.store.blob_codec import FLOAT_DTYPES, Arrays, CodecError, ModelSpec, decode_arrays, encode_arrays
+from fedforget.server.store.blob_crypto import (
     GLOBAL_OWNER,
     AuthenticationError,
     create_key_file,
@@ -64,7 +64,7 @@ from fedforget.server.blob_crypto import (
     wrap_data_key,
 )
 from fedforget.files import fsync_dir, write_and_sync, write_bytes_atomic
-from fedforget.server.errors import (
+from fedforget.server.store.errors import (
     BlobCorruptError,
     FederationMismatchError,
     KeyDestroyedError,

@@ -5,7 +5,7 @@ between them (stop a withdrawn client's participation, run an unlearning
 strategy, continue from the unlearned model) and to resume an interrupted run
 from the history store. This loop drives the same ``configure_train`` /
 ``aggregate_train`` calls as ``Strategy.start`` does, on a
-:class:`~fedforget.server.recording.RecordingFedAvg`.
+:class:`~fedforget.server.rounds.recording.RecordingFedAvg`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from flwr.serverapp import Grid
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
-from fedforget.server.accountability import Accountability, RoundParticipant
-from fedforget.server.consent import ConsentSource, ScheduledWithdrawals, Withdrawal, WithdrawalNotice
-from fedforget.server.errors import FedforgetError
-from fedforget.server.ledger import model_hash
-from fedforget.server.history_store import HistoryStore
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.ledger.accountability import Accountability, RoundParticipant
+from fedforget.server.withdrawal.consent import ConsentSource, ScheduledWithdrawals, Withdrawal, WithdrawalNotice
+from fedforget.server.store.errors import FedforgetError
+from fedforget.server.ledger.log import model_hash
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.strategies.base import (
     AscentSettings,
     ClientOfflineError,

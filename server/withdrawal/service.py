@@ -4,7 +4,7 @@ Flower's channel is pull-only: a SuperNode can only answer the ServerApp, and a
 client that has left the federation runs nothing at all. So an organisation
 withdraws consent here instead, with one signed request, and gets a request id
 back. The service checks the request, stores it durably in the
-:class:`~fedforget.server.consent_registry.ConsentRegistry` and only then
+:class:`~fedforget.server.withdrawal.registry.ConsentRegistry` and only then
 replies; the ServerApp acts on accepted requests between rounds.
 
 Checks, in order, each with its own error code (:class:`WithdrawalErrorCode`,
@@ -56,7 +56,7 @@ from fedforget.proto import (
     withdrawal_pb2,
     withdrawal_pb2_grpc,
 )
-from fedforget.server.consent_registry import (
+from fedforget.server.withdrawal.registry import (
     ConsentRegistry,
     ConsentRegistryError,
     ReplayedNonceError,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedforget.server.accountability import Accountability
-from fedforget.server.consent import RegistryConsent
-from fedforget.server.errors import FedforgetError
-from fedforget.server.federated_run import FederatedRun, RunSettings
-from fedforget.server.history_store import HistoryStore
-from fedforget.server.recording import RecordingFedAvg
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.withdrawal.consent import RegistryConsent
+from fedforget.server.store.errors import FedforgetError
+from fedforget.server.rounds.loop import FederatedRun, RunSettings
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.strategies.registry import make_unlearner
 
 

@@ -14,7 +14,7 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from fedforget.server.client_identity import ClientIdResolver
+from fedforget.server.rounds.client_identity import ClientIdResolver
 
 
 class DelegatingGrid(Grid):

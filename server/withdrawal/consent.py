@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fedforget.server.consent_registry import ConsentRegistry
+from fedforget.server.withdrawal.registry import ConsentRegistry
 
 
 @dataclass(frozen=True)

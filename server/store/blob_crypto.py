@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedforget.files import fsync_dir, write_and_sync
-from fedforget.server.errors import KeyFileError
+from fedforget.server.store.errors import KeyFileError
 
 __all__ = [
     "GLOBAL_OWNER",

@@ -2,12 +2,12 @@
 
 This is Flower's own message-API ``FedAvg`` with two additions: before
 averaging, each client's update (returned weights minus the weights it was
-sent) is written to the :class:`~fedforget.server.history_store.HistoryStore`
+sent) is written to the :class:`~fedforget.server.store.history_store.HistoryStore`
 with its example count and aggregation weight, and the round is committed with
 its result. A ServerApp that uses ``FedAvg`` gets history recording by swapping
 in this class; its clients need not change.
 
-Writes run on a background thread (see :mod:`~fedforget.server.background_writer`)
+Writes run on a background thread (see :mod:`~fedforget.server.rounds.background_writer`)
 so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
 before reading the store while the strategy is in use.
 """
@@ -26,12 +26,12 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
-from fedforget.server.background_writer import BackgroundWriter
-from fedforget.server.client_identity import ClientIdResolver
-from fedforget.server.consenting_grid import ConsentingGrid
-from fedforget.server.errors import FedforgetError
-from fedforget.server.history_store import HistoryStore
-from fedforget.server.ledger import model_hash
+from fedforget.server.rounds.background_writer import BackgroundWriter
+from fedforget.server.rounds.client_identity import ClientIdResolver
+from fedforget.server.rounds.grids import ConsentingGrid
+from fedforget.server.store.errors import FedforgetError
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.ledger.log import model_hash
 
 _log = getLogger(__name__)
 

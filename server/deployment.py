@@ -20,13 +20,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedforget.files import ensure_writable_dir, write_json_atomic
 from fedforget.run_config import DeploymentConfig
-from fedforget.server.accountability import Accountability
+from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.app import ServerSetup, run_federation
-from fedforget.server.consent import RegistryConsent
-from fedforget.server.consent_registry import ConsentRegistry
-from fedforget.server.consenting_grid import PromptGrid
-from fedforget.server.errors import FedforgetError
-from fedforget.server.federated_run import RunOutcome, RunSettings
+from fedforget.server.withdrawal.consent import RegistryConsent
+from fedforget.server.withdrawal.registry import ConsentRegistry
+from fedforget.server.rounds.grids import PromptGrid
+from fedforget.server.store.errors import FedforgetError
+from fedforget.server.rounds.loop import RunOutcome, RunSettings
 from fedforget.strategies.registry import UnlearningOptions
 
 app = ServerApp()

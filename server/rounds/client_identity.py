@@ -16,7 +16,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedforget import wire
-from fedforget.server.errors import FedforgetError
+from fedforget.server.store.errors import FedforgetError
 
 _log = getLogger(__name__)
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from fedforget.arrays import Arrays
-from fedforget.server.errors import ModelMismatchError
+from fedforget.server.store.errors import ModelMismatchError
 
 __all__ = [
     "Arrays",

@@ -1,0 +1,1 @@
+"""The round loop and its Flower layer: recording strategy, grids, client identities, the background writer."""

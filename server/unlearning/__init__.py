@@ -1,0 +1,1 @@
+"""Unlearning between rounds and between runs."""

@@ -1,0 +1,1 @@
+"""Client-initiated withdrawal: the gRPC/TLS service, the consent registry, and the sources the round loop reads."""
