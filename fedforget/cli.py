@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from fedforget import __version__
 from fedforget.keys_cli import keys_app, verify_certificate_command
+from fedforget.strategy_options import with_strategy_options
 from fedforget.server.ledger.audit_cli import audit_app
 from fedforget.withdraw_cli import enroll_command, serve_command, withdraw_app
 
@@ -64,6 +65,7 @@ def main_options(
 
 
 @app.command()
+@with_strategy_options
 def simulate(
     out: Annotated[Path, typer.Option(help="Directory for the history store and report.json.")] = Path("runs/demo"),
     dataset: Annotated[Optional[str], typer.Option(help="digits (bundled), mnist or fashion-mnist.")] = None,
@@ -85,8 +87,9 @@ def simulate(
     strategy: Annotated[
         Optional[str],
         typer.Option(
-            help="Unlearning strategy: retrain (exact), calibrated (FedEraser), subtract (FedRecovery), "
-            "gradient-ascent (Halimi et al.)."
+            help="Unlearning strategy: retrain (exact), replay (FedRecover: history replay with estimated "
+            "updates), subtract (the client's own contributions), calibrated (FedEraser), fedrecovery "
+            "(FedRecovery), gradient-ascent (Halimi et al.)."
         ),
     ] = None,
     retention_interval: Annotated[
@@ -105,24 +108,14 @@ def simulate(
         Optional[int], typer.Option(help="Shadow models for the per-example membership attack (0 skips it).")
     ] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Repeat over this many seeds: mean ± std.")] = None,
-    calibration_ratio: Annotated[
-        Optional[float], typer.Option(help="calibrated: r, calibration trains r·E local epochs.")
-    ] = None,
-    calibration_norm: Annotated[
-        Optional[str], typer.Option(help="calibrated: rescale per array (layer) or whole update (global).")
-    ] = None,
-    recovery_rounds: Annotated[
-        Optional[int], typer.Option(help="subtract / gradient-ascent: FedAvg rounds afterwards (defaults 0 / 2).")
-    ] = None,
-    noise_epsilon: Annotated[Optional[float], typer.Option(help="subtract: ε of FedRecovery's Gaussian noise.")] = None,
-    noise_sensitivity: Annotated[Optional[float], typer.Option(help="subtract: sensitivity d for the noise.")] = None,
-    ascent_accuracy_floor: Annotated[
-        Optional[float], typer.Option(help="gradient-ascent: stop once the client's own accuracy falls to this.")
-    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    strategy_settings: dict[str, object] | None = None,
 ) -> None:
-    """Run a federation on Flower's simulation engine, with withdrawals and unlearning."""
+    """Run a federation on Flower's simulation engine, with withdrawals and unlearning.
+
+    Each strategy's own settings are options below; [name: default] says which strategies have one.
+    """
     from fedforget.server.store.errors import FedforgetError
     from fedforget.simulations.config import SimulationConfig, parse_withdrawal
     from fedforget.simulations.datasets import DatasetUnavailableError
@@ -147,12 +140,6 @@ def simulate(
         "backdoor_target": backdoor_target,
         "shadows": shadows,
         "seeds": seeds,
-        "calibration_ratio": calibration_ratio,
-        "calibration_norm": calibration_norm,
-        "recovery_rounds": recovery_rounds,
-        "noise_epsilon": noise_epsilon,
-        "noise_sensitivity": noise_sensitivity,
-        "ascent_accuracy_floor": ascent_accuracy_floor,
     }
     try:
         settings = {k: v for k, v in given.items() if v is not None}
@@ -161,6 +148,11 @@ def simulate(
         if backdoor is not None:
             settings["backdoors"] = tuple(backdoor)
         base = saved_config(out) if resume else SimulationConfig()
+        if strategy_settings:
+            previous = base.strategy_settings if settings.get("strategy", base.strategy) == base.strategy else {}
+            settings["strategy_settings"] = {**previous, **strategy_settings}
+        elif "strategy" in settings and settings["strategy"] != base.strategy:
+            settings["strategy_settings"] = {}
         config = SimulationConfig(**{**base.__dict__, **settings})
         observer = ConsoleObserver()
         result = run(
@@ -203,19 +195,37 @@ def _print_run_summary(report: dict[str, object], out: Path) -> None:
 
 @bench_app.command("unlearning")
 def bench_unlearning(
-    out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and the runs.")] = Path("runs/bench-unlearning"),
-    quick: Annotated[bool, typer.Option(help="digits, 15 rounds: a few minutes. Without it: MNIST, 20 rounds.")] = False,
+    out: Annotated[Path, typer.Option(help="Directory for bench.json, the plot and the runs.")] = Path("runs/bench-unlearning"),
+    quick: Annotated[
+        bool, typer.Option(help="Digits (IID), 15 rounds, plus FedEraser's Δt × r grid: where settings are chosen.")
+    ] = False,
+    full: Annotated[
+        bool,
+        typer.Option(help="Digits, MNIST and Fashion-MNIST (held out), each IID and Dirichlet α=0.3: about 2 h."),
+    ] = False,
+    dataset: Annotated[
+        Optional[list[str]], typer.Option(help="With --full: only these datasets (repeatable).")
+    ] = None,
     seeds: Annotated[int, typer.Option(help="Seeds to average over (at least 3 for a band).")] = 3,
+    round_cost: Annotated[
+        float, typer.Option(help="Seconds a deployed round trip costs, for the modelled deployment speed-up.")
+    ] = 9.7,
 ) -> None:
-    """Every unlearning strategy against exact retraining, measured side by side per seed."""
+    """Every unlearning strategy against exact retraining: forgetting, accuracy, and cost in client work."""
     from dataclasses import replace
 
-    from fedforget.simulations.bench_unlearning import BenchSettings, run_unlearning_benchmark
+    from fedforget.simulations.bench_unlearning import BenchPlan, run_unlearning_benchmark
     from fedforget.simulations.datasets import DatasetUnavailableError
 
-    settings = BenchSettings.quick() if quick else BenchSettings.headline()
+    if quick == full:
+        _fail("choose one of --quick (digits, minutes) or --full (three datasets, two partitions, hours)")
+        return
+    if dataset and not full:
+        _fail("--dataset goes with --full")
+        return
+    plan = BenchPlan.quick(seeds) if quick else BenchPlan.full_plan(seeds, tuple(dataset or ("digits", "mnist", "fashion-mnist")))
     try:
-        run_unlearning_benchmark(replace(settings, seeds=seeds), out)
+        run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
     except (ValueError, PermissionError, DatasetUnavailableError) as exc:
         _fail(str(exc))
 
@@ -308,7 +318,9 @@ def export_data_command(
 def unlearn_command(
     state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, certificates/).")],
     client: Annotated[str, typer.Option(help="The client whose accepted withdrawal request to act on.")],
-    strategy: Annotated[str, typer.Option(help="A strategy that needs no client work: subtract.")] = "subtract",
+    strategy: Annotated[
+        str, typer.Option(help="A strategy that needs no client work: fedrecovery, or subtract with no recovery rounds.")
+    ] = "fedrecovery",
     signing_key: Annotated[
         Optional[Path],
         typer.Option(help="The federation's signing key (deployment: federation.key). Default: STATE/keys/server.key."),

@@ -19,16 +19,8 @@ from fedforget.errors import FedforgetError
 from fedforget.server.state_dir import StateDir
 
 UNLEARNING_PREFIX = "unlearning."
-"""Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``)."""
-
-_UNLEARNING_KEYS: dict[str, type] = {
-    "calibration-ratio": float,
-    "calibration-norm": str,
-    "recovery-rounds": int,
-    "noise-epsilon": float,
-    "noise-sensitivity": float,
-    "ascent-accuracy-floor": float,
-}
+"""Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``):
+the same names as the CLI's options, derived from each strategy's settings dataclass."""
 
 
 class RunConfigError(FedforgetError):
@@ -177,32 +169,24 @@ class _Reader:
         return value
 
     def unlearning(self) -> dict[str, object]:
-        settings: dict[str, object] = {}
-        for key, value in self._config.items():
-            if not key.startswith(UNLEARNING_PREFIX):
-                continue
-            name = key[len(UNLEARNING_PREFIX):]
-            kind = _UNLEARNING_KEYS.get(name)
-            if kind is None:
-                self._errors.append(f"unknown key {key} (known: {sorted(_UNLEARNING_KEYS)})")
-            elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-                settings[name] = float(value)
-            elif isinstance(value, kind) and not isinstance(value, bool):
-                settings[name] = value
-            else:
-                self._errors.append(f"{key} must be of type {kind.__name__}, got {value!r}")
-        return settings
+        """The ``unlearning.*`` keys by option name; whether they fit the strategy is checked with it."""
+        return {
+            key[len(UNLEARNING_PREFIX):]: value for key, value in self._config.items() if key.startswith(UNLEARNING_PREFIX)
+        }
 
     def check_choices(self, config: DeploymentConfig) -> None:
         from fedforget.simulations.datasets import DATASET_NAMES
-        from fedforget.strategies.registry import STRATEGY_NAMES
+        from fedforget.strategies.registry import StrategyChoice
+        from fedforget.strategies.settings import SettingsError
 
         if config.dataset not in DATASET_NAMES:
             self._errors.append(f"dataset must be one of {list(DATASET_NAMES)}, got {config.dataset!r}")
         if config.model and ":" not in config.model:
             self._errors.append(f"model must be package.module:function, got {config.model!r}")
-        if config.strategy not in STRATEGY_NAMES:
-            self._errors.append(f"strategy must be one of {list(STRATEGY_NAMES)}, got {config.strategy!r}")
+        try:
+            StrategyChoice(config.strategy, dict(config.unlearning))
+        except SettingsError as exc:
+            self._errors.append(f"strategy / unlearning.*: {exc}")
         if config.store_dtype not in ("float32", "float16"):
             self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
 

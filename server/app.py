@@ -22,7 +22,8 @@ from fedforget.server.rounds.loop import (
 )
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.rounds.recording import RecordingFedAvg
-from fedforget.strategies.registry import UnlearningOptions, make_unlearner
+from fedforget.strategies.registry import StrategyChoice
+from fedforget.strategies.settings import UnlearningContext
 
 
 @dataclass
@@ -33,8 +34,9 @@ class ServerSetup:
     federation_id: str
     initial_model: Arrays
     settings: RunSettings
-    strategy: str = "retrain"
-    unlearning_options: UnlearningOptions = field(default_factory=UnlearningOptions)
+    strategy: StrategyChoice = field(default_factory=StrategyChoice)
+    unlearning_context: UnlearningContext | None = None
+    """The federation's E, Δt and model factory for the strategy; by default E from ``settings`` and Δt below."""
     withdrawals: Sequence[Withdrawal] = ()
     retention_interval: int = 1
     update_dtype: str = "float32"
@@ -75,7 +77,11 @@ def open_history_store(setup: ServerSetup) -> HistoryStore:
 
 def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
     """Run (or resume) the federation described by ``setup`` on ``grid``."""
-    unlearner = make_unlearner(setup.strategy, setup.unlearning_options)
+    context = setup.unlearning_context or UnlearningContext(
+        local_epochs=float(setup.settings.train_config.get("local-epochs", 1.0)),
+        retention_interval=setup.retention_interval,
+    )
+    unlearner = setup.strategy.build(context)
     options: dict[str, object] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,

@@ -27,7 +27,8 @@ from fedforget.server.withdrawal.registry import ConsentRegistry
 from fedforget.server.rounds.grids import PromptGrid
 from fedforget.server.store.errors import FedforgetError
 from fedforget.server.rounds.loop import RunOutcome, RunSettings
-from fedforget.strategies.registry import UnlearningOptions
+from fedforget.strategies.registry import StrategyChoice
+from fedforget.strategies.settings import UnlearningContext
 
 app = ServerApp()
 
@@ -89,11 +90,10 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
     config.state.registry.parent.mkdir(parents=True, exist_ok=True)
     # The withdrawal service may not have created the registry yet; the loop reads it every round.
     ConsentRegistry.open(config.state.registry).close()
-    options = UnlearningOptions(
+    context = UnlearningContext(
         local_epochs=config.local_epochs,
         retention_interval=config.retention_interval,
         model_factory=SeededModelFactory(config.model_spec, seed=config.seed),
-        **{key.replace("-", "_"): value for key, value in config.unlearning.items()},  # type: ignore[arg-type]
     )
     return ServerSetup(
         store_dir=config.state.store,
@@ -106,8 +106,8 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             round_timeout=config.round_timeout,
             expected_clients=config.min_nodes,
         ),
-        strategy=config.strategy,
-        unlearning_options=options,
+        strategy=StrategyChoice(config.strategy, dict(config.unlearning)),
+        unlearning_context=context,
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
         resume=config.resume,

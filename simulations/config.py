@@ -11,7 +11,8 @@ from fedforget.server.rounds.loop import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.models import SeededModelFactory
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
-from fedforget.strategies.registry import STRATEGY_NAMES, UnlearningOptions
+from fedforget.strategies.registry import StrategyChoice
+from fedforget.strategies.settings import SettingsError, UnlearningContext
 
 STORE_DTYPES = ("float32", "float16")
 NUM_CLASSES = 10  # every built-in dataset has ten classes
@@ -42,6 +43,8 @@ class SimulationConfig:
     local_epochs: float = 2.0
     partition: str = "iid"
     alpha: float = 0.5
+    train_fraction: float = 1.0
+    """Share of the training set the federation holds (a seeded subsample): faster runs."""
     classes_per_partition: int = 2
     seed: int = 0
     lr: float = 0.1
@@ -58,20 +61,17 @@ class SimulationConfig:
     """Shadow models for the per-example membership attack (offline LiRA); 0 skips it."""
     seeds: int = 1
     """Repeat the whole run over seeds ``seed .. seed + seeds - 1`` (the retrain band)."""
-    calibration_ratio: float = 0.5
-    """FedEraser's r: calibration trains r·E local epochs."""
-    calibration_norm: str = "layer"
-    recovery_rounds: int | None = None
-    """subtract / gradient-ascent: FedAvg rounds with the remaining clients afterwards."""
-    noise_epsilon: float | None = None
-    noise_sensitivity: float | None = None
-    ascent_accuracy_floor: float = 0.3
+    strategy_settings: dict[str, object] = field(default_factory=dict)
+    """The chosen strategy's settings given explicitly, by option name (the rest are its defaults)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
         _one_of("--dataset", self.dataset, DATASET_NAMES)
         _one_of("--partition", self.partition, PARTITION_SCHEMES)
-        _one_of("--strategy", self.strategy, STRATEGY_NAMES)
+        try:
+            self.strategy_choice()
+        except SettingsError as exc:
+            raise ConfigError(str(exc)) from None
         _one_of("--store-dtype", self.store_dtype, STORE_DTYPES)
         _at_least("--clients", self.clients, 1)
         _at_least("--rounds", self.rounds, 1)
@@ -83,6 +83,8 @@ class SimulationConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.alpha <= 0:
             raise ConfigError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         client_ids = {str(i) for i in range(self.clients)}
         withdrawn: set[str] = set()
         for w in self.withdrawals:
@@ -114,33 +116,20 @@ class SimulationConfig:
         if not 0 <= self.backdoor_target < NUM_CLASSES:
             raise ConfigError(f"--backdoor-target must be a class 0..{NUM_CLASSES - 1}, got {self.backdoor_target}")
         _at_least("--shadows", self.shadows, 0)
-        if not 0 < self.calibration_ratio <= 1:
-            raise ConfigError(f"--calibration-ratio must be in (0, 1], got {self.calibration_ratio}")
-        _one_of("--calibration-norm", self.calibration_norm, ("layer", "global"))
-        if not 0 <= self.ascent_accuracy_floor < 1:
-            raise ConfigError(f"--ascent-accuracy-floor must be in [0, 1), got {self.ascent_accuracy_floor}")
-        if self.recovery_rounds is not None:
-            _at_least("--recovery-rounds", self.recovery_rounds, 0)
-        if (self.noise_epsilon is None) != (self.noise_sensitivity is None):
-            raise ConfigError("--noise-epsilon and --noise-sensitivity go together (FedRecovery's ε and d)")
-        if self.noise_epsilon is not None and self.noise_epsilon <= 0:
-            raise ConfigError(f"--noise-epsilon must be positive, got {self.noise_epsilon}")
         if self.strategy == "gradient-ascent" and len({w.round for w in self.withdrawals}) != len(self.withdrawals):
             raise ConfigError("--strategy gradient-ascent unlearns one client at a time: give each its own round")
         _at_least("--seeds", self.seeds, 1)
 
-    def unlearning_options(self) -> UnlearningOptions:
-        """The chosen strategy's settings, matched to this federation's E and Δt."""
-        dataset = self.dataset
-        return UnlearningOptions.for_config(
-            self,
-            calibration_ratio=self.calibration_ratio,
-            calibration_norm=self.calibration_norm,
-            recovery_rounds=self.recovery_rounds,
-            noise_epsilon=self.noise_epsilon,
-            noise_sensitivity=self.noise_sensitivity,
-            ascent_accuracy_floor=self.ascent_accuracy_floor,
-            model_factory=SeededModelFactory(dataset, seed=self.seed),
+    def strategy_choice(self) -> StrategyChoice:
+        """The unlearning strategy and the settings given for it."""
+        return StrategyChoice(self.strategy, dict(self.strategy_settings))
+
+    def unlearning_context(self) -> UnlearningContext:
+        """What this federation tells its strategies: its E, its Δt and how to build its model."""
+        return UnlearningContext(
+            local_epochs=float(self.local_epochs),
+            retention_interval=int(self.retention_interval),
+            model_factory=SeededModelFactory(self.dataset, seed=self.seed),
         )
 
     def trigger(self) -> Trigger:
@@ -164,7 +153,22 @@ class SimulationConfig:
         fields = dict(data)
         fields["withdrawals"] = tuple(parse_withdrawal(str(w)) for w in fields.get("withdrawals", []))  # type: ignore[union-attr]
         fields["backdoors"] = tuple(str(c) for c in fields.get("backdoors", []))  # type: ignore[union-attr]
+        # Runs stored before strategy settings had their own dataclasses kept them as flat fields.
+        legacy = {key: fields.pop(key) for key in _LEGACY_STRATEGY_FIELDS if key in fields}
+        if legacy and fields.get("strategy") == "subtract":
+            fields["strategy"] = "fedrecovery"  # "subtract" named FedRecovery before it was renamed
+        if legacy:
+            settings = StrategyChoice(str(fields.get("strategy", "retrain"))).settings().to_json()
+            fields["strategy_settings"] = {
+                key.replace("_", "-"): value for key, value in legacy.items() if key in settings and value is not None
+            }
         return cls(**fields)  # type: ignore[arg-type]
+
+
+_LEGACY_STRATEGY_FIELDS = (
+    "calibration_ratio", "calibration_norm", "recovery_rounds", "noise_epsilon", "noise_sensitivity",
+    "ascent_accuracy_floor",
+)
 
 
 def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -59,6 +59,7 @@ def data_settings(config: SimulationConfig) -> DataSettings:
         alpha=config.alpha,
         classes_per_partition=config.classes_per_partition,
         seed=config.seed,
+        train_fraction=config.train_fraction,
         backdoor_clients=tuple(sorted(int(c) for c in config.backdoors)),
         backdoor_fraction=config.backdoor_fraction,
         trigger=config.trigger(),
@@ -75,6 +76,8 @@ def federation_id(config: SimulationConfig) -> str:
         "classes_per_partition": config.classes_per_partition,
         "seed": config.seed,
     }
+    if config.train_fraction < 1.0:
+        holdings["train_fraction"] = config.train_fraction
     identity = json.dumps(holdings, sort_keys=True).encode()
     return f"sim-{config.dataset}-{hashlib.sha256(identity).hexdigest()[:12]}"
 
@@ -242,8 +245,8 @@ def _run_federation(
             seed=config.seed,
             expected_clients=config.clients,
         ),
-        strategy=config.strategy,
-        unlearning_options=config.unlearning_options(),
+        strategy=config.strategy_choice(),
+        unlearning_context=config.unlearning_context(),
         consent=consent,
         accountability=accountability,
         retention_interval=config.retention_interval,

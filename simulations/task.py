@@ -34,6 +34,8 @@ class DataSettings:
     alpha: float = 0.5
     classes_per_partition: int = 2
     seed: int = 0
+    train_fraction: float = 1.0
+    """Share of the training set the federation holds (a seeded subsample), for faster benchmarks."""
     backdoor_clients: tuple[int, ...] = ()
     """Clients that plant the backdoor canary in part of their training data."""
     backdoor_fraction: float = 0.5
@@ -41,15 +43,22 @@ class DataSettings:
 
 
 def client_partitions(settings: DataSettings) -> list[np.ndarray]:
-    """Indices of each client's training examples."""
-    return partition_indices(
-        load_dataset(settings.dataset).y_train,
+    """Indices of each client's training examples (into the whole training set)."""
+    labels = load_dataset(settings.dataset).y_train
+    held = np.arange(len(labels))
+    if settings.train_fraction < 1.0:
+        rng = np.random.default_rng([settings.seed, 0x5EED])
+        held = np.sort(rng.choice(len(labels), size=max(settings.num_clients, round(settings.train_fraction * len(labels))),
+                                  replace=False))
+    parts = partition_indices(
+        labels[held],
         settings.num_clients,
         settings.partition,
         alpha=settings.alpha,
         classes_per_partition=settings.classes_per_partition,
         seed=settings.seed,
     )
+    return [held[part] for part in parts]
 
 
 def client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

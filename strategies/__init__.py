@@ -8,17 +8,28 @@ from fedforget.strategies.base import (
     UnlearningRequest,
     Unlearner,
 )
-from fedforget.strategies.registry import STRATEGY_NAMES, make_unlearner
+from fedforget.strategies.registry import (
+    StrategyChoice,
+    make_unlearner,
+    register_unlearner,
+    strategy_names,
+)
 from fedforget.strategies.retrain import Retrain
+from fedforget.strategies.settings import StrategySettings, UnlearningContext, setting
 
 __all__ = [
-    "STRATEGY_NAMES",
     "Federation",
     "HistoryView",
     "Retrain",
     "RoundResult",
+    "StrategyChoice",
+    "StrategySettings",
+    "UnlearningContext",
     "UnlearningOutcome",
     "UnlearningRequest",
     "Unlearner",
     "make_unlearner",
+    "register_unlearner",
+    "setting",
+    "strategy_names",
 ]

@@ -8,6 +8,7 @@ Neither needs Flower or a network, so every algorithm is testable on toys.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from fedforget.arrays import Arrays
+from fedforget.strategies.settings import StrategySettings, UnlearningContext
 
 
 class UpdateRecord(Protocol):
@@ -120,11 +122,17 @@ class Federation(ABC):
         """Run one FedAvg round from ``model`` with the remaining clients and record it."""
 
     @abstractmethod
-    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
-        """Have every remaining client train from ``model`` for ``local_epochs``; record nothing.
+    def local_training(
+        self, server_round: int, model: Arrays, *, local_epochs: float, clients: Sequence[str] | None = None
+    ) -> list[ClientUpdate]:
+        """Have the remaining clients train from ``model`` for ``local_epochs``; record nothing.
 
-        Calibration training (FedEraser) and recovery rounds use it; the
-        strategy decides what, if anything, to record.
+        ``clients`` limits the request to some of them (FedRecover asks only
+        the clients whose estimated update looks abnormal); withdrawn clients
+        are never asked. ``server_round`` seeds each client's batch order, so
+        training "in round t" sees the batches the original round t saw.
+        Calibration training (FedEraser), exact replay rounds and recovery
+        rounds use it; the strategy decides what, if anything, to record.
         """
 
     @abstractmethod
@@ -166,20 +174,50 @@ class UnlearningRequest:
 
 @dataclass
 class UnlearningOutcome:
-    """The unlearned global model and what it cost."""
+    """The unlearned global model and what it cost.
+
+    ``client_epochs`` and ``round_trips`` are measured by :meth:`Unlearner.run`
+    on the federation handle, not reported by the strategy, so every strategy
+    is charged the same way.
+    """
 
     model: Arrays
-    client_epochs: float
     rounds_replayed: int
     base_version: int
     details: dict[str, object] = field(default_factory=dict)
+    client_epochs: float = 0.0
+    """Local epochs the clients trained for the unlearning, summed over clients."""
+    round_trips: int = 0
+    """Times the server had to wait for clients: what a deployed user waits for (~10 s each)."""
+    server_seconds: float = 0.0
+    """The unlearning's wall time outside client round trips: the server's own computation and I/O."""
 
 
 class Unlearner(ABC):
-    """An algorithm that removes clients' contributions from the global model."""
+    """An algorithm that removes clients' contributions from the global model.
+
+    Parameters
+    ----------
+    settings:
+        The strategy's own settings (its :attr:`Settings` dataclass); its defaults when omitted.
+    context:
+        What the federation knows (local epochs, retention, a model factory).
+    """
 
     name: ClassVar[str]
-    needs_client_work: ClassVar[bool]
+    Settings: ClassVar[type[StrategySettings]]
+
+    def __init__(self, settings: StrategySettings | None = None, context: UnlearningContext | None = None) -> None:
+        chosen = self.Settings() if settings is None else settings
+        if type(chosen) is not self.Settings:
+            raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(chosen).__name__}")
+        self.settings = chosen
+        self.context = context or UnlearningContext()
+
+    @property
+    def needs_client_work(self) -> bool:
+        """Whether unlearning asks clients to train (then it cannot run between runs, offline)."""
+        return True
 
     @abstractmethod
     def unlearn(
@@ -189,75 +227,72 @@ class Unlearner(ABC):
 
         ``history`` is the trajectory that holds the contributions; it stays
         readable while the strategy writes the new trajectory via ``federation``.
+        Call :meth:`run`, which also measures the cost.
         """
+
+    def run(self, request: UnlearningRequest, history: HistoryView, federation: Federation) -> UnlearningOutcome:
+        """:meth:`unlearn`, with its client work measured on the federation handle."""
+        meter = MeteredFederation(federation)
+        started = time.perf_counter()
+        outcome = self.unlearn(request, history, meter)
+        outcome.client_epochs = meter.client_epochs
+        outcome.round_trips = meter.round_trips
+        outcome.server_seconds = time.perf_counter() - started - meter.client_seconds
+        return outcome
 
     def hyperparameters(self) -> dict[str, object]:
         """Settings that determine the result, recorded with every unlearning."""
-        return {}
+        return self.settings.to_json()
 
 
-def fedavg_step(updates: Sequence[ClientUpdate]) -> Arrays:
-    """Σ_k (n_k / Σ n) · U_k: the FedAvg aggregate of client updates, computed in float64."""
-    if not updates:
-        raise ValueError("cannot aggregate an empty set of client updates")
-    total = float(sum(u.num_examples for u in updates))
-    step = {name: np.zeros(value.shape, dtype=np.float64) for name, value in updates[0].update.items()}
-    for client in updates:
-        weight = client.num_examples / total
-        for name, value in client.update.items():
-            step[name] += weight * value
-    return {name: value.astype(updates[0].update[name].dtype) for name, value in step.items()}
+class MeteredFederation(Federation):
+    """A federation handle that counts what the clients were asked to do.
 
-
-def add(model: Arrays, step: Arrays, scale: float = 1.0) -> Arrays:
-    """``model + scale * step`` for every array, keeping ``model``'s dtypes."""
-    return {name: (value + scale * step[name]).astype(value.dtype) for name, value in model.items()}
-
-
-def nothing_to_unlearn(
-    history: HistoryView, federation: Federation, completed: int, info: dict[str, object], **details: object
-) -> UnlearningOutcome:
-    """The outcome when the clients never contributed: the new trajectory continues from the current model."""
-    federation.start_trajectory(completed, info)
-    return UnlearningOutcome(
-        model=history.model(completed),
-        client_epochs=0.0,
-        rounds_replayed=0,
-        base_version=completed,
-        details={**details, "reason": "the withdrawn clients never took part"},
-    )
-
-
-def recover_and_record(
-    federation: Federation,
-    model: Arrays,
-    completed: int,
-    info: dict[str, object],
-    *,
-    rounds: int,
-    epochs: float,
-    withdrawn: frozenset[str],
-) -> tuple[Arrays, float]:
-    """FedAvg recovery rounds with the remaining clients, then the result as version ``completed``.
-
-    Approximate strategies end this way: the recovered model is recorded as a
-    round with no participants in a trajectory forked at ``completed - 1``.
-    Returns the model and the client epochs the recovery cost.
+    One call that needs clients (a round, a local training, an ascent) is one
+    round trip, however many clients answer; client epochs are summed over
+    the clients that answered.
     """
-    client_epochs = 0.0
-    for _ in range(rounds):
-        updates = [
-            u for u in federation.local_training(completed, model, local_epochs=epochs) if u.client_id not in withdrawn
-        ]
-        client_epochs += float(sum(u.epochs for u in updates))
-        if sum(u.num_examples for u in updates) > 0:
-            model = add(model, fedavg_step(updates))
-    federation.start_trajectory(completed - 1, info)
-    federation.record_round(completed, model, [])
-    return model, client_epochs
 
+    def __init__(self, inner: Federation) -> None:
+        self.inner = inner
+        self.round_trips = 0
+        self.client_epochs = 0.0
+        self.client_seconds = 0.0
+        """Wall time spent waiting for clients; the rest of an unlearning is the server's own work."""
 
-def earliest_participation(history: HistoryView, clients: Sequence[str]) -> int | None:
-    """First round in which any of ``clients`` contributed, or ``None`` if none did."""
-    rounds = [r for r in (history.first_participation(c) for c in clients) if r is not None]
-    return min(rounds) if rounds else None
+    def remaining_clients(self) -> list[str]:
+        return self.inner.remaining_clients()
+
+    def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
+        self.inner.start_trajectory(base_version, info)
+
+    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+        started = time.perf_counter()
+        result = self.inner.train_round(server_round, model)
+        self.client_seconds += time.perf_counter() - started
+        self.round_trips += 1
+        self.client_epochs += result.client_epochs
+        return result
+
+    def local_training(
+        self, server_round: int, model: Arrays, *, local_epochs: float, clients: Sequence[str] | None = None
+    ) -> list[ClientUpdate]:
+        started = time.perf_counter()
+        updates = self.inner.local_training(server_round, model, local_epochs=local_epochs, clients=clients)
+        self.client_seconds += time.perf_counter() - started
+        self.round_trips += 1
+        self.client_epochs += float(sum(u.epochs for u in updates))
+        return updates
+
+    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
+        self.inner.record_round(server_round, model_after, updates)
+
+    def gradient_ascent(
+        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
+    ) -> tuple[Arrays, float]:
+        started = time.perf_counter()
+        result, epochs = self.inner.gradient_ascent(client_id, model, reference, settings)
+        self.client_seconds += time.perf_counter() - started
+        self.round_trips += 1
+        self.client_epochs += float(epochs)
+        return result, epochs

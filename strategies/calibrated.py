@@ -21,6 +21,7 @@ calibration training, is where the r⁻¹·Δt speed-up over retraining comes fr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -34,18 +35,12 @@ from fedforget.strategies.base import (
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
-    add,
-    earliest_participation,
-    nothing_to_unlearn,
-    fedavg_step,
 )
+from fedforget.strategies.settings import StrategySettings, setting
+from fedforget.strategies.toolkit import add, earliest_participation, fedavg_step, is_float, nothing_to_unlearn, walk
 
 NORMS: tuple[str, ...] = ("layer", "global")
 """How ‖·‖ is taken: per named array (as FedEraser's reference code does) or over the whole flattened update."""
-
-
-def _is_float(value: np.ndarray) -> bool:
-    return np.issubdtype(value.dtype, np.floating)
 
 
 def update_norms(update: Arrays, norm: str) -> dict[str, float]:
@@ -61,7 +56,7 @@ def update_norms(update: Arrays, norm: str) -> dict[str, float]:
     squares = {
         name: float(np.sum(np.square(value, dtype=np.float64)))
         for name, value in update.items()
-        if _is_float(value)
+        if is_float(value)
     }
     if norm == "layer":
         return {name: math.sqrt(s) for name, s in squares.items()}
@@ -94,12 +89,32 @@ def calibrate(stored: Arrays, fresh: Arrays, norm: str = "layer") -> Arrays:
     out: Arrays = {}
     for name, value in fresh.items():
         key = name if norm == "layer" else ""
-        if not _is_float(value) or current[key] == 0.0:
+        if not is_float(value) or current[key] == 0.0:
             out[name] = value.copy()
             continue
         scale = length[key] / current[key]
         out[name] = (value.astype(np.float64) * scale).astype(value.dtype)
     return out
+
+
+@dataclass(frozen=True)
+class CalibratedSettings(StrategySettings):
+    """FedEraser's Δt, r and norm."""
+
+    strategy: ClassVar[str] = "calibrated"
+
+    calibration_interval: int | None = setting(
+        None, "use a retained round every N rounds (FedEraser's Δt); none uses every round the "
+        "history retained", minimum=1,
+    )
+    calibration_ratio: float = setting(
+        0.5, "calibration trains r·E local epochs (FedEraser's r)", minimum=0.0, maximum=1.0,
+        exclusive_minimum=True,
+    )
+    calibration_norm: str = setting(
+        "layer", "rescale per array (layer, as FedEraser's code) or over the whole update (global)",
+        choices=NORMS,
+    )
 
 
 class Calibrated(Unlearner):
@@ -115,9 +130,9 @@ class Calibrated(Unlearner):
     * The rebuilt model starts at M̃ = model ``base``.
     * Usable retained rounds are rounds in ``[first, completed]`` whose
       updates the store kept for at least one remaining client. The store
-      decides what is kept (its Δt); ``retention_interval`` here only thins
+      decides what is kept (its Δt); ``calibration_interval`` here only thins
       that further: walking forward, a retained round is used if it lies at
-      least ``retention_interval`` rounds after the previously used one (the
+      least ``calibration_interval`` rounds after the previously used one (the
       first usable round is always used). With a store Δt of 1 this is
       exactly rounds t_1, t_1+Δt, ...; with the store's own Δt it uses every
       retained round; a store that kept fewer rounds than asked is used as is.
@@ -129,7 +144,7 @@ class Calibrated(Unlearner):
       from a model that already holds u's contribution, so t_1 is calibrated
       like every later round.
     * A calibrated round t_j: every remaining client trains from M̃ for
-      ``calibration_ratio · local_epochs`` epochs (Û_k); each client that both
+      r·E epochs (``calibration_ratio`` times the federation's local epochs) (Û_k); each client that both
       took part in t_j (with a retained update) and answered gets
       Ũ_k = ‖U_k^{t_j}‖ · Û_k / ‖Û_k‖ (see :func:`calibrate`); a client in
       only one of the two is skipped (listed in ``details``). The Ũ_k are
@@ -142,59 +157,37 @@ class Calibrated(Unlearner):
       one round's stored updates are in memory (a calibrated round loads them
       one client at a time and keeps only their norms).
 
-    The outcome's ``client_epochs`` is the calibration training actually
-    spent (sum of ``ClientUpdate.epochs``), ``rounds_replayed`` the number
-    of calibration rounds (rounds that asked clients to train).
+    ``rounds_replayed`` is the number of calibration rounds (rounds that
+    asked clients to train).
+
+    Parameters
+    ----------
+    settings:
+        :class:`CalibratedSettings`: Δt (default: the history's), r and the norm.
+    context:
+        The federation's local epochs E and the history's retention interval.
     """
 
     name: ClassVar[str] = "calibrated"
-    needs_client_work: ClassVar[bool] = True
+    Settings: ClassVar[type[StrategySettings]] = CalibratedSettings
+    settings: CalibratedSettings
 
-    def __init__(
-        self,
-        *,
-        retention_interval: int = 2,
-        calibration_ratio: float = 0.5,
-        local_epochs: float = 2.0,
-        norm: str = "layer",
-    ) -> None:
-        if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) or retention_interval < 1:
-            raise ValueError(f"retention_interval must be an integer >= 1, got {retention_interval!r}")
-        if (
-            isinstance(calibration_ratio, bool)
-            or not isinstance(calibration_ratio, (int, float))
-            or not 0.0 < float(calibration_ratio) <= 1.0
-        ):
-            raise ValueError(
-                "calibration_ratio (r = calibration epochs / local epochs) must be in (0, 1], "
-                f"got {calibration_ratio!r}"
-            )
-        if (
-            isinstance(local_epochs, bool)
-            or not isinstance(local_epochs, (int, float))
-            or not math.isfinite(float(local_epochs))
-            or float(local_epochs) <= 0.0
-        ):
-            raise ValueError(f"local_epochs must be a positive number, got {local_epochs!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.retention_interval = retention_interval
-        self.calibration_ratio = float(calibration_ratio)
-        self.local_epochs = float(local_epochs)
-        self.norm = norm
+    @property
+    def interval(self) -> int:
+        """The Δt used: the setting, else the history's own retention interval."""
+        return self.settings.calibration_interval or self.context.retention_interval
+
+    @property
+    def norm(self) -> str:
+        return self.settings.calibration_norm
 
     @property
     def calibration_epochs(self) -> float:
         """r · E: the local epochs each remaining client trains in a calibration round."""
-        return self.calibration_ratio * self.local_epochs
+        return self.settings.calibration_ratio * self.context.local_epochs
 
     def hyperparameters(self) -> dict[str, object]:
-        return {
-            "retention_interval": self.retention_interval,
-            "calibration_ratio": self.calibration_ratio,
-            "local_epochs": self.local_epochs,
-            "norm": self.norm,
-        }
+        return {**self.settings.to_json(), "interval_used": self.interval, "calibration_epochs": self.calibration_epochs}
 
     def unlearn(
         self, request: UnlearningRequest, history: HistoryView, federation: Federation
@@ -213,41 +206,26 @@ class Calibrated(Unlearner):
         base = first - 1
         federation.start_trajectory(base, info)
         model = history.model(base)
-        client_epochs = 0.0
         reused: list[int] = []
         calibrated: list[int] = []
         skipped: dict[str, list[str]] = {}
         last_used: int | None = None
-        expected = first
-        for view in history.rounds(first, completed):
-            if view.round != expected:
-                raise ValueError(
-                    f"the history has no completed round {expected} (next is {view.round}); "
-                    "FedEraser must record every round of the new trajectory in order"
-                )
-            expected += 1
+        for view in walk(history, first, completed):
             usable = any(p.retained and p.client_id not in withdrawn for p in view.participants)
-            if not usable or (last_used is not None and view.round - last_used < self.retention_interval):
+            if not usable or (last_used is not None and view.round - last_used < self.interval):
                 federation.record_round(view.round, model, [])
                 continue
             if last_used is None and view.round == first:
                 model = self._reuse_stored(view, withdrawn, model, federation)
                 reused.append(view.round)
             else:
-                model, spent, left_out = self._calibrate_round(view, withdrawn, model, federation)
-                client_epochs += spent
+                model, left_out = self._calibrate_round(view, withdrawn, model, federation)
                 calibrated.append(view.round)
                 if left_out:
                     skipped[str(view.round)] = left_out
             last_used = view.round
-        if expected != completed + 1:
-            raise ValueError(
-                f"the history's completed rounds end at {expected - 1}, but the request says {completed} "
-                "rounds were completed"
-            )
         return UnlearningOutcome(
             model=model,
-            client_epochs=client_epochs,
             rounds_replayed=len(calibrated),
             base_version=base,
             details=self._details(reused, calibrated, skipped),
@@ -282,10 +260,9 @@ class Calibrated(Unlearner):
 
     def _calibrate_round(
         self, view: RoundRecord, withdrawn: frozenset[str], model: Arrays, federation: Federation
-    ) -> tuple[Arrays, float, list[str]]:
+    ) -> tuple[Arrays, list[str]]:
         """Calibration training from M̃, rescale to the stored norms, aggregate, record."""
         fresh = federation.local_training(view.round, model, local_epochs=self.calibration_epochs)
-        spent = float(sum(u.epochs for u in fresh))
         answered = {u.client_id: u for u in fresh if u.client_id not in withdrawn}
         stored = {p.client_id: p for p in view.participants if p.retained and p.client_id not in withdrawn}
         used = sorted(answered.keys() & stored.keys())
@@ -306,4 +283,4 @@ class Calibrated(Unlearner):
         else:
             updates = []
         federation.record_round(view.round, model, updates)
-        return model, spent, left_out
+        return model, left_out

@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,18 +79,14 @@ from fedforget.strategies.base import (
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
-    nothing_to_unlearn,
-    recover_and_record,
 )
+from fedforget.strategies.settings import StrategySettings, setting
+from fedforget.strategies.toolkit import is_float, nothing_to_unlearn, recover_and_record
 
 REFERENCE_WEIGHTS: tuple[str, ...] = ("recorded", "uniform")
 
 ModelFactory = Callable[[], Any]
 """A freshly (randomly) initialised model: a torch ``nn.Module`` or named numpy arrays."""
-
-
-def _is_float(value: np.ndarray) -> bool:
-    return np.issubdtype(value.dtype, np.floating)
 
 
 def reference_model(
@@ -108,7 +105,7 @@ def reference_model(
     c = share / (1.0 - share)
     out: Arrays = {}
     for name, value in current.items():
-        if not _is_float(value):
+        if not is_float(value):
             out[name] = value.copy()
             continue
         local = before[name].astype(np.float64) + update[name].astype(np.float64)  # w_u
@@ -143,7 +140,7 @@ def random_model_radius(
             names = [name for name, _ in drawn.named_parameters()]
             arrays = {name: state[name].detach().cpu().numpy() for name in names}
         else:
-            arrays = {name: np.asarray(v) for name, v in dict(drawn).items() if _is_float(np.asarray(v))}
+            arrays = {name: np.asarray(v) for name, v in dict(drawn).items() if is_float(np.asarray(v))}
         missing = [name for name in arrays if name not in reference]
         if missing:
             raise ValueError(f"model_factory's model has arrays the federation's model lacks: {missing}")
@@ -156,95 +153,61 @@ def random_model_radius(
     return math.sqrt(fraction * float(np.mean(squares)))
 
 
+@dataclass(frozen=True)
+class GradientAscentSettings(StrategySettings):
+    """The client's ascent (Halimi et al. and IBM's reference code) and the recovery after it."""
+
+    strategy: ClassVar[str] = "gradient-ascent"
+
+    ascent_radius: float | None = setting(
+        None, "L2 radius of the ball around the reference model; none measures it against "
+        "random models as the paper does", minimum=0.0,
+    )
+    ascent_lr: float = setting(0.01, "the client's ascent learning rate", minimum=0.0,
+                               exclusive_minimum=True)
+    ascent_epochs: float = setting(5.0, "at most this many epochs of ascent", minimum=0.0,
+                                   exclusive_minimum=True)
+    ascent_batch_size: int = setting(32, "the ascent's batch size", minimum=1)
+    ascent_accuracy_floor: float = setting(
+        0.3, "the client stops ascending once its own accuracy falls to this (chosen on "
+        "digits; the paper's 0.1 drives the model to chance level)", minimum=0.0, maximum=1.0,
+    )
+    recovery_rounds: int = setting(
+        2, "FedAvg rounds with the remaining clients after the strategy's own step", minimum=0
+    )
+    reference_weights: str = setting(
+        "recorded", "invert the recorded FedAvg weights (recorded) or the paper's uniform ones",
+        choices=REFERENCE_WEIGHTS,
+    )
+    random_models: int = setting(10, "random models the radius is measured against", minimum=1)
+    radius_fraction: float = setting(
+        1.0 / 3.0, "the squared radius is this share of the mean squared distance to them",
+        minimum=0.0, exclusive_minimum=True,
+    )
+
+
 class GradientAscent(Unlearner):
     """Halimi et al. (2022): projected gradient ascent by the withdrawing client, then FedAvg recovery.
 
-    Arguments (all keyword-only):
-
-    * ``radius``: the L2 radius δ of the ball around w_ref; ``None`` (default)
-      computes it from ``model_factory`` as the reference code does.
-    * ``model_factory``: zero-argument callable returning a freshly initialised
-      model (``nn.Module`` or named arrays); needed when ``radius`` is None.
-    * ``random_models`` (10), ``radius_fraction`` (1/3): the radius rule.
-    * ``lr`` (0.01), ``epochs`` (5.0), ``batch_size`` (32),
-      ``accuracy_floor`` (0.1): the client's :class:`AscentSettings`. The
-      reference code uses lr 0.01 and 5 epochs.
-    * ``recovery_rounds`` (2), ``recovery_epochs`` (1.0): the post-training.
-    * ``reference_weights``: ``"recorded"`` (default) or ``"uniform"``, see
-      the module docstring.
+    Parameters
+    ----------
+    settings:
+        :class:`GradientAscentSettings`.
+    context:
+        The federation's local epochs E (recovery rounds) and its model
+        factory (the random models the radius is measured against; needed
+        unless ``ascent_radius`` is set).
 
     Exactly one client per request (the ascent runs on that client's data):
     several raise ``ValueError``. A client that never took part leaves the
     model unchanged (new trajectory at ``completed``, no client work).
-
-    The outcome's ``client_epochs`` is the ascent's epochs plus the recovery
-    training's, ``rounds_replayed`` the number of recovery rounds,
-    ``base_version`` is ``completed − 1``.
+    ``rounds_replayed`` is the number of recovery rounds, ``base_version``
+    is ``completed − 1``.
     """
 
     name: ClassVar[str] = "gradient-ascent"
-    needs_client_work: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        *,
-        radius: float | None = None,
-        model_factory: ModelFactory | None = None,
-        random_models: int = 10,
-        radius_fraction: float = 1.0 / 3.0,
-        lr: float = 0.01,
-        epochs: float = 5.0,
-        batch_size: int = 32,
-        accuracy_floor: float = 0.1,
-        recovery_rounds: int = 2,
-        recovery_epochs: float = 1.0,
-        reference_weights: str = "recorded",
-    ) -> None:
-        if radius is not None and not (math.isfinite(radius) and radius >= 0):
-            raise ValueError(f"radius must be a finite number >= 0 or None, got {radius!r}")
-        if isinstance(random_models, bool) or not isinstance(random_models, int) or random_models < 1:
-            raise ValueError(f"random_models must be an integer >= 1, got {random_models!r}")
-        if not (math.isfinite(radius_fraction) and radius_fraction > 0):
-            raise ValueError(f"radius_fraction must be positive, got {radius_fraction!r}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        if not (math.isfinite(epochs) and epochs > 0):
-            raise ValueError(f"epochs must be positive, got {epochs!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not math.isfinite(accuracy_floor):
-            raise ValueError(f"accuracy_floor must be a number, got {accuracy_floor!r}")
-        if isinstance(recovery_rounds, bool) or not isinstance(recovery_rounds, int) or recovery_rounds < 0:
-            raise ValueError(f"recovery_rounds must be an integer >= 0, got {recovery_rounds!r}")
-        if not (math.isfinite(recovery_epochs) and recovery_epochs > 0):
-            raise ValueError(f"recovery_epochs must be positive, got {recovery_epochs!r}")
-        if reference_weights not in REFERENCE_WEIGHTS:
-            raise ValueError(f"reference_weights must be one of {REFERENCE_WEIGHTS}, got {reference_weights!r}")
-        self.radius = None if radius is None else float(radius)
-        self.model_factory = model_factory
-        self.random_models = random_models
-        self.radius_fraction = float(radius_fraction)
-        self.lr = float(lr)
-        self.epochs = float(epochs)
-        self.batch_size = batch_size
-        self.accuracy_floor = float(accuracy_floor)
-        self.recovery_rounds = recovery_rounds
-        self.recovery_epochs = float(recovery_epochs)
-        self.reference_weights = reference_weights
-
-    def hyperparameters(self) -> dict[str, object]:
-        return {
-            "radius": self.radius,
-            "random_models": self.random_models,
-            "radius_fraction": self.radius_fraction,
-            "lr": self.lr,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "accuracy_floor": self.accuracy_floor,
-            "recovery_rounds": self.recovery_rounds,
-            "recovery_epochs": self.recovery_epochs,
-            "reference_weights": self.reference_weights,
-        }
+    Settings: ClassVar[type[StrategySettings]] = GradientAscentSettings
+    settings: GradientAscentSettings
 
     def unlearn(
         self, request: UnlearningRequest, history: HistoryView, federation: Federation
@@ -255,10 +218,12 @@ class GradientAscent(Unlearner):
                 f"the ascent runs on that client's own data; got {sorted(request.clients)}. Unlearn them one "
                 "at a time, or use a strategy that removes several at once (retrain, calibrated, subtract)"
             )
-        if self.radius is None and self.model_factory is None:
+        s = self.settings
+        factory = self.context.model_factory
+        if s.ascent_radius is None and factory is None:
             raise ValueError(
-                "gradient-ascent needs either radius= or a model_factory= to draw the random models "
-                "the paper's radius is measured against"
+                "gradient-ascent needs either the ascent-radius setting or the federation's model factory "
+                "to draw the random models the paper's radius is measured against"
             )
         (client,) = request.clients
         completed = request.completed_rounds
@@ -269,37 +234,34 @@ class GradientAscent(Unlearner):
 
         current = history.model(completed)
         reference, reference_details = self._reference(history, client, first, completed, current)
-        if self.radius is not None:
-            radius = self.radius
+        if s.ascent_radius is not None:
+            radius = s.ascent_radius
         else:
-            assert self.model_factory is not None
+            assert factory is not None
             radius = random_model_radius(
-                reference, self.model_factory, count=self.random_models, fraction=self.radius_fraction,
-                seed=request.seed,
+                reference, factory, count=s.random_models, fraction=s.radius_fraction, seed=request.seed
             )
-        settings = AscentSettings(
+        ascent = AscentSettings(
             radius=radius,
-            lr=self.lr,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            accuracy_floor=self.accuracy_floor,
+            lr=s.ascent_lr,
+            epochs=s.ascent_epochs,
+            batch_size=s.ascent_batch_size,
+            accuracy_floor=s.ascent_accuracy_floor,
         )
-        model, ascent_epochs = federation.gradient_ascent(client, reference, reference, settings)
-        client_epochs = float(ascent_epochs)
-        model, recovery_epochs = recover_and_record(
+        model, ascent_epochs = federation.gradient_ascent(client, reference, reference, ascent)
+        model, _ = recover_and_record(
             federation, model, completed, info,
-            rounds=self.recovery_rounds, epochs=self.recovery_epochs, withdrawn=frozenset({client}),
+            rounds=s.recovery_rounds, epochs=self.context.local_epochs, withdrawn=frozenset({client}),
         )
         return UnlearningOutcome(
             model=model,
-            client_epochs=client_epochs + recovery_epochs,
-            rounds_replayed=self.recovery_rounds,
+            rounds_replayed=s.recovery_rounds,
             base_version=completed - 1,
             details={
                 **reference_details,
                 "radius": radius,
                 "ascent_epochs": float(ascent_epochs),
-                "recovery_rounds": self.recovery_rounds,
+                "recovery_rounds": s.recovery_rounds,
             },
         )
 
@@ -316,7 +278,7 @@ class GradientAscent(Unlearner):
         (view,) = list(history.rounds(last, last))
         (mine,) = [p for p in view.participants if p.client_id == client]
         participants = len(view.participants)
-        if self.reference_weights == "uniform":
+        if self.settings.reference_weights == "uniform":
             share = 1.0 / participants
         else:
             total = sum(p.weight for p in view.participants)

@@ -1,91 +1,147 @@
-"""Look up unlearning strategies by the names users type, with their settings."""
+"""Strategies by the names users type, and their settings in the one flat namespace users type them in.
+
+The registry is open (as Opacus's accountant registry): a user's own
+:class:`~fedforget.strategies.base.Unlearner` subclass becomes selectable
+with ``--strategy`` and ``strategy=`` by :func:`register_unlearner`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fedforget.strategies.base import Unlearner
 from fedforget.strategies.calibrated import Calibrated
+from fedforget.strategies.fedrecovery import FedRecovery
 from fedforget.strategies.gradient_ascent import GradientAscent
+from fedforget.strategies.replay import Replay
 from fedforget.strategies.retrain import Retrain
+from fedforget.strategies.settings import SettingInfo, SettingsError, StrategySettings, UnlearningContext
 from fedforget.strategies.subtract import Subtract
+
+U = TypeVar("U", bound=type[Unlearner])
+
+_REGISTRY: dict[str, type[Unlearner]] = {}
+
+
+def register_unlearner(cls: U) -> U:
+    """Make ``cls`` selectable by its ``name``; usable as a class decorator.
+
+    Its settings join the flat namespace of options: a name another
+    strategy already uses must have the same type there.
+    """
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"{cls.__name__} needs a class attribute name = '...' to be registered")
+    settings = getattr(cls, "Settings", None)
+    if not (isinstance(settings, type) and issubclass(settings, StrategySettings)):
+        raise ValueError(f"{cls.__name__} needs a class attribute Settings, a StrategySettings dataclass")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"a different strategy is already registered as {name!r}")
+    known = setting_options()
+    for info in settings.describe():
+        other = known.get(info.option)
+        if other is not None and (other.info.kind, other.info.optional) != (info.kind, info.optional):
+            raise ValueError(
+                f"{cls.__name__}'s setting {info.option!r} has another type than strategy "
+                f"{other.strategies[0]!r}'s setting of that name"
+            )
+    _REGISTRY[name] = cls
+    return cls
+
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Known strategies, exact retraining first, then in the order they were registered."""
+    return tuple(_REGISTRY)
+
+
+def unlearner_class(name: str) -> type[Unlearner]:
+    """The strategy called ``name``; an unknown name is an error listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SettingsError(
+            f"unknown unlearning strategy {name!r}; available: {', '.join(strategy_names())}"
+        ) from None
 
 
 @dataclass(frozen=True)
-class UnlearningOptions:
-    """Every strategy's settings in one place; each strategy reads the ones it has."""
+class SettingOption:
+    """One option of the flat namespace, and which strategies have it with which default."""
 
-    local_epochs: float = 2.0
-    """The federation's local epochs E (FedEraser calibrates with r·E)."""
-    retention_interval: int = 1
-    """The history's Δt: client updates are kept every Δt rounds."""
-    calibration_ratio: float = 0.5
-    """FedEraser's r."""
-    calibration_norm: str = "layer"
-    """FedEraser's norm: per array ("layer", as its reference code) or over the whole update ("global")."""
-    recovery_rounds: int | None = None
-    """FedAvg rounds with the remaining clients after subtract / gradient-ascent (None: the strategy's default)."""
-    noise_epsilon: float | None = None
-    """subtract: privacy budget ε of the Gaussian noise FedRecovery adds (None: no noise)."""
-    noise_sensitivity: float | None = None
-    """subtract: the sensitivity d the noise is calibrated to (required with ``noise_epsilon``)."""
-    ascent_accuracy_floor: float = 0.3
-    """gradient-ascent: the client stops ascending once its own accuracy falls to this.
+    info: SettingInfo
+    defaults: dict[str, object] = field(default_factory=dict)
 
-    The paper's 0.1 drives the digits model to chance level, from which two
-    recovery rounds do not bring it back; 0.3 removes the canary (ASR 0.08)
-    and keeps test accuracy within a point of the original (measured on digits).
+    @property
+    def strategies(self) -> list[str]:
+        return list(self.defaults)
+
+
+def setting_options() -> dict[str, SettingOption]:
+    """Every strategy setting by the option name users type, across all registered strategies."""
+    options: dict[str, SettingOption] = {}
+    for name, cls in _REGISTRY.items():
+        for info in cls.Settings.describe():
+            option = options.setdefault(info.option, SettingOption(info))
+            option.defaults[name] = info.default
+    return options
+
+
+for _builtin in (Retrain, Replay, Subtract, Calibrated, FedRecovery, GradientAscent):
+    register_unlearner(_builtin)
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """A strategy and the settings a user gave for it explicitly (the rest are its defaults).
+
+    This is what a simulation stores for its resume and what the run config
+    and the CLI produce, so the three agree by construction.
     """
-    model_factory: Callable[[], object] | None = None
-    """gradient-ascent: fresh random models, to size the ball around the reference model."""
+
+    name: str = "retrain"
+    overrides: Mapping[str, object] = field(default_factory=dict)
+    """Settings by option name (``calibration-ratio``); only those given explicitly."""
+
+    def __post_init__(self) -> None:
+        self.settings()  # check now, before anything is written
+
+    def settings(self) -> StrategySettings:
+        """The chosen strategy's full settings; a setting it lacks is an error naming who has it."""
+        cls = unlearner_class(self.name)
+        own = {info.option for info in cls.Settings.describe()}
+        options = setting_options()
+        for key in self.overrides:
+            option = key.replace("_", "-")
+            if option not in own:
+                owners = options[option].strategies if option in options else []
+                where = f"it is a setting of {', '.join(owners)}" if owners else "no strategy has it"
+                raise SettingsError(f"setting {option!r} does not apply to strategy {self.name!r}: {where}")
+        return cls.Settings.from_mapping({key.replace("_", "-"): value for key, value in self.overrides.items()})
+
+    def build(self, context: UnlearningContext | None = None) -> Unlearner:
+        """The strategy, ready to unlearn in a federation described by ``context``."""
+        return unlearner_class(self.name)(self.settings(), context)
 
     def to_json(self) -> dict[str, object]:
-        """The settings as recorded in reports (the model factory is code, not a setting)."""
-        return {k: v for k, v in self.__dict__.items() if k != "model_factory"}
+        return {"name": self.name, "settings": dict(self.overrides)}
 
     @classmethod
-    def for_config(cls, config: object, **overrides: object) -> UnlearningOptions:
-        """Options matching a simulation's settings (its E and Δt)."""
-        base = {
-            "local_epochs": float(config.local_epochs),  # type: ignore[attr-defined]
-            "retention_interval": int(config.retention_interval),  # type: ignore[attr-defined]
-        }
-        return cls(**{**base, **overrides})  # type: ignore[arg-type]
+    def from_json(cls, data: Mapping[str, object]) -> StrategyChoice:
+        settings = data.get("settings", {})
+        if not isinstance(settings, Mapping):
+            raise SettingsError(f"strategy settings must be a mapping, got {settings!r}")
+        return cls(name=str(data.get("name", "retrain")), overrides=dict(settings))
 
 
-_FACTORIES: dict[str, Callable[[UnlearningOptions], Unlearner]] = {
-    Retrain.name: lambda options: Retrain(),
-    Calibrated.name: lambda options: Calibrated(
-        retention_interval=options.retention_interval,
-        calibration_ratio=options.calibration_ratio,
-        local_epochs=options.local_epochs,
-        norm=options.calibration_norm,
-    ),
-    Subtract.name: lambda options: Subtract(
-        epsilon=options.noise_epsilon,
-        sensitivity=options.noise_sensitivity,
-        recovery_rounds=0 if options.recovery_rounds is None else options.recovery_rounds,
-        recovery_epochs=options.local_epochs,
-    ),
-    GradientAscent.name: lambda options: GradientAscent(
-        model_factory=options.model_factory,  # type: ignore[arg-type]
-        accuracy_floor=options.ascent_accuracy_floor,
-        recovery_rounds=2 if options.recovery_rounds is None else options.recovery_rounds,
-        recovery_epochs=options.local_epochs,
-    ),
-}
-
-STRATEGY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
-"""Known strategies, exact retraining first."""
-
-
-def make_unlearner(name: str, options: UnlearningOptions | None = None) -> Unlearner:
-    """Instantiate the strategy called ``name``; unknown names list the known ones."""
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown unlearning strategy {name!r}; available: {', '.join(STRATEGY_NAMES)}"
-        ) from None
-    return factory(options or UnlearningOptions())
+def make_unlearner(
+    name: str,
+    settings: Mapping[str, object] | StrategySettings | None = None,
+    context: UnlearningContext | None = None,
+) -> Unlearner:
+    """Instantiate the strategy called ``name`` with its settings (by option name, or its dataclass)."""
+    if isinstance(settings, StrategySettings):
+        return unlearner_class(name)(settings, context)
+    return StrategyChoice(name, dict(settings or {})).build(context)

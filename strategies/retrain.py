@@ -10,6 +10,7 @@ those clients never joined.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from fedforget.strategies.base import (
@@ -18,15 +19,23 @@ from fedforget.strategies.base import (
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
-    earliest_participation,
 )
+from fedforget.strategies.settings import StrategySettings
+from fedforget.strategies.toolkit import earliest_participation
+
+
+@dataclass(frozen=True)
+class RetrainSettings(StrategySettings):
+    """Exact retraining has nothing to tune."""
+
+    strategy: ClassVar[str] = "retrain"
 
 
 class Retrain(Unlearner):
-    """Replay rounds ``first .. completed`` without the withdrawn clients."""
+    """Replay rounds ``first .. completed`` without the withdrawn clients, every client training in each."""
 
     name: ClassVar[str] = "retrain"
-    needs_client_work: ClassVar[bool] = True
+    Settings: ClassVar[type[StrategySettings]] = RetrainSettings
 
     def unlearn(
         self, request: UnlearningRequest, history: HistoryView, federation: Federation
@@ -40,14 +49,10 @@ class Retrain(Unlearner):
             {"strategy": self.name, "clients": sorted(request.clients)},
         )
         model = history.model(base_version)
-        client_epochs = 0.0
         for server_round in range(base_version + 1, request.completed_rounds + 1):
-            result = federation.train_round(server_round, model)
-            model = result.model_after
-            client_epochs += result.client_epochs
+            model = federation.train_round(server_round, model).model_after
         return UnlearningOutcome(
             model=model,
-            client_epochs=client_epochs,
             rounds_replayed=request.completed_rounds - base_version,
             base_version=base_version,
         )

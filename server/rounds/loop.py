@@ -295,6 +295,7 @@ class FederatedRun:
             "hyperparameters": self.unlearner.hyperparameters(),
             "seconds": seconds,
             "client_epochs": outcome.client_epochs,
+            "round_trips": outcome.round_trips,
             "rounds_replayed": outcome.rounds_replayed,
             "base_version": outcome.base_version,
             "source_trajectory": source,
@@ -316,6 +317,7 @@ class FederatedRun:
                 reference_trajectory=reference,
                 retrain_seconds=retrain_seconds,
                 retrain_client_epochs=retrained.client_epochs,
+                retrain_round_trips=retrained.round_trips,
                 retrain_test_accuracy=self._evaluate(retrained.model).get("test_accuracy"),
             )
         certificates: dict[str, Path] = {}
@@ -349,7 +351,7 @@ class FederatedRun:
             residual_clients=frozenset(self._residual_clients()),
         )
         started = time.perf_counter()
-        outcome = unlearner.unlearn(request, self.store.reader(source), _GridFederation(self))
+        outcome = unlearner.run(request, self.store.reader(source), _GridFederation(self))
         self.strategy.flush()
         seconds = time.perf_counter() - started
         trajectory = self.store.current_trajectory()
@@ -450,8 +452,12 @@ class _GridFederation(Federation):
         self._run.strategy.flush()
         return result
 
-    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
+    def local_training(
+        self, server_round: int, model: Arrays, *, local_epochs: float, clients: Sequence[str] | None = None
+    ) -> list[ClientUpdate]:
         nodes = self._nodes()
+        if clients is not None:
+            nodes = {node: client for node, client in nodes.items() if client in set(clients)}
         config = ConfigRecord(dict(self._run.settings.train_config))
         config[wire.LOCAL_EPOCHS] = float(local_epochs)
         config[wire.SEED] = self._run.settings.seed
