@@ -86,7 +86,7 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant.of("subtract", "subtract"),
     Variant.of("subtract-2", "subtract", recovery_rounds=2),
     Variant.of("replay", "replay"),
-    Variant.of("replay-lbfgs", "replay", estimate="lbfgs", warmup_rounds=2, final_rounds=1),
+    Variant.of("replay-lbfgs", "replay", estimate="lbfgs", warmup_rounds=2),
     Variant.of("replay-crab", "replay", select_fraction=0.5),
     Variant.of("calibrated", "calibrated"),
     Variant.of("fedrecovery", "fedrecovery"),

@@ -108,7 +108,8 @@ class CalibratedSettings(StrategySettings):
         "history retained", minimum=1,
     )
     calibration_ratio: float = setting(
-        0.5, "calibration trains r·E local epochs (FedEraser's r)", minimum=0.0, maximum=1.0,
+        1.0, "calibration trains r·E local epochs (FedEraser's r; the paper's 0.5 halves the cost and loses "
+        "accuracy, see the README's trade-off table)", minimum=0.0, maximum=1.0,
         exclusive_minimum=True,
     )
     calibration_norm: str = setting(

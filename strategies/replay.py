@@ -105,9 +105,9 @@ class ReplaySettings(StrategySettings):
     )
     warmup_rounds: int = setting(1, "exact rounds at the start of the replay (FedRecover's T_w)", minimum=0)
     correction_interval: int = setting(
-        0, "every N-th round after warm-up is exact (FedRecover's T_c); 0 for none", minimum=0
+        6, "every N-th round after warm-up is exact (FedRecover's T_c); 0 for none", minimum=0
     )
-    final_rounds: int = setting(2, "exact rounds at the end of the replay (FedRecover's T_f)", minimum=0)
+    final_rounds: int = setting(1, "exact rounds at the end of the replay (FedRecover's T_f)", minimum=0)
     lbfgs_memory: int = setting(2, "curvature pairs kept per client (FedRecover's buffer size s)", minimum=1)
     abnormality_threshold: float | None = setting(
         10.0, "an estimate with a coordinate over N times the stored update's largest is replaced by "
