@@ -230,6 +230,21 @@ def bench_unlearning(
         _fail(str(exc))
 
 
+@bench_app.command("estimation")
+def bench_estimation(
+    store: Annotated[Path, typer.Argument(help="A history store holding a history and its exact retrain.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write bench-estimation.json here.")] = None,
+) -> None:
+    """How far a stored update is from the client's real update on the retrain's models (FedRecover's premise)."""
+    from fedforget.errors import FedforgetError
+    from fedforget.simulations.bench_estimation import run_estimation_benchmark
+
+    try:
+        run_estimation_benchmark(store, out)
+    except (FedforgetError, ValueError, PermissionError) as exc:
+        _fail(str(exc))
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
