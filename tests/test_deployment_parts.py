@@ -195,14 +195,17 @@ def test_collecting_replies_stops_at_the_timeout():
 # -- after a crash -------------------------------------------------------------------------
 
 
-def _accountable_run(tmp_path: Path, rounds: int):
-    fed = local_federation(tmp_path / "store", clients=2, rounds=rounds)
-    generate_keypair(tmp_path / "server.key", tmp_path / "server.pub")
-    fed.run.accountability = Accountability(
+def _accountability(tmp_path: Path) -> Accountability:
+    if not (tmp_path / "server.key").exists():
+        generate_keypair(tmp_path / "server.key", tmp_path / "server.pub")
+    return Accountability(
         ledger_path=tmp_path / "ledger.jsonl", server_key=tmp_path / "server.key",
         certificates_dir=tmp_path / "certificates", federation_id="test-federation",
     )
-    return fed
+
+
+def _accountable_run(tmp_path: Path, rounds: int):
+    return local_federation(tmp_path / "store", clients=2, rounds=rounds, accountability=_accountability(tmp_path))
 
 
 def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(tmp_path):
@@ -212,7 +215,7 @@ def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(t
     lines = ledger_path.read_bytes().splitlines(keepends=True)
     # The crash: round 3 committed to the store, its ledger entry never written, a torn line after round 2.
     ledger_path.write_bytes(b"".join(lines[:2]) + lines[2][:40])
-    added = fed.run.accountability.reconcile(fed.store)
+    added = _accountability(tmp_path).reconcile(fed.store)
     assert added == [3]
     with Ledger.open(ledger_path) as ledger:
         entries = list(ledger.entries())
@@ -220,7 +223,7 @@ def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(t
         assert ledger.verify_against_store(fed.store) == 3
     assert [e.kind for e in entries] == ["round", "round", "ledger-repair", "round"]
     assert all(p["update_hash"] is None for p in entries[-1].body["participants"])
-    assert fed.run.accountability.reconcile(fed.store) == []
+    assert _accountability(tmp_path).reconcile(fed.store) == []
 
 
 def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
@@ -230,8 +233,7 @@ def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
     ledger_path.write_bytes(ledger_path.read_bytes().splitlines(keepends=True)[0])
     fed.store.close()
     store = HistoryStore.open(tmp_path / "store")
-    resumed = local_federation(tmp_path / "store", clients=2, rounds=3, store=store)
-    resumed.run.accountability = fed.run.accountability
+    resumed = local_federation(tmp_path / "store", clients=2, rounds=3, store=store, accountability=_accountability(tmp_path))
     resumed.run.execute(initial_model())
     with Ledger.open(ledger_path) as ledger:
         rounds = [e.body["round"] for e in ledger.entries() if e.kind == "round"]

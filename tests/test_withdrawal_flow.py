@@ -26,6 +26,13 @@ from fedforget.simulations.withdrawing_clients import FederationPaths, Withdrawi
 FEDERATION = "test-federation"
 
 
+def _accountability(paths: FederationPaths) -> Accountability:
+    return Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key,
+        certificates_dir=paths.certificates, federation_id=FEDERATION,
+    )
+
+
 @pytest.fixture(scope="module")
 def withdrawn_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
@@ -35,14 +42,11 @@ def withdrawn_run(tmp_path_factory):
     service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id=FEDERATION,
                     cert=tls.certificate, key=tls.private_key)
     try:
-        fed = local_federation(root / "store", clients=3, rounds=4)
-        fed.run.consent = RegistryConsent(paths.registry)
-        fed.run.accountability = Accountability(
-            ledger_path=paths.ledger, server_key=paths.server_key,
-            certificates_dir=paths.certificates, federation_id=FEDERATION,
-        )
         clients = WithdrawingClients(SilentObserver(), [Withdrawal("1", 3)], paths, service.address, FEDERATION)
-        fed.run.observer = clients
+        fed = local_federation(
+            root / "store", clients=3, rounds=4, consent=RegistryConsent(paths.registry),
+            accountability=_accountability(paths), observer=clients,
+        )
         outcome = fed.run.execute(initial_model())
     finally:
         service.stop()
@@ -121,10 +125,7 @@ def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, str
     fed = local_federation(
         tmp_path / "store", clients=4, rounds=6,
         withdrawals=[Withdrawal("1", 3), Withdrawal("2", 5)], unlearner=make_unlearner(strategy),
-    )
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id=FEDERATION,
+        accountability=_accountability(paths),
     )
     outcome = fed.run.execute(initial_model())
     assert [e["clients"] for e in outcome.unlearning] == [["1"], ["2"]]
@@ -141,11 +142,7 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
 
     paths = FederationPaths(tmp_path)
     prepare_federation(paths, ["1"])
-    fed = local_federation(tmp_path / "store", clients=3, rounds=3)
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id="test-federation",
-    )
+    fed = local_federation(tmp_path / "store", clients=3, rounds=3, accountability=_accountability(paths))
     fed.run.execute(initial_model())
     fed.store.close()  # the run is over
 

@@ -1,0 +1,175 @@
+"""Unlearning from your own ServerApp: one object, one call, in the style of Opacus's ``PrivacyEngine``.
+
+A ServerApp that trains with :class:`~fedforget.server.rounds.recording.RecordingFedAvg`
+(Flower's ``FedAvg`` plus recording) makes an :class:`Unlearning` next to it
+and calls :meth:`Unlearning.unlearn` between two ``strategy.start(...)``
+calls. The call does everything the built-in round loop does, through the
+same :class:`~fedforget.server.unlearning.coordinator.UnlearningCoordinator`,
+and training goes on with Flower's own ``strategy.start``, from the model the
+report gives, with the history's round count going on too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedforget import wire
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.rounds.recording import TRAIN_CONFIG_META, RecordingFedAvg
+from fedforget.server.state_dir import StateDir
+from fedforget.server.unlearning.coordinator import EvaluateFn, UnlearningCoordinator, UnlearningError
+from fedforget.server.unlearning.events import completed_unlearnings, withdrawn_clients
+from fedforget.server.withdrawal.consent import WithdrawalNotice
+from fedforget.strategies.base import Unlearner
+from fedforget.strategies.registry import UnlearningOptions, make_unlearner
+
+OPERATOR_REASON = "erasure ordered by the federation's operator"
+
+
+@dataclass(frozen=True)
+class UnlearningReport:
+    """What one unlearning did, and the model training continues from."""
+
+    arrays: ArrayRecord
+    """The unlearned global model: pass it to ``strategy.start(initial_arrays=...)``."""
+    clients: tuple[str, ...]
+    strategy: str
+    before_round: int
+    """The first round of the history trained without the clients."""
+    seconds: float
+    client_epochs: float
+    rounds_replayed: int
+    trajectory: int
+    """The history's new trajectory, which training continues in."""
+    certificates: dict[str, Path]
+    """One signed certificate per client (empty without a signing key)."""
+    event: dict[str, object]
+    """The unlearning event as recorded in the history store."""
+
+
+class Unlearning:
+    """Unlearn clients from the history ``strategy`` records, between two ``strategy.start`` calls.
+
+    Parameters
+    ----------
+    strategy:
+        The :class:`RecordingFedAvg` the ServerApp trains with.
+    signing_key:
+        The federation's private key (``fedforget certs`` writes
+        ``federation.key``; ``fedforget keys generate`` makes one). With it,
+        every round and unlearning is written to the ledger
+        ``STATE/state/ledger.jsonl`` and each unlearning gets a certificate in
+        ``STATE/certificates/``, where STATE is the directory holding the
+        store (the layout ``fedforget simulate`` and ``flwr run`` use).
+        Without it there is no ledger and no certificate; the withdrawn
+        clients' data keys are destroyed either way.
+    seed:
+        Recorded with each unlearning; strategies draw their randomness from it.
+    round_timeout:
+        Seconds to wait for the replies of a replayed round.
+    evaluate_fn:
+        Central evaluation (model arrays -> ``{"test_accuracy": ...}``), for
+        the accuracy before and after in the report.
+
+    Creating it rolls back an unlearning an earlier process left half done,
+    so create it before training.
+    """
+
+    def __init__(
+        self,
+        strategy: RecordingFedAvg,
+        *,
+        signing_key: Path | str | None = None,
+        seed: int = 0,
+        round_timeout: float = 600.0,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.state = StateDir(Path(strategy.store.path).resolve().parent)
+        accountability = None
+        if signing_key is not None:
+            accountability = Accountability(
+                ledger_path=self.state.ledger,
+                server_key=Path(signing_key),
+                certificates_dir=self.state.certificates,
+                federation_id=strategy.store.federation_id,
+            )
+        self._coordinator = UnlearningCoordinator(
+            strategy, accountability=accountability, seed=seed, round_timeout=round_timeout, evaluate_fn=evaluate_fn
+        )
+        self._coordinator.prepare()
+
+    def unlearn(
+        self,
+        grid: Grid,
+        clients: str | Sequence[str],
+        strategy: str | Unlearner = "retrain",
+        *,
+        reason: str = OPERATOR_REASON,
+        options: UnlearningOptions | None = None,
+    ) -> UnlearningReport:
+        """Remove ``clients``' contributions from the global model, now; return the model to continue from.
+
+        ``strategy`` is a name (``retrain``, ``calibrated``, ``subtract``,
+        ``gradient-ascent``) or an :class:`~fedforget.strategies.base.Unlearner`;
+        ``options`` are its settings (by default the federation's own epochs
+        and retention interval). The clients get no instruction from now on.
+        Raises :class:`~fedforget.server.unlearning.coordinator.UnlearningError`
+        if a client is not in the history, or if the result would still hold
+        one; the history is then left as it was.
+        """
+        wanted = [clients] if isinstance(clients, str) else list(clients)
+        self.strategy.flush()
+        self._check_recorded(wanted)
+        unlearner = strategy if isinstance(strategy, Unlearner) else make_unlearner(strategy, options or self._options())
+        coordinator = self._coordinator
+        coordinator.train_config = self._train_config()
+        notices = [WithdrawalNotice(client_id=client) for client in sorted(set(wanted))]
+        unlearned = coordinator.unlearn(grid, notices, unlearner)
+        event = unlearned.event
+        return UnlearningReport(
+            arrays=wire.record_from_arrays(unlearned.model),
+            clients=tuple(event["clients"]),  # type: ignore[arg-type]
+            strategy=str(event["strategy"]),
+            before_round=int(event["round"]),  # type: ignore[call-overload]
+            seconds=float(event["seconds"]),  # type: ignore[arg-type]
+            client_epochs=float(event["client_epochs"]),  # type: ignore[arg-type]
+            rounds_replayed=int(event["rounds_replayed"]),  # type: ignore[call-overload]
+            trajectory=int(event["trajectory"]),  # type: ignore[call-overload]
+            certificates={c: Path(p) for c, p in dict(event.get("certificates", {})).items()},  # type: ignore[call-overload]
+            event=event,
+        )
+
+    def _check_recorded(self, clients: list[str]) -> None:
+        store = self.strategy.store
+        if not clients:
+            raise ValueError("name at least one client to unlearn")
+        gone = sorted(set(clients) & withdrawn_clients(completed_unlearnings(store)))
+        if gone:
+            raise UnlearningError(f"client(s) {', '.join(gone)} were unlearned already from {store.path}")
+        recorded = store.reader().clients()
+        unknown = sorted(set(clients) - set(recorded))
+        if unknown:
+            raise UnlearningError(
+                f"client(s) {', '.join(unknown)} have no update in the history at {store.path}; its clients are "
+                f"{', '.join(recorded) or 'none yet'}"
+            )
+
+    def _train_config(self) -> dict[str, int | float | str | bool]:
+        """What replayed rounds tell clients: the run's own train config."""
+        config = self.strategy.train_config
+        if config is None:
+            config = dict(self.strategy.store.get_meta(TRAIN_CONFIG_META, {}) or {})  # type: ignore[call-overload]
+        return dict(config)
+
+    def _options(self) -> UnlearningOptions:
+        epochs = self._train_config().get(wire.LOCAL_EPOCHS, self.strategy.local_epochs)
+        return UnlearningOptions(
+            local_epochs=float(epochs) if epochs is not None else 1.0,
+            retention_interval=self.strategy.store.retention_interval,
+        )
