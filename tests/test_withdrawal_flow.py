@@ -93,6 +93,9 @@ def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn
         assert ledger.verify() == len(kinds)
         audit = ledger.client_history("1")
     assert kinds.count("withdrawal-request") == 1 and kinds.count("unlearning") == 1
+    with Ledger.open(paths.ledger) as ledger:
+        (unlearning,) = [e for e in ledger.entries() if e.kind == "unlearning"]
+    assert unlearning.body["initiated_by"] == {"1": "client"} and "reasons" not in unlearning.body
     assert kinds.count("key-destroyed") == 1
     event = outcome.unlearning[0]
     assert audit.contains(event["source_trajectory"], 2) is True

@@ -224,7 +224,8 @@ class FederatedRun:
         """Withdrawals to act on before ``server_round``, and any unlearning a failure left undone."""
         due = self.consent.due(server_round, withdrawn_clients(self._events))
         undone = sorted(self._interrupted - {notice.client_id for notice in due})
-        return due + [WithdrawalNotice(client_id=client) for client in undone]
+        redo = "the unlearning an earlier run began did not finish; it is done again"
+        return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]
 
     # -- bookkeeping -------------------------------------------------------------
 

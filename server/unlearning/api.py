@@ -119,6 +119,8 @@ class Unlearning:
         ``gradient-ascent``) or an :class:`~fedforget.strategies.base.Unlearner`;
         ``options`` are its settings (by default the federation's own epochs
         and retention interval). The clients get no instruction from now on.
+        The ledger and certificate record the erasure as operator-initiated,
+        with ``reason``.
         Raises :class:`~fedforget.server.unlearning.coordinator.UnlearningError`
         if a client is not in the history, or if the result would still hold
         one; the history is then left as it was.
@@ -129,7 +131,7 @@ class Unlearning:
         unlearner = strategy if isinstance(strategy, Unlearner) else make_unlearner(strategy, options or self._options())
         coordinator = self._coordinator
         coordinator.train_config = self._train_config()
-        notices = [WithdrawalNotice(client_id=client) for client in sorted(set(wanted))]
+        notices = [WithdrawalNotice.by_operator(client, reason) for client in sorted(set(wanted))]
         unlearned = coordinator.unlearn(grid, notices, unlearner)
         event = unlearned.event
         return UnlearningReport(

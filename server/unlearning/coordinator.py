@@ -254,7 +254,11 @@ class UnlearningCoordinator:
             "test_accuracy_before": accuracy_before.get("test_accuracy"),
             "test_accuracy_after": self._evaluate(outcome.model).get("test_accuracy"),
             "details": outcome.details,
+            "initiated_by": {notice.client_id: notice.initiated_by for notice in notices},
         }
+        reasons = {notice.client_id: notice.reason for notice in notices if notice.reason}
+        if reasons:
+            event["reasons"] = reasons
         if self.reference_retrain and not exact:
             event.update(self._reference_retrain(grid, clients, completed, source, trajectory))
         certificates = self._account(notices, event, model, outcome.model)

@@ -72,7 +72,7 @@ def erase(*, store_dir: Path, client: str, strategy: str, reason: str, signing_k
             f"the store keeps a ledger ({state.ledger}) in which every unlearning must be recorded and "
             "certified: pass --signing-key with the federation's key"
         )
-    notice = WithdrawalNotice(client_id=client)
+    notice = WithdrawalNotice.by_operator(client, reason)
     return _unlearn(Path(store_dir), state, [notice], unlearner, signing_key, None, only_recorded=True)
 
 
