@@ -99,6 +99,20 @@ def test_a_run_neither_overwrites_nor_invents_the_state_it_resumes(tmp_path):
         deployment_setup(DeploymentConfig.from_run_config({**settings, "signing-key": str(tmp_path / "none.key")}))
 
 
+def test_a_state_dir_whose_run_recorded_no_round_takes_a_new_run(tmp_path):
+    from fedforget.server.app import open_history_store
+    from fedforget.server.deployment import deployment_setup
+    from fedforget.server.store.history_store import ModelSpec
+
+    generate_keypair(tmp_path / "federation.key", tmp_path / "federation.pub")
+    settings = {**REQUIRED, "state-dir": str(tmp_path / "state"), "signing-key": str(tmp_path / "federation.key")}
+    HistoryStore.create(tmp_path / "state" / "store", federation_id="fed",
+                        model_spec=ModelSpec.from_arrays(initial_model())).close()  # its run failed before round 1
+    setup = deployment_setup(DeploymentConfig.from_run_config(settings))
+    with open_history_store(setup) as store:
+        assert store.last_completed_round() == 0 and store.federation_id == "fed"
+
+
 # -- the organisation's data -------------------------------------------------------
 
 

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import plain_client
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.clientapp import ClientApp
 from local_grid import LocalGrid
 
 from fedforget import wire
 from fedforget.server import HistoryStore, ModelSpec, RecordingError, RecordingFedAvg, Unlearning
 from fedforget.server.rounds.client_identity import ClientIdentityError
+from fedforget.server.store.errors import StoreExistsError
 from fedforget.server.unlearning.coordinator import UnlearningError
 
 LR = ConfigRecord({"lr": 0.5})
@@ -192,3 +194,24 @@ def test_a_history_is_not_continued_under_another_kind_of_client_id(tmp_path):
     _record_one_round(tmp_path / "store", LocalGrid(plain_client.app, 2))
     with pytest.raises(ClientIdentityError, match="partition in Flower's simulation.*registered name"):
         _continue(tmp_path / "store", LocalGrid(plain_client.app, 2, names={0: "org-a", 1: "org-b"}))
+
+
+def test_a_run_that_recorded_no_round_leaves_no_store_in_the_way(tmp_path):
+    broken = ClientApp()
+
+    @broken.train()
+    def train(msg, context):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the client's data is not there")
+
+    grid = LocalGrid(broken, 2)
+    store, strategy, arrays = _start(tmp_path / "store", grid)
+    strategy.start(grid=grid, initial_arrays=arrays, train_config=LR, num_rounds=1)  # every reply is an error
+    assert store.last_completed_round() == 0
+    store.close()
+    # The same ServerApp, run again once the clients are fixed: create() is not refused.
+    store, strategy, arrays = _start(tmp_path / "store", LocalGrid(plain_client.app, 2))
+    store.close()
+    # A store with a recorded round is history, and never replaced.
+    _record_one_round(tmp_path / "kept", LocalGrid(plain_client.app, 2))
+    with pytest.raises(StoreExistsError, match="already holds a history store"):
+        _start(tmp_path / "kept", LocalGrid(plain_client.app, 2))
