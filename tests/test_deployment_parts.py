@@ -247,7 +247,9 @@ def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
     ledger_path.write_bytes(ledger_path.read_bytes().splitlines(keepends=True)[0])
     fed.store.close()
     store = HistoryStore.open(tmp_path / "store")
-    resumed = local_federation(tmp_path / "store", clients=2, rounds=3, store=store, accountability=_accountability(tmp_path))
+    resumed = local_federation(
+        tmp_path / "store", clients=2, rounds=3, store=store, accountability=_accountability(tmp_path)
+    )
     resumed.run.execute(initial_model())
     with Ledger.open(ledger_path) as ledger:
         rounds = [e.body["round"] for e in ledger.entries() if e.kind == "round"]

@@ -30,7 +30,8 @@ LR = ConfigRecord({"lr": 0.5})
 
 def _start(path: Path, grid: LocalGrid, **kwargs: object) -> tuple[HistoryStore, RecordingFedAvg, ArrayRecord]:
     torch_model = plain_client.Net()
-    store = HistoryStore.create(path, federation_id="my-federation", model_spec=ModelSpec.from_arrays(torch_model.state_dict()))
+    spec = ModelSpec.from_arrays(torch_model.state_dict())
+    store = HistoryStore.create(path, federation_id="my-federation", model_spec=spec)
     strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_available_nodes=1, **kwargs)  # type: ignore[arg-type]
     return store, strategy, ArrayRecord(torch_model.state_dict())
 

@@ -39,7 +39,8 @@ def trained(tmp_path):
     """Three plain Flower clients, three recorded rounds."""
     grid = LocalGrid(plain_client.app, 3)
     model = plain_client.Net()
-    store = HistoryStore.create(tmp_path / "store", federation_id="f", model_spec=ModelSpec.from_arrays(model.state_dict()))
+    spec = ModelSpec.from_arrays(model.state_dict())
+    store = HistoryStore.create(tmp_path / "store", federation_id="f", model_spec=spec)
     strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_available_nodes=1)
     unlearning = Unlearning(strategy)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), train_config=LR, num_rounds=3)

@@ -35,7 +35,8 @@ def api_store(tmp_path):
     grid = LocalGrid(plain_client.app, 3)
     model = plain_client.Net()
     store_dir = tmp_path / "fedforget" / "store"
-    with HistoryStore.create(store_dir, federation_id="my-federation", model_spec=ModelSpec.from_arrays(model.state_dict())) as store:
+    spec = ModelSpec.from_arrays(model.state_dict())
+    with HistoryStore.create(store_dir, federation_id="my-federation", model_spec=spec) as store:
         strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_available_nodes=1)
         unlearning = Unlearning(strategy)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), train_config=LR, num_rounds=3)

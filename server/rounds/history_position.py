@@ -118,14 +118,14 @@ class HistoryPosition:
             if self._inherited_identities is None:
                 earlier = any(self.store.reader(t.id).last_round() > 0 for t in self.store.trajectories())
                 stored = self.store.get_meta(IDENTITY_META, {}) if earlier else {}
-                self._inherited_identities = {str(k): str(v) for k, v in dict(stored or {}).items()}  # type: ignore[call-overload]
+                self._inherited_identities = {str(k): str(v) for k, v in dict(stored or {}).items()}
         return self._next_round
 
     def _refuse_unfinished_unlearning(self) -> None:
         """Training on a history whose unlearning a crash cut short would keep its clients in the model."""
         under_way = in_progress(self.store)
         if under_way is not None and under_way.get("pid") != os.getpid():
-            clients = ", ".join(map(str, under_way.get("clients", [])))  # type: ignore[call-overload]
+            clients = ", ".join(map(str, under_way.get("clients", [])))
             raise RecordingError(
                 f"an unlearning of client(s) {clients} in {self.store.path} was cut short; create "
                 "fedforget.server.Unlearning(strategy), or resume the run, to roll it back before training"

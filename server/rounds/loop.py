@@ -256,7 +256,7 @@ class FederatedRun:
 
     def _complete_timeline(self, model: Arrays, completed: int) -> list[dict[str, object]]:
         """The timeline so far; a round committed just before a crash gets its entry now."""
-        timeline = [e for e in self.store.get_meta(TIMELINE_META, []) if int(e["round"]) <= completed]  # type: ignore[union-attr]
+        timeline = [e for e in self.store.get_meta(TIMELINE_META, []) if int(e["round"]) <= completed]
         if completed > 0 and (not timeline or int(timeline[-1]["round"]) < completed):
             timeline.append(
                 {"round": completed, "trajectory": self.store.current_trajectory(), **self._evaluate(model)}

@@ -42,7 +42,7 @@ def train_recorded_round(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     arrays, _ = strategy.aggregate_train(server_round, replies)
     if arrays is None:
-        reasons = sorted({msg.error.reason for msg in replies if msg.has_error()})
+        reasons = sorted({str(msg.error.reason) for msg in replies if msg.has_error()})
         raise RunError(
             f"round {server_round}: none of the {len(messages)} clients returned a usable update "
             f"({len(replies)} replies; errors: {reasons or 'none, they timed out'})"

@@ -286,7 +286,7 @@ class RecordingFedAvg(FedAvg):
 
     def _remember(self, kinds: dict[str, str], train_config: dict[str, Any] | None) -> None:
         """Store what a later process needs (runs on the recording thread)."""
-        stored = dict(self.store.get_meta(IDENTITY_META, {}) or {})  # type: ignore[arg-type]
+        stored = dict(self.store.get_meta(IDENTITY_META, {}) or {})
         if any(stored.get(client) != kind for client, kind in kinds.items()):
             self.store.set_meta(IDENTITY_META, {**stored, **kinds})
         if train_config is not None and self.store.get_meta(TRAIN_CONFIG_META) != train_config:

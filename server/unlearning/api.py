@@ -128,7 +128,10 @@ class Unlearning:
         wanted = [clients] if isinstance(clients, str) else list(clients)
         self.strategy.flush()
         self._check_recorded(wanted)
-        unlearner = strategy if isinstance(strategy, Unlearner) else make_unlearner(strategy, options or self._options())
+        if isinstance(strategy, Unlearner):
+            unlearner = strategy
+        else:
+            unlearner = make_unlearner(strategy, options or self._options())
         coordinator = self._coordinator
         coordinator.train_config = self._train_config()
         notices = [WithdrawalNotice.by_operator(client, reason) for client in sorted(set(wanted))]
@@ -136,14 +139,14 @@ class Unlearning:
         event = unlearned.event
         return UnlearningReport(
             arrays=wire.record_from_arrays(unlearned.model),
-            clients=tuple(event["clients"]),  # type: ignore[arg-type]
+            clients=tuple(event["clients"]),
             strategy=str(event["strategy"]),
-            before_round=int(event["round"]),  # type: ignore[call-overload]
-            seconds=float(event["seconds"]),  # type: ignore[arg-type]
-            client_epochs=float(event["client_epochs"]),  # type: ignore[arg-type]
-            rounds_replayed=int(event["rounds_replayed"]),  # type: ignore[call-overload]
-            trajectory=int(event["trajectory"]),  # type: ignore[call-overload]
-            certificates={c: Path(p) for c, p in dict(event.get("certificates", {})).items()},  # type: ignore[call-overload]
+            before_round=int(event["round"]),
+            seconds=float(event["seconds"]),
+            client_epochs=float(event["client_epochs"]),
+            rounds_replayed=int(event["rounds_replayed"]),
+            trajectory=int(event["trajectory"]),
+            certificates={c: Path(p) for c, p in dict(event.get("certificates", {})).items()},
             event=event,
         )
 
@@ -166,7 +169,7 @@ class Unlearning:
         """What replayed rounds tell clients: the run's own train config."""
         config = self.strategy.train_config
         if config is None:
-            config = dict(self.strategy.store.get_meta(TRAIN_CONFIG_META, {}) or {})  # type: ignore[call-overload]
+            config = dict(self.strategy.store.get_meta(TRAIN_CONFIG_META, {}) or {})
         return dict(config)
 
     def _options(self) -> UnlearningOptions:

@@ -70,14 +70,14 @@ def unlearn_command(
             event = unlearn_requested(state=StateDir(state), client=client, strategy=strategy, signing_key=key)
             origin = "at its request"
         else:
-            event = erase(store_dir=store, client=client, strategy=strategy, reason=reason or "", signing_key=key)  # type: ignore[arg-type]
+            event = erase(store_dir=store, client=client, strategy=strategy, reason=reason or "", signing_key=key)
             origin = "on the operator's word (operator-initiated)"
     except (FedforgetError, ValueError) as exc:
         _fail(str(exc))
         return
-    certificate = dict(event.get("certificates", {})).get(client)  # type: ignore[call-overload]
+    certificate = dict(event.get("certificates", {})).get(client)
     proof = f"certificate: {certificate}" if certificate else "no signing key: no ledger entry and no certificate"
     Console(soft_wrap=True).print(
-        f"client {client} unlearned {origin} by {event['strategy']} in {float(event['seconds']):.2f} s; "  # type: ignore[arg-type]
+        f"client {client} unlearned {origin} by {event['strategy']} in {float(event['seconds']):.2f} s; "
         f"data key destroyed; {proof}"
     )

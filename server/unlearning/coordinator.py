@@ -67,14 +67,6 @@ class UnlearningObserver(Protocol):
     def unlearning_finished(self, event: dict[str, object]) -> None: ...
 
 
-class _Quiet:
-    def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
-        pass
-
-    def unlearning_finished(self, event: dict[str, object]) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class Unlearned:
     """The model training continues from, and the unlearning event as recorded with its trajectory."""
@@ -132,7 +124,7 @@ class UnlearningCoordinator:
         self.seed = seed
         self.round_timeout = round_timeout
         self.evaluate_fn = evaluate_fn
-        self.observer: UnlearningObserver = observer or _Quiet()
+        self.observer = observer
         self.reference_retrain = reference_retrain
         if accountability is not None:
             strategy.add_commit_listener(self._ledger_round)
@@ -168,7 +160,7 @@ class UnlearningCoordinator:
             _log.warning(
                 "the unlearning of client(s) %s before round %s was cut short; the history is back where it "
                 "started. Those clients train no more, and are unlearned again before training goes on",
-                ", ".join(map(str, record["clients"])), record["round"],  # type: ignore[call-overload]
+                ", ".join(map(str, record["clients"])), record["round"],
             )
 
     def _roll_back(self, record: dict[str, object]) -> None:
@@ -223,7 +215,8 @@ class UnlearningCoordinator:
         completed = self.store.last_completed_round()
         before_round = completed + 1
         model = self.store.read_model(completed)
-        self.observer.unlearning_started(clients, before_round, unlearner.name)
+        if self.observer is not None:
+            self.observer.unlearning_started(clients, before_round, unlearner.name)
         accuracy_before = self._evaluate(model)
         source = self.store.current_trajectory()
         self.store.set_meta(
@@ -268,7 +261,8 @@ class UnlearningCoordinator:
         if self.consent is not None:
             for notice in notices:
                 self.consent.finished(notice, certificates.get(notice.client_id))
-        self.observer.unlearning_finished(event)
+        if self.observer is not None:
+            self.observer.unlearning_finished(event)
         return Unlearned(model=outcome.model, event=event)
 
     def _reference_retrain(

@@ -54,8 +54,8 @@ def residual_clients(events: list[dict[str, object]]) -> set[str]:
 
 def interrupted_clients(store: _Store) -> set[str]:
     """Clients an unlearning cut short by a crash was removing, until they are unlearned again."""
-    record = store.get_meta(INTERRUPTED_META) or {}
-    return {str(c) for c in record.get("clients", [])}  # type: ignore[union-attr]
+    record = store.get_meta(INTERRUPTED_META)
+    return {str(c) for c in record.get("clients", [])} if isinstance(record, dict) else set()
 
 
 def in_progress(store: _Store) -> dict[str, object] | None:

@@ -211,6 +211,6 @@ class FlowerFederation(Federation):
             raise RunError(f"client {client_id} failed its gradient ascent: {reply.error.reason}")
         metrics = next(iter(reply.content.metric_records.values()))
         return (
-            wire.arrays_from_record(reply.content[wire.ARRAYS_KEY]),
-            float(metrics.get(wire.LOCAL_EPOCHS, settings.epochs)),  # type: ignore[arg-type]
+            wire.arrays_from_record(reply.content.array_records[wire.ARRAYS_KEY]),
+            float(metrics.get(wire.LOCAL_EPOCHS, settings.epochs)),
         )

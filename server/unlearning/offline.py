@@ -123,7 +123,7 @@ def _check_recorded(store: HistoryStore, clients: list[str], *, only_recorded: b
     if not only_recorded:
         return
     under_way = in_progress(store) or {}
-    known = set(store.reader().clients()) | {str(c) for c in under_way.get("clients", [])}  # type: ignore[attr-defined]
+    known = set(store.reader().clients()) | {str(c) for c in under_way.get("clients", [])}
     unknown = sorted(set(clients) - known)
     if unknown:
         raise OfflineUnlearningError(
