@@ -265,3 +265,33 @@ def test_unlearning_cut_short_is_redone_on_resume(tmp_path):
     statuses = [t.status for t in sorted(store.trajectories(), key=lambda t: t.id)]
     assert statuses == ["open", "abandoned", "complete"]  # original, the cut-short unlearning, the redo
     assert_models_equal(outcome.model, expected.model)
+
+
+class RequestAgain:
+    """A consent source that still lists client 1's request after its unlearning (a crash fell in between)."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.begun: list[str] = []
+
+    def due(self, server_round, already_withdrawn):  # type: ignore[no-untyped-def]
+        from fedforget.server.withdrawal.consent import WithdrawalNotice
+
+        return [WithdrawalNotice("1", "wr-1", {"request_hash": "0" * 64})] if server_round >= 2 else []
+
+    def started(self, notices):  # type: ignore[no-untyped-def]
+        self.begun += [n.client_id for n in notices]
+
+    def finished(self, notice, certificate):  # type: ignore[no-untyped-def]
+        self.done.append(notice.client_id)
+
+    def failed(self, notice, reason):  # type: ignore[no-untyped-def]
+        raise AssertionError(reason)
+
+
+def test_a_request_still_listed_after_its_unlearning_is_reported_done_not_redone(tmp_path):
+    consent = RequestAgain()
+    fed = local_federation(tmp_path / "s", clients=3, rounds=4, consent=consent)  # type: ignore[arg-type]
+    outcome = fed.run.execute(initial_model())
+    assert [e["clients"] for e in outcome.unlearning] == [["1"]]  # once, before round 2
+    assert consent.begun == ["1"] and consent.done == ["1", "1", "1"]  # then reported done at rounds 3 and 4

@@ -139,3 +139,27 @@ def test_without_a_signing_key_the_erasure_shreds_but_certifies_nothing(api_stor
         (event,) = [t.info for t in store.trajectories() if t.info.get("clients") == ["1"]]
     assert event["initiated_by"] == {"1": "operator"} and event["reasons"] == {"1": "contract ended"}
     assert not (api_store.parent / "state").exists()
+
+
+def test_side_trajectories_a_benchmark_left_open_are_not_taken_for_an_interrupted_unlearning(tmp_path, caplog):
+    """The store the issue's user had: unlearnings run with run_unlearner, their trajectories left open."""
+    from flower_fixtures import initial_model, local_federation
+
+    from fedforget.strategies.registry import make_unlearner
+
+    fed = local_federation(tmp_path / "run" / "store", clients=3, rounds=2)
+    fed.run.execute(initial_model())
+    source = fed.store.current_trajectory()
+    fed.strategy.exclude(["2"])
+    for name in ("subtract", "retrain"):
+        fed.run.run_unlearner(make_unlearner(name), ["2"], 2, source)
+    fed.store.switch_trajectory(source)
+    fed.store.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = _erase(tmp_path / "run" / "store", "--reason", "asked by the regulator", client="0")
+    assert result.exit_code == 0, result.output
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with HistoryStore.open(tmp_path / "run" / "store") as store:
+        statuses = [t.status for t in sorted(store.trajectories(), key=lambda t: t.id)]
+    assert statuses == ["open", "open", "open", "complete"]  # the side trajectories are as they were

@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from flwr.serverapp import Grid
@@ -221,8 +222,24 @@ class FederatedRun:
         self._interrupted = interrupted_clients(self.store)
 
     def _due(self, server_round: int) -> list[WithdrawalNotice]:
-        """Withdrawals to act on before ``server_round``, and any unlearning a failure left undone."""
-        due = self.consent.due(server_round, withdrawn_clients(self._events))
+        """Withdrawals to act on before ``server_round``, and any unlearning a failure left undone.
+
+        A request for a client already unlearned (a crash fell between the
+        unlearning and the registry's update) is reported done, with the
+        certificate that unlearning wrote.
+        """
+        gone = withdrawn_clients(self._events)
+        certificates = {
+            str(client): Path(str(path))
+            for event in self._events
+            for client, path in dict(event.get("certificates", {})).items()  # type: ignore[call-overload]
+        }
+        due = []
+        for notice in self.consent.due(server_round, gone):
+            if notice.client_id in gone:
+                self.consent.finished(notice, certificates.get(notice.client_id))
+            else:
+                due.append(notice)
         undone = sorted(self._interrupted - {notice.client_id for notice in due})
         redo = "the unlearning an earlier run began did not finish; it is done again"
         return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]

@@ -9,10 +9,11 @@ in this class; its clients need not change (clients are identified from
 Flower's own node list, see :mod:`~fedforget.server.rounds.client_identity`).
 
 The history must explain the model, so the strategy refuses what would break
-that: a round that does not follow the store's last one, a round started from
-a model that is not the history's last model (say, the model from before an
-unlearning), and any instruction to a client an unlearning removed: those
-are read from the store, so they hold in a later run too.
+that (:mod:`~fedforget.server.rounds.history_position`): a round that does not
+follow the store's last one, a round started from a model that is not the
+history's last model (say, the model from before an unlearning), and any
+instruction to a client an unlearning removed. These are read from the store,
+so they hold in a later run too.
 
 Writes run on a background thread (see :mod:`~fedforget.server.rounds.background_writer`)
 so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
