@@ -22,8 +22,7 @@ from fedforget import wire
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.rounds.recording import TRAIN_CONFIG_META, RecordingFedAvg
 from fedforget.server.state_dir import StateDir
-from fedforget.server.unlearning.coordinator import EvaluateFn, UnlearningCoordinator, UnlearningError
-from fedforget.server.unlearning.events import completed_unlearnings, withdrawn_clients
+from fedforget.server.unlearning.coordinator import EvaluateFn, UnlearningCoordinator, check_unlearnable
 from fedforget.server.withdrawal.consent import WithdrawalNotice
 from fedforget.strategies.base import Unlearner
 from fedforget.strategies.registry import UnlearningOptions, make_unlearner
@@ -127,7 +126,7 @@ class Unlearning:
         """
         wanted = [clients] if isinstance(clients, str) else list(clients)
         self.strategy.flush()
-        self._check_recorded(wanted)
+        check_unlearnable(self.strategy.store, wanted, must_be_recorded=True)
         if isinstance(strategy, Unlearner):
             unlearner = strategy
         else:
@@ -149,21 +148,6 @@ class Unlearning:
             certificates={c: Path(p) for c, p in dict(event.get("certificates", {})).items()},
             event=event,
         )
-
-    def _check_recorded(self, clients: list[str]) -> None:
-        store = self.strategy.store
-        if not clients:
-            raise ValueError("name at least one client to unlearn")
-        gone = sorted(set(clients) & withdrawn_clients(completed_unlearnings(store)))
-        if gone:
-            raise UnlearningError(f"client(s) {', '.join(gone)} were unlearned already from {store.path}")
-        recorded = store.reader().clients()
-        unknown = sorted(set(clients) - set(recorded))
-        if unknown:
-            raise UnlearningError(
-                f"client(s) {', '.join(unknown)} have no update in the history at {store.path}; its clients are "
-                f"{', '.join(recorded) or 'none yet'}"
-            )
 
     def _train_config(self) -> dict[str, int | float | str | bool]:
         """What replayed rounds tell clients: the run's own train config."""

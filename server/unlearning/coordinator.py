@@ -35,6 +35,7 @@ from fedforget.arrays import Arrays, same_model
 from fedforget.errors import FedforgetError
 from fedforget.server.ledger.accountability import Accountability, RoundParticipant
 from fedforget.server.rounds.recording import CommittedRound, RecordingFedAvg
+from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.unlearning.events import (
     IN_PROGRESS_META,
     INTERRUPTED_META,
@@ -57,6 +58,32 @@ EvaluateFn = Callable[[Arrays], dict[str, float]]
 
 class UnlearningError(FedforgetError):
     """An unlearning did not remove what it had to; nothing it produced is used."""
+
+
+def check_unlearnable(store: HistoryStore, clients: Sequence[str], *, must_be_recorded: bool) -> None:
+    """Refuse, before anything is written, an unlearning with nothing to act on.
+
+    There must be a recorded round and the clients must not be unlearned
+    already; an erasure the operator names (``must_be_recorded``) must name
+    clients the history holds, so that a mistyped id is not "erased".
+    """
+    if not clients:
+        raise ValueError("name at least one client to unlearn")
+    if store.last_completed_round() == 0:
+        raise UnlearningError(f"the history store {store.path} holds no completed round to unlearn from")
+    gone = sorted(set(clients) & withdrawn_clients(completed_unlearnings(store)))
+    if gone:
+        raise UnlearningError(f"client(s) {', '.join(gone)} were unlearned from {store.path} already")
+    if not must_be_recorded:
+        return
+    under_way = in_progress(store) or {}
+    known = set(store.reader().clients()) | {str(c) for c in under_way.get("clients", [])}
+    unknown = sorted(set(clients) - known)
+    if unknown:
+        raise UnlearningError(
+            f"client(s) {', '.join(unknown)} have no update in the history at {store.path}; its clients are "
+            f"{', '.join(sorted(known)) or 'none'}"
+        )
 
 
 class UnlearningObserver(Protocol):

@@ -25,8 +25,7 @@ from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.server.state_dir import StateDir
 from fedforget.server.store.history_store import HistoryStore
-from fedforget.server.unlearning.coordinator import UnlearningCoordinator
-from fedforget.server.unlearning.events import completed_unlearnings, in_progress, withdrawn_clients
+from fedforget.server.unlearning.coordinator import UnlearningCoordinator, check_unlearnable
 from fedforget.server.withdrawal.consent import ConsentSource, RegistryConsent, WithdrawalNotice
 from fedforget.strategies.base import Unlearner
 from fedforget.strategies.registry import UnlearningOptions, make_unlearner
@@ -101,7 +100,7 @@ def _unlearn(
             f"signing key {signing_key} does not exist: give the federation's private key with --signing-key"
         )
     with HistoryStore.open(store_dir) as store:
-        _check_recorded(store, [notice.client_id for notice in notices], only_recorded=only_recorded)
+        check_unlearnable(store, [notice.client_id for notice in notices], must_be_recorded=only_recorded)
         accountability = None
         if signing_key is not None:
             accountability = Accountability(
@@ -111,22 +110,3 @@ def _unlearn(
         coordinator = UnlearningCoordinator(RecordingFedAvg(store), accountability=accountability, consent=consent)
         coordinator.prepare()
         return coordinator.unlearn(None, notices, unlearner).event
-
-
-def _check_recorded(store: HistoryStore, clients: list[str], *, only_recorded: bool) -> None:
-    """There must be a history, the clients not unlearned already, and (for an erasure) in that history."""
-    if store.last_completed_round() == 0:
-        raise OfflineUnlearningError(f"the history store {store.path} holds no completed round to unlearn from")
-    gone = sorted(set(clients) & withdrawn_clients(completed_unlearnings(store)))
-    if gone:
-        raise OfflineUnlearningError(f"client(s) {', '.join(gone)} were unlearned from {store.path} already")
-    if not only_recorded:
-        return
-    under_way = in_progress(store) or {}
-    known = set(store.reader().clients()) | {str(c) for c in under_way.get("clients", [])}
-    unknown = sorted(set(clients) - known)
-    if unknown:
-        raise OfflineUnlearningError(
-            f"client(s) {', '.join(unknown)} have no update in the history at {store.path}; its clients are "
-            f"{', '.join(sorted(known)) or 'none'}"
-        )
