@@ -48,6 +48,7 @@ def local_federation(
     evaluate: bool = False,
     consent: ConsentSource | None = None,
     accountability: Accountability | None = None,
+    reference_retrain: bool = False,
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process."""
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
@@ -68,5 +69,6 @@ def local_federation(
         observer=observer,
         consent=consent,
         accountability=accountability,
+        reference_retrain=reference_retrain,
     )
     return LocalFederation(grid=grid, store=store, strategy=strategy, run=run)

@@ -295,3 +295,19 @@ def test_a_request_still_listed_after_its_unlearning_is_reported_done_not_redone
     outcome = fed.run.execute(initial_model())
     assert [e["clients"] for e in outcome.unlearning] == [["1"]]  # once, before round 2
     assert consent.begun == ["1"] and consent.done == ["1", "1", "1"]  # then reported done at rounds 3 and 4
+
+
+def test_an_approximate_unlearning_is_measured_against_a_reference_retrain_the_run_does_not_continue(tmp_path):
+    from fedforget.strategies.subtract import Subtract
+
+    fed = local_federation(
+        tmp_path / "s", clients=3, rounds=4, withdrawals=[Withdrawal("2", 3)], unlearner=Subtract(),
+        reference_retrain=True,
+    )
+    outcome = fed.run.execute(initial_model())
+    (event,) = outcome.unlearning
+    statuses = {t.id: t.status for t in fed.store.trajectories()}
+    assert statuses[event["trajectory"]] == "complete" and statuses[event["reference_trajectory"]] == "reference"
+    assert fed.store.current_trajectory() == event["trajectory"]  # the run went on from subtract's model
+    assert "2" not in fed.store.reader(event["reference_trajectory"]).clients()
+    assert event["retrain_client_epochs"] == 2 * 2 * 1.0 and event["residual_clients"] == ["2"]
