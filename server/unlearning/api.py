@@ -76,7 +76,8 @@ class Unlearning:
         the accuracy before and after in the report.
 
     Creating it rolls back an unlearning an earlier process left half done,
-    so create it before training.
+    so create it before training, once per strategy: with a signing key it
+    writes every round the strategy commits to the ledger.
     """
 
     def __init__(
