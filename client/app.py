@@ -2,9 +2,9 @@
 
 The app answers Flower's standard ``train`` and ``evaluate`` messages exactly as
 Flower's FedAvg expects (one ArrayRecord, one MetricRecord with
-``num-examples``), so it works with any FedAvg-style server. It also answers
-fedforget's ``query.identity`` so that the server can key its history by a
-stable client id in simulation, where nodes carry no registered name.
+``num-examples``), so it works with any FedAvg-style server, and the server
+records it as it would any Flower ClientApp. It also answers ``train.ascent``,
+the self-unlearning gradient-ascent strategy needs from a withdrawing client.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ClientTask(Protocol):
     """
 
     def client_id(self, context: Context) -> str:
-        """The stable id this client is known by in the federation's history."""
+        """A stable name for this client; it seeds its batch order, so replayed rounds train alike."""
         ...
 
     def build_model(self, context: Context) -> nn.Module:
@@ -152,10 +152,5 @@ def make_client_app(task: ClientTask) -> ClientApp:
             }
         )
         return Message(content=content, reply_to=msg)
-
-    @app.query("identity")
-    def identity(msg: Message, context: Context) -> Message:
-        record = ConfigRecord({wire.CLIENT_ID: task.client_id(context)})
-        return Message(content=RecordDict({wire.IDENTITY_KEY: record}), reply_to=msg)
 
     return app

@@ -35,6 +35,19 @@ def subtract(after: Arrays, before: Arrays) -> Arrays:
     return diff
 
 
+def same_model(a: Arrays, b: Arrays) -> bool:
+    """Whether two models have the same arrays with the same values, up to float32 rounding.
+
+    The history store keeps global models in float32, so a model read back may
+    differ from the one written in the last bits of a wider float type.
+    """
+    return list(a) == list(b) and all(
+        np.shape(a[name]) == np.shape(b[name])
+        and np.allclose(np.asarray(a[name], np.float64), np.asarray(b[name], np.float64), rtol=1e-6, atol=1e-7)
+        for name in a
+    )
+
+
 def save_arrays(path: "os.PathLike[str] | str", arrays: Arrays) -> None:
     """Publish a model as an ``.npz`` file of named arrays (what ``fedforget client verify`` reads)."""
     from fedforget.files import write_bytes_atomic  # local import: files is I/O, this module is pure

@@ -21,6 +21,7 @@ from fedforget import __version__
 from fedforget.keys_cli import keys_app, verify_certificate_command
 from fedforget.strategy_options import with_strategy_options
 from fedforget.server.ledger.audit_cli import audit_app
+from fedforget.server.unlearning.cli import unlearn_command
 from fedforget.withdraw_cli import enroll_command, serve_command, withdraw_app
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.add_typer(audit_app, name="audit", help="Check the hash-chained ledger; whic
 app.add_typer(withdraw_app, name="withdraw", help="Withdraw consent with a signed request; follow its status.")
 app.command("withdrawal-service")(serve_command)
 app.command("enroll")(enroll_command)
+app.command("unlearn")(unlearn_command)
 
 _err = Console(stderr=True)
 
@@ -327,44 +329,6 @@ def export_data_command(
         return
     for path in paths:
         typer.echo(f"{path.resolve()}")
-
-
-@app.command("unlearn")
-def unlearn_command(
-    state: Annotated[Path, typer.Option(help="The federation's state directory (store/, state/, certificates/).")],
-    client: Annotated[str, typer.Option(help="The client whose accepted withdrawal request to act on.")],
-    strategy: Annotated[
-        str, typer.Option(help="A strategy that needs no client work: fedrecovery, or subtract with no recovery rounds.")
-    ] = "fedrecovery",
-    signing_key: Annotated[
-        Optional[Path],
-        typer.Option(help="The federation's signing key (deployment: federation.key). Default: STATE/keys/server.key."),
-    ] = None,
-) -> None:
-    """Unlearn a withdrawn client now, while no run is active (strategies without client work)."""
-    from fedforget.errors import FedforgetError
-    from fedforget.server.unlearning.offline import unlearn_offline
-    from fedforget.server.state_dir import StateDir
-    from fedforget.simulations.withdrawing_clients import FederationPaths
-
-    files = StateDir(state)
-    try:
-        event = unlearn_offline(
-            store_dir=files.store,
-            registry=files.registry,
-            ledger=files.ledger,
-            server_key=signing_key or FederationPaths(state).server_key,
-            certificates=files.certificates,
-            client=client,
-            strategy=strategy,
-        )
-    except (FedforgetError, ValueError) as exc:
-        _fail(str(exc))
-        return
-    Console().print(
-        f"client {client} unlearned by {event['strategy']} in {event['seconds']:.2f} s; "
-        f"data key destroyed; certificate: {dict(event.get('certificates', {})).get(client)}"  # type: ignore[arg-type]
-    )
 
 
 @client_app.command("verify")

@@ -53,7 +53,7 @@ def _parameter(option: SettingOption) -> inspect.Parameter:
 def with_strategy_options(command: F) -> F:
     """Add every strategy setting as an option; the command gets them as ``strategy_settings``."""
     options = setting_options()
-    signature = inspect.signature(command)
+    signature = inspect.signature(command, eval_str=True)  # typer reads the signature, not the type hints
     own = [p for name, p in signature.parameters.items() if name != "strategy_settings"]
     added = [_parameter(option) for option in options.values()]
 

@@ -37,14 +37,6 @@ ASCENT_ACCURACY_FLOOR = "ascent-accuracy-floor"
 ASCENT_MOMENTUM = "ascent-momentum"
 ASCENT_CLIP_NORM = "ascent-clip-norm"
 
-IDENTITY_QUERY = "query.identity"
-"""Message type by which the server asks a ClientApp for its stable client id."""
-IDENTITY_KEY = "identity"
-"""RecordDict key of the ConfigRecord answering an identity query."""
-CLIENT_ID = "client-id"
-"""Key of the client id inside the identity ConfigRecord."""
-
-
 def arrays_from_record(record: ArrayRecord) -> Arrays:
     """Copy an ArrayRecord into plain numpy arrays, keeping names and order."""
     return {name: np.array(array.numpy(), copy=True) for name, array in record.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -25,7 +26,8 @@ from fedforget.server.app import ServerSetup, run_federation
 from fedforget.server.withdrawal.consent import RegistryConsent
 from fedforget.server.withdrawal.registry import ConsentRegistry
 from fedforget.server.rounds.grids import PromptGrid
-from fedforget.server.store.errors import FedforgetError
+from fedforget.server.store.errors import FedforgetError, StoreError
+from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.rounds.loop import RunOutcome, RunSettings
 from fedforget.strategies.registry import StrategyChoice
 from fedforget.strategies.settings import UnlearningContext
@@ -79,13 +81,13 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             "(federation.key) and give its absolute path"
         )
     ensure_writable_dir(config.state_dir)
-    holds_run = (config.state.store / "store.json").exists()
-    if holds_run and not config.resume:
+    holds_store = (config.state.store / "store.json").exists()
+    if holds_store and not config.resume and _holds_rounds(config.state.store):
         raise FedforgetError(
             f"state-dir {config.state_dir} already holds a run: continue it with --run-config \"... resume=true\", "
             "or give another state-dir"
         )
-    if config.resume and not holds_run:
+    if config.resume and not holds_store:
         raise FedforgetError(f"resume=true, but state-dir {config.state_dir} holds no run to continue")
     config.state.registry.parent.mkdir(parents=True, exist_ok=True)
     # The withdrawal service may not have created the registry yet; the loop reads it every round.
@@ -121,6 +123,18 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             federation_id=config.federation_id,
         ),
     )
+
+
+def _holds_rounds(store_dir: Path) -> bool:
+    """Whether the store recorded a round; one that did not (its run failed before round 1) is replaced.
+
+    A store that cannot be opened counts as holding rounds: it is never replaced.
+    """
+    try:
+        with HistoryStore.open(store_dir) as store:
+            return any(store.reader(t.id).last_round() > 0 for t in store.trajectories())
+    except StoreError:
+        return True
 
 
 def deployment_report(config: DeploymentConfig, outcome: RunOutcome, wall_seconds: float) -> dict[str, object]:

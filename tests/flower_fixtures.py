@@ -10,7 +10,9 @@ from local_grid import LocalGrid
 
 from fedforget.arrays import Arrays
 from fedforget.client.app import make_client_app, model_arrays
+from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.rounds.loop import FederatedRun, RunObserver, RunSettings, Withdrawal
+from fedforget.server.withdrawal.consent import ConsentSource
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
@@ -44,6 +46,9 @@ def local_federation(
     observer: RunObserver | None = None,
     store: HistoryStore | None = None,
     evaluate: bool = False,
+    consent: ConsentSource | None = None,
+    accountability: Accountability | None = None,
+    reference_retrain: bool = False,
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process."""
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
@@ -62,5 +67,8 @@ def local_federation(
         withdrawals=withdrawals,
         evaluate_fn=make_evaluate_fn("digits", 0) if evaluate else None,
         observer=observer,
+        consent=consent,
+        accountability=accountability,
+        reference_retrain=reference_retrain,
     )
     return LocalFederation(grid=grid, store=store, strategy=strategy, run=run)

@@ -1,17 +1,25 @@
 """An in-process Flower Grid for fast tests of the Flower layer.
 
 It hands each message straight to a real ClientApp with a per-node Context,
-turning exceptions into error replies as Flower's runtimes do. The simulation
-engine (Ray) is exercised separately by the end-to-end tests; this grid keeps
-the many unit tests of the Flower layer fast.
+turning exceptions into error replies as Flower's runtimes do, and lists its
+nodes as Flower 1.42 does: a simulated node has no name, a 32-byte random key
+and an infinite heartbeat interval, and the i-th registered holds partition i;
+a deployed node has a finite heartbeat and, if registered with one, a name.
+Node ids are handed out in the reverse of registration order, so that nothing
+can pass by sorting node ids. The simulation engine (Ray) is exercised
+separately by the end-to-end tests; this grid keeps the many unit tests of the
+Flower layer fast.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import HEARTBEAT_INTERVAL_INF
 from flwr.clientapp import ClientApp
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
@@ -25,7 +33,13 @@ TaskIdentity.node_id = 0
 
 
 class LocalGrid(Grid):
-    """Nodes ``1..n`` each running ``app`` in this process; ``node_config(i)`` configures node ``i``."""
+    """``num_nodes`` nodes each running ``app`` in this process.
+
+    Node ``node_ids[i]`` is the i-th registered: simulated, it has node config
+    ``partition-id = i`` (``node_config(i)`` replaces that); ``names`` (by
+    registration index) makes the named ones deployed nodes, and ``deployed``
+    makes every node a deployed one (unnamed unless named).
+    """
 
     def __init__(
         self,
@@ -33,18 +47,27 @@ class LocalGrid(Grid):
         num_nodes: int,
         node_config: Callable[[int], dict[str, object]] | None = None,
         names: dict[int, str] | None = None,
+        *,
+        deployed: bool = False,
     ) -> None:
         self.app = app
-        self.names = names or {}
+        self.node_ids = [num_nodes - i for i in range(num_nodes)]
+        self.names = {self.node_ids[i]: name for i, name in (names or {}).items()}
+        self.deployed = deployed or bool(names)
+        registered = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+        self.registered_at = {
+            node: (registered + dt.timedelta(microseconds=37 * i)).isoformat() for i, node in enumerate(self.node_ids)
+        }
+        self.keys = {node: hashlib.sha256(f"key-{node}".encode()).digest() for node in self.node_ids}
         self.contexts = {
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config=(node_config or (lambda i: {"partition-id": i - 1}))(node_id),  # type: ignore[arg-type]
+                node_config=(node_config or (lambda i: {"partition-id": i}))(index),  # type: ignore[arg-type]
                 state=RecordDict(),
                 run_config={},
             )
-            for node_id in range(1, num_nodes + 1)
+            for index, node_id in enumerate(self.node_ids)
         }
         self.sent: list[Message] = []
         self.offline: set[int] = set()
@@ -59,11 +82,26 @@ class LocalGrid(Grid):
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
 
+    def node_of(self, index: int) -> int:
+        """The node id of the ``index``-th registered node (partition ``index`` in a simulation)."""
+        return self.node_ids[index]
+
     def get_node_ids(self) -> Iterable[int]:
-        return [n for n in self.contexts if n not in self.offline]
+        return sorted(n for n in self.contexts if n not in self.offline)
 
     def get_nodes(self) -> Iterable[NodeInfo]:
-        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.get_node_ids()]
+        nodes = []
+        for n in self.get_node_ids():
+            info = NodeInfo(
+                node_id=n,
+                registered_at=self.registered_at[n],
+                public_key=self.keys[n],
+                heartbeat_interval=30.0 if self.deployed else HEARTBEAT_INTERVAL_INF,
+            )
+            if n in self.names:
+                info.name = self.names[n]
+            nodes.append(info)
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
         raise NotImplementedError

@@ -99,6 +99,20 @@ def test_a_run_neither_overwrites_nor_invents_the_state_it_resumes(tmp_path):
         deployment_setup(DeploymentConfig.from_run_config({**settings, "signing-key": str(tmp_path / "none.key")}))
 
 
+def test_a_state_dir_whose_run_recorded_no_round_takes_a_new_run(tmp_path):
+    from fedforget.server.app import open_history_store
+    from fedforget.server.deployment import deployment_setup
+    from fedforget.server.store.history_store import ModelSpec
+
+    generate_keypair(tmp_path / "federation.key", tmp_path / "federation.pub")
+    settings = {**REQUIRED, "state-dir": str(tmp_path / "state"), "signing-key": str(tmp_path / "federation.key")}
+    HistoryStore.create(tmp_path / "state" / "store", federation_id="fed",
+                        model_spec=ModelSpec.from_arrays(initial_model())).close()  # its run failed before round 1
+    setup = deployment_setup(DeploymentConfig.from_run_config(settings))
+    with open_history_store(setup) as store:
+        assert store.last_completed_round() == 0 and store.federation_id == "fed"
+
+
 # -- the organisation's data -------------------------------------------------------
 
 
@@ -195,14 +209,17 @@ def test_collecting_replies_stops_at_the_timeout():
 # -- after a crash -------------------------------------------------------------------------
 
 
-def _accountable_run(tmp_path: Path, rounds: int):
-    fed = local_federation(tmp_path / "store", clients=2, rounds=rounds)
-    generate_keypair(tmp_path / "server.key", tmp_path / "server.pub")
-    fed.run.accountability = Accountability(
+def _accountability(tmp_path: Path) -> Accountability:
+    if not (tmp_path / "server.key").exists():
+        generate_keypair(tmp_path / "server.key", tmp_path / "server.pub")
+    return Accountability(
         ledger_path=tmp_path / "ledger.jsonl", server_key=tmp_path / "server.key",
         certificates_dir=tmp_path / "certificates", federation_id="test-federation",
     )
-    return fed
+
+
+def _accountable_run(tmp_path: Path, rounds: int):
+    return local_federation(tmp_path / "store", clients=2, rounds=rounds, accountability=_accountability(tmp_path))
 
 
 def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(tmp_path):
@@ -212,7 +229,7 @@ def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(t
     lines = ledger_path.read_bytes().splitlines(keepends=True)
     # The crash: round 3 committed to the store, its ledger entry never written, a torn line after round 2.
     ledger_path.write_bytes(b"".join(lines[:2]) + lines[2][:40])
-    added = fed.run.accountability.reconcile(fed.store)
+    added = _accountability(tmp_path).reconcile(fed.store)
     assert added == [3]
     with Ledger.open(ledger_path) as ledger:
         entries = list(ledger.entries())
@@ -220,7 +237,7 @@ def test_round_entries_a_crash_kept_from_the_ledger_are_rebuilt_from_the_store(t
         assert ledger.verify_against_store(fed.store) == 3
     assert [e.kind for e in entries] == ["round", "round", "ledger-repair", "round"]
     assert all(p["update_hash"] is None for p in entries[-1].body["participants"])
-    assert fed.run.accountability.reconcile(fed.store) == []
+    assert _accountability(tmp_path).reconcile(fed.store) == []
 
 
 def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
@@ -230,8 +247,9 @@ def test_a_resumed_run_repairs_the_ledger_before_its_first_round(tmp_path):
     ledger_path.write_bytes(ledger_path.read_bytes().splitlines(keepends=True)[0])
     fed.store.close()
     store = HistoryStore.open(tmp_path / "store")
-    resumed = local_federation(tmp_path / "store", clients=2, rounds=3, store=store)
-    resumed.run.accountability = fed.run.accountability
+    resumed = local_federation(
+        tmp_path / "store", clients=2, rounds=3, store=store, accountability=_accountability(tmp_path)
+    )
     resumed.run.execute(initial_model())
     with Ledger.open(ledger_path) as ledger:
         rounds = [e.body["round"] for e in ledger.entries() if e.kind == "round"]

@@ -27,29 +27,43 @@ def assert_models_equal(a: wire.Arrays, b: wire.Arrays, atol: float = 0.0) -> No
 # -- identity ------------------------------------------------------------------
 
 
-def test_simulated_nodes_are_identified_by_partition_id(tmp_path):
-    fed = local_federation(tmp_path / "s", clients=3)
-    mapping = ClientIdResolver().resolve(fed.grid, list(fed.grid.get_node_ids()))
-    assert mapping == {1: "0", 2: "1", 3: "2"}
-
-
-def test_registered_names_win_and_need_no_query():
-    plain = ClientApp()  # no identity handler: an unchanged Flower client
-    grid = LocalGrid(plain, 2, names={1: "hospital-a", 2: "bank-b"})
-    assert ClientIdResolver().resolve(grid, [1, 2]) == {1: "hospital-a", 2: "bank-b"}
+def test_simulated_nodes_are_their_partition_by_registration_order_and_get_no_message():
+    grid = LocalGrid(ClientApp(), 3)  # an unchanged Flower client: it answers nothing but train/evaluate
+    mapping = ClientIdResolver().resolve(grid, list(grid.get_node_ids()))
+    assert mapping == {grid.node_of(0): "0", grid.node_of(1): "1", grid.node_of(2): "2"}
+    assert sorted(mapping) != [grid.node_of(i) for i in range(3)]  # not the order of node ids
     assert grid.sent == []
 
 
-def test_unnamed_node_without_identity_handler_is_a_clear_error():
-    grid = LocalGrid(ClientApp(), 1)
-    with pytest.raises(ClientIdentityError, match="no registered name.*--name"):
-        ClientIdResolver().resolve(grid, [1])
+def test_registered_names_win_and_need_no_message():
+    grid = LocalGrid(ClientApp(), 2, names={0: "hospital-a", 1: "bank-b"})
+    resolver = ClientIdResolver()
+    assert resolver.resolve(grid, [grid.node_of(0), grid.node_of(1)]) == {
+        grid.node_of(0): "hospital-a", grid.node_of(1): "bank-b"
+    }
+    assert resolver.kinds() == {"hospital-a": "registered-name", "bank-b": "registered-name"}
+    assert grid.sent == []
+
+
+def test_unnamed_deployed_nodes_are_keyed_by_their_node_key():
+    grid = LocalGrid(ClientApp(), 2, deployed=True)
+    resolver = ClientIdResolver()
+    mapping = resolver.resolve(grid, list(grid.get_node_ids()))
+    assert all(client.startswith("node-") and len(client) == 21 for client in mapping.values())
+    assert len(set(mapping.values())) == 2 and set(resolver.kinds().values()) == {"node-key"}
 
 
 def test_two_nodes_claiming_one_client_id_are_refused():
-    grid = LocalGrid(ClientApp(), 2, names={1: "org", 2: "org"})
+    grid = LocalGrid(ClientApp(), 2, names={0: "org", 1: "org"})
     with pytest.raises(ClientIdentityError, match="claimed by nodes"):
-        ClientIdResolver().resolve(grid, [1, 2])
+        ClientIdResolver().resolve(grid, list(grid.get_node_ids()))
+
+
+def test_simulated_nodes_registered_at_the_same_instant_are_refused():
+    grid = LocalGrid(ClientApp(), 2)
+    grid.registered_at[grid.node_of(1)] = grid.registered_at[grid.node_of(0)]
+    with pytest.raises(ClientIdentityError, match="same instant"):
+        ClientIdResolver().resolve(grid, list(grid.get_node_ids()))
 
 
 # -- recording -----------------------------------------------------------------
@@ -82,16 +96,17 @@ def test_recording_strategy_is_a_drop_in_for_flowers_fedavg_loop(tmp_path):
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         arrays = msg.content["arrays"].to_numpy_ndarrays()
-        bump = 1.0 + context.node_id  # each client moves the model by a different amount
+        index = 1 + int(context.node_config["partition-id"])
+        bump = 1.0 + index  # each client moves the model by a different amount
         reply = RecordDict(
             {
                 "arrays": ArrayRecord([a + bump for a in arrays]),
-                "metrics": MetricRecord({"num-examples": 10 * context.node_id}),
+                "metrics": MetricRecord({"num-examples": 10 * index}),
             }
         )
         return Message(reply, reply_to=msg)
 
-    grid = LocalGrid(app, 2, names={1: "org-a", 2: "org-b"})
+    grid = LocalGrid(app, 2, names={0: "org-a", 1: "org-b"})
     initial = {"0": np.zeros(3, np.float32)}
     store = HistoryStore.create(tmp_path / "s", federation_id="f", model_spec=ModelSpec.from_arrays(initial))
     strategy = RecordingFedAvg(store, fraction_evaluate=0.0)
@@ -134,7 +149,7 @@ def test_withdrawn_client_gets_no_instruction_and_retrain_is_exact(tmp_path):
     fed = local_federation(tmp_path / "a", clients=3, rounds=4, withdrawals=[Withdrawal("1", 3)])
     outcome = fed.run.execute(initial_model())
 
-    withdrawn_node = 2  # partition 1
+    withdrawn_node = fed.grid.node_of(1)  # partition 1
     rounds_sent = [
         int(m.content.config_records["config"]["server-round"])
         for m in fed.grid.sent
@@ -250,3 +265,49 @@ def test_unlearning_cut_short_is_redone_on_resume(tmp_path):
     statuses = [t.status for t in sorted(store.trajectories(), key=lambda t: t.id)]
     assert statuses == ["open", "abandoned", "complete"]  # original, the cut-short unlearning, the redo
     assert_models_equal(outcome.model, expected.model)
+
+
+class RequestAgain:
+    """A consent source that still lists client 1's request after its unlearning (a crash fell in between)."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.begun: list[str] = []
+
+    def due(self, server_round, already_withdrawn):  # type: ignore[no-untyped-def]
+        from fedforget.server.withdrawal.consent import WithdrawalNotice
+
+        return [WithdrawalNotice("1", "wr-1", {"request_hash": "0" * 64})] if server_round >= 2 else []
+
+    def started(self, notices):  # type: ignore[no-untyped-def]
+        self.begun += [n.client_id for n in notices]
+
+    def finished(self, notice, certificate):  # type: ignore[no-untyped-def]
+        self.done.append(notice.client_id)
+
+    def failed(self, notice, reason):  # type: ignore[no-untyped-def]
+        raise AssertionError(reason)
+
+
+def test_a_request_still_listed_after_its_unlearning_is_reported_done_not_redone(tmp_path):
+    consent = RequestAgain()
+    fed = local_federation(tmp_path / "s", clients=3, rounds=4, consent=consent)  # type: ignore[arg-type]
+    outcome = fed.run.execute(initial_model())
+    assert [e["clients"] for e in outcome.unlearning] == [["1"]]  # once, before round 2
+    assert consent.begun == ["1"] and consent.done == ["1", "1", "1"]  # then reported done at rounds 3 and 4
+
+
+def test_an_approximate_unlearning_is_measured_against_a_reference_retrain_the_run_does_not_continue(tmp_path):
+    from fedforget.strategies.subtract import Subtract
+
+    fed = local_federation(
+        tmp_path / "s", clients=3, rounds=4, withdrawals=[Withdrawal("2", 3)], unlearner=Subtract(),
+        reference_retrain=True,
+    )
+    outcome = fed.run.execute(initial_model())
+    (event,) = outcome.unlearning
+    statuses = {t.id: t.status for t in fed.store.trajectories()}
+    assert statuses[event["trajectory"]] == "complete" and statuses[event["reference_trajectory"]] == "reference"
+    assert fed.store.current_trajectory() == event["trajectory"]  # the run went on from subtract's model
+    assert "2" not in fed.store.reader(event["reference_trajectory"]).clients()
+    assert event["retrain_client_epochs"] == 2 * 2 * 1.0 and event["residual_clients"] == ["2"]

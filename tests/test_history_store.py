@@ -161,7 +161,12 @@ def test_create_layout_and_key_file_mode(tmp_path: Path) -> None:
 
 
 def test_create_refuses_existing_store_nonempty_dir_and_unwritable(tmp_path: Path) -> None:
-    make_store(tmp_path).close()
+    make_store(tmp_path, key_file=tmp_path / "outside.key").close()
+    store = make_store(tmp_path)  # the first recorded no round (a run that failed before round 1): replaced
+    assert not (tmp_path / "outside.key").exists()
+    store.write_initial_model(small_model(0))
+    run_rounds(store, 1, 1, ["a"])
+    store.close()
     with pytest.raises(StoreExistsError, match="already holds a history store"):
         make_store(tmp_path)
     (tmp_path / "junk").mkdir()

@@ -26,6 +26,13 @@ from fedforget.simulations.withdrawing_clients import FederationPaths, Withdrawi
 FEDERATION = "test-federation"
 
 
+def _accountability(paths: FederationPaths) -> Accountability:
+    return Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key,
+        certificates_dir=paths.certificates, federation_id=FEDERATION,
+    )
+
+
 @pytest.fixture(scope="module")
 def withdrawn_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
@@ -35,14 +42,11 @@ def withdrawn_run(tmp_path_factory):
     service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id=FEDERATION,
                     cert=tls.certificate, key=tls.private_key)
     try:
-        fed = local_federation(root / "store", clients=3, rounds=4)
-        fed.run.consent = RegistryConsent(paths.registry)
-        fed.run.accountability = Accountability(
-            ledger_path=paths.ledger, server_key=paths.server_key,
-            certificates_dir=paths.certificates, federation_id=FEDERATION,
-        )
         clients = WithdrawingClients(SilentObserver(), [Withdrawal("1", 3)], paths, service.address, FEDERATION)
-        fed.run.observer = clients
+        fed = local_federation(
+            root / "store", clients=3, rounds=4, consent=RegistryConsent(paths.registry),
+            accountability=_accountability(paths), observer=clients,
+        )
         outcome = fed.run.execute(initial_model())
     finally:
         service.stop()
@@ -89,6 +93,9 @@ def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn
         assert ledger.verify() == len(kinds)
         audit = ledger.client_history("1")
     assert kinds.count("withdrawal-request") == 1 and kinds.count("unlearning") == 1
+    with Ledger.open(paths.ledger) as ledger:
+        (unlearning,) = [e for e in ledger.entries() if e.kind == "unlearning"]
+    assert unlearning.body["initiated_by"] == {"1": "client"} and "reasons" not in unlearning.body
     assert kinds.count("key-destroyed") == 1
     event = outcome.unlearning[0]
     assert audit.contains(event["source_trajectory"], 2) is True
@@ -121,10 +128,7 @@ def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, str
     fed = local_federation(
         tmp_path / "store", clients=4, rounds=6,
         withdrawals=[Withdrawal("1", 3), Withdrawal("2", 5)], unlearner=make_unlearner(strategy),
-    )
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id=FEDERATION,
+        accountability=_accountability(paths),
     )
     outcome = fed.run.execute(initial_model())
     assert [e["clients"] for e in outcome.unlearning] == [["1"], ["2"]]
@@ -141,11 +145,7 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
 
     paths = FederationPaths(tmp_path)
     prepare_federation(paths, ["1"])
-    fed = local_federation(tmp_path / "store", clients=3, rounds=3)
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id="test-federation",
-    )
+    fed = local_federation(tmp_path / "store", clients=3, rounds=3, accountability=_accountability(paths))
     fed.run.execute(initial_model())
     fed.store.close()  # the run is over
 
@@ -161,7 +161,9 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
     refused = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "retrain"])
     assert refused.exit_code == 2 and "needs work from the remaining clients" in " ".join(refused.output.split())
 
-    result = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "subtract"])
+    result = CliRunner().invoke(
+        app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "subtract", "--recovery-rounds", "0"]
+    )
     assert result.exit_code == 0, result.output
     with ConsentRegistry.open(paths.registry) as registry:
         request = registry.status(request_id)

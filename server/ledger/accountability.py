@@ -16,7 +16,7 @@ from pathlib import Path
 from fedforget.arrays import Arrays
 from fedforget.identity import load_private_key, public_key_openssh
 from fedforget.server.ledger.certificates import issue_certificate, write_certificate
-from fedforget.server.withdrawal.consent import WithdrawalNotice
+from fedforget.server.withdrawal.consent import OPERATOR_INITIATED, WithdrawalNotice
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.ledger.log import Ledger, LedgerEntry, model_hash
 
@@ -139,6 +139,8 @@ class Accountability:
                 evidence=_evidence(event),
                 key_destroyed=True,
                 base_version=int(event["base_version"]),  # type: ignore[arg-type]
+                initiated_by={n.client_id: n.initiated_by for n in notices},
+                reasons={n.client_id: n.reason for n in notices if n.initiated_by == OPERATOR_INITIATED and n.reason},
             )
             key_entries = {
                 client: ledger.record_key_destroyed(client=client, destroyed_at=destroyed_at[client])
@@ -150,7 +152,7 @@ class Accountability:
             certificate = issue_certificate(
                 self._server_key,
                 federation_id=self.federation_id,
-                request=notice.request or {"client_id": notice.client_id, "scheduled": True},
+                request=notice.request or _operator_order(notice),
                 ledger_entries=[e.to_dict() for e in entries],
                 evidence=_evidence(event),
                 key_destruction={
@@ -169,6 +171,11 @@ class Accountability:
             write_certificate(path, certificate)
             certificates[notice.client_id] = path
         return certificates
+
+
+def _operator_order(notice: WithdrawalNotice) -> dict[str, object]:
+    """What a certificate shows in place of a signed request when the operator ordered the erasure."""
+    return {"client_id": notice.client_id, "initiated_by": notice.initiated_by, "reason": notice.reason}
 
 
 def _evidence(event: dict[str, object]) -> dict[str, object]:

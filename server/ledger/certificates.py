@@ -75,13 +75,20 @@ def _utc_timestamp(issued_at: str | None) -> str:
 
 
 def _statements(
-    *, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None
+    *, request: dict, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None
 ) -> tuple[list[str], list[str]]:
-    attests = [
-        "The federation's server received the withdrawal request included in this certificate, "
-        "with the client's signature as included, and acted on it.",
-    ]
     does_not_attest = []
+    if request.get("initiated_by") == "operator":
+        attests = [
+            "The federation's operator initiated this erasure of the client's contributions, for the reason "
+            "stated in this certificate's request, and the server acted on it.",
+        ]
+        does_not_attest.append("That the client asked for this erasure: it signed no request for it.")
+    else:
+        attests = [
+            "The federation's server received the withdrawal request included in this certificate, "
+            "with the client's signature as included, and acted on it.",
+        ]
     if ledger_entries:
         attests.append(
             "The unlearning algorithm named in the ledger entries of this certificate was run on the "
@@ -161,7 +168,7 @@ def issue_certificate(
                 raise CertificateError(f"ledger entry {index} has an {ENTRY_HASH_FIELD} that is not a non-empty string")
             entries.append(entry)
         attests, does_not_attest = _statements(
-            ledger_entries=entries, evidence=evidence, key_destruction=key_destruction
+            request=request, ledger_entries=entries, evidence=evidence, key_destruction=key_destruction
         )
         payload: dict[str, Any] = {
             "format": CERTIFICATE_FORMAT,

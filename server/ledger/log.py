@@ -765,6 +765,8 @@ class Ledger:
         evidence: dict | None,
         key_destroyed: bool,
         base_version: int | None = None,
+        initiated_by: Mapping[str, str] | None = None,
+        reasons: Mapping[str, str] | None = None,
     ) -> LedgerEntry:
         """An unlearning removed ``clients`` before ``round`` (the first round trained without them).
 
@@ -775,11 +777,19 @@ class Ledger:
         ``base_version`` (the version the fork shares with the source, e.g. 0 for
         a retrain from scratch): without it, :meth:`client_history` must assume
         conservatively that the new trajectory shares every version before
-        ``round - 1`` that it has no round entry for.
+        ``round - 1`` that it has no round entry for. ``initiated_by`` says per
+        client who asked (``client``: its signed request; ``operator``: the
+        federation's operator, with the reason in ``reasons``).
         """
+        origin: dict[str, Any] = {}
+        if initiated_by is not None:
+            origin["initiated_by"] = dict(initiated_by)
+        if reasons:
+            origin["reasons"] = dict(reasons)
         return self.append(
             "unlearning",
             {
+                **origin,
                 "clients": list(clients),
                 "strategy": strategy,
                 "hyperparameters": hyperparameters,

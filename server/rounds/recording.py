@@ -1,11 +1,19 @@
 """FedAvg that records every round into the history store.
 
-This is Flower's own message-API ``FedAvg`` with two additions: before
+This is Flower's own message-API ``FedAvg`` with recording added: before
 averaging, each client's update (returned weights minus the weights it was
 sent) is written to the :class:`~fedforget.server.store.history_store.HistoryStore`
 with its example count and aggregation weight, and the round is committed with
 its result. A ServerApp that uses ``FedAvg`` gets history recording by swapping
-in this class; its clients need not change.
+in this class; its clients need not change (clients are identified from
+Flower's own node list, see :mod:`~fedforget.server.rounds.client_identity`).
+
+The history must explain the model, so the strategy refuses what would break
+that (:mod:`~fedforget.server.rounds.history_position`): a round that does not
+follow the store's last one, a round started from a model that is not the
+history's last model (say, the model from before an unlearning), and any
+instruction to a client an unlearning removed. These are read from the store,
+so they hold in a later run too.
 
 Writes run on a background thread (see :mod:`~fedforget.server.rounds.background_writer`)
 so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
@@ -14,10 +22,10 @@ before reading the store while the strategy is in use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from logging import WARNING, getLogger
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -26,18 +34,27 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
-from fedforget.server.rounds.background_writer import BackgroundWriter
-from fedforget.server.rounds.client_identity import ClientIdResolver
-from fedforget.server.rounds.grids import ConsentingGrid
-from fedforget.server.store.errors import FedforgetError
-from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.ledger.log import model_hash
+from fedforget.server.rounds.background_writer import BackgroundWriter
+from fedforget.server.rounds.client_identity import IDENTITY_META, ClientIdResolver
+from fedforget.server.rounds.grids import ConsentingGrid
+from fedforget.server.rounds.history_position import HistoryPosition, RecordingError
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.unlearning.events import completed_unlearnings, interrupted_clients, withdrawn_clients
 
 _log = getLogger(__name__)
 
+TRAIN_CONFIG_META = "train_config"
+"""History-store meta key: the train config of the last recorded round, for replays in a later process."""
 
-class RecordingError(FedforgetError):
-    """A round cannot be recorded consistently with the store's history."""
+
+@dataclass(frozen=True)
+class Contribution:
+    """One client's part in a round: its update against the model the round started from."""
+
+    client_id: str
+    update: Arrays
+    num_examples: int
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,19 @@ class RecordedRound:
     """sha256 of each participant's update, as the ledger records it."""
 
 
+@dataclass(frozen=True)
+class CommittedRound:
+    """A round the store has just committed, as a commit listener (the ledger) sees it."""
+
+    trajectory: int
+    round: int
+    model_after: Arrays
+    recorded: RecordedRound
+
+
+CommitListener = Callable[[CommittedRound], None]
+
+
 class RecordingFedAvg(FedAvg):
     """Federated averaging that keeps every client's update, keyed by stable client id.
 
@@ -61,12 +91,18 @@ class RecordingFedAvg(FedAvg):
     ----------
     store:
         Where rounds are recorded. Rounds must follow the store's current
-        trajectory: round ``t`` may only be trained once rounds ``1..t-1`` are
-        committed there.
+        trajectory: a round ``t`` called by the caller's own loop may only be
+        trained once rounds ``1..t-1`` are committed there; :meth:`start`
+        continues the history's count by itself.
     identities:
-        Maps node ids to client ids (registered names in a deployment, the
-        ClientApp's answer in simulation). Pass one in to share it with other
+        Maps node ids to client ids. Pass one in to share it with other
         components of the ServerApp.
+    local_epochs:
+        Epochs a client trains per round when neither the train config
+        (``local-epochs``) nor the client's reply says; used for cost figures
+        only. Flower's quickstart ClientApps read theirs from the run config:
+        pass the same value here. Without it, such a round counts one epoch
+        per client and a warning says so.
     **fedavg_kwargs:
         Passed to Flower's ``FedAvg`` unchanged.
     """
@@ -76,16 +112,22 @@ class RecordingFedAvg(FedAvg):
         store: HistoryStore,
         *,
         identities: ClientIdResolver | None = None,
-        **fedavg_kwargs: object,
+        local_epochs: float | None = None,
+        **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        super().__init__(**fedavg_kwargs)
         self.store = store
         self.identities = identities or ClientIdResolver()
+        self.local_epochs = local_epochs
         self._excluded: set[str] = set()
-        self._sent: dict[int, Arrays] = {}
+        self._sent: dict[int, tuple[Arrays, dict[str, Any]]] = {}
         self._writer = BackgroundWriter()
-        self._next_round: int | None = None
+        self._listeners: list[CommitListener] = []
+        self._position = HistoryPosition(store, self.identities, self.flush)
+        self._warned_epochs = False
         self.last_recorded: RecordedRound | None = None
+        self.train_config: dict[str, Any] | None = None
+        """The train config of the last round configured (``server-round`` left out)."""
 
     # -- the store -------------------------------------------------------------
 
@@ -93,20 +135,40 @@ class RecordingFedAvg(FedAvg):
         """Wait until every recorded round is committed to the store (re-raising a failed write).
 
         Call it before reading or changing the store directly; afterwards the
-        strategy re-reads the store's progress, so a fork or resume is followed.
+        strategy re-reads the store's progress, so a fork or resume is
+        followed, and excludes every client an unlearning recorded there.
         """
         self._writer.flush()
-        self._next_round = None
+        self._position.forget()
+        self._excluded.update(withdrawn_clients(completed_unlearnings(self.store)) | interrupted_clients(self.store))
 
     def submit_write(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the recording thread after the rounds recorded so far (e.g. saving metadata)."""
         self._writer.submit(job)
 
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener`` on the recording thread after each round the store commits, in order."""
+        self._listeners.append(listener)
+
+    def current_arrays(self) -> ArrayRecord:
+        """The history's last global model: what the next round must start from (e.g. after a resume)."""
+        self.flush()
+        return wire.record_from_arrays(self.store.read_model(self.store.last_completed_round()))
+
     def start(self, *args: Any, **kwargs: Any) -> Result:
-        """Flower's own round loop, returning only once every round is committed to the store."""
+        """Flower's own round loop, continuing the history's round count; returns once all is committed.
+
+        ``num_rounds`` rounds are trained; after ``k`` rounds in the history
+        they are recorded (and sent to clients) as rounds ``k+1..k+num_rounds``,
+        while Flower's log counts them from 1. ``initial_arrays`` must be the
+        history's last model: after an unlearning, the unlearned model.
+        """
+        self.flush()
+        self._position.follow_flower(True)
         try:
             return super().start(*args, **kwargs)
         finally:
+            self._position.follow_flower(False)
             self.flush()
 
     # -- consent -------------------------------------------------------------
@@ -128,67 +190,86 @@ class RecordingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the model sent out (the base of every update) and skip withdrawn clients."""
-        if self._next_round is None:
-            self.flush()
-            completed = self.store.last_completed_round()
-            self._next_round = completed + 1
-        if server_round != self._next_round:
-            raise RecordingError(
-                f"cannot record round {server_round}: the history store at {self.store.path} "
-                f"has {self._next_round - 1} completed rounds in its current trajectory, so the next "
-                f"round must be {self._next_round} (resume the run instead of restarting it)"
-            )
+        """Check the round follows the history from its last model, remember what is sent, skip withdrawn clients."""
+        history_round = self._position.round_to_configure(server_round)
         model = wire.arrays_from_record(arrays)
-        if server_round == 1 and not self.store.has_model(0):
-            self.store.write_initial_model(model)
-        self._sent[server_round] = model
-        return super().configure_train(server_round, arrays, config, self._view(grid))
+        self._position.check_start(history_round, model)
+        self.train_config = {k: v for k, v in config.items() if k != "server-round"}
+        self._sent[history_round] = (model, dict(self.train_config))
+        return super().configure_train(history_round, arrays, config, self._view(grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average as FedAvg does, then record each update and commit the round."""
+        history_round = self._position.configured_round(server_round)
         kept = self._drop_withdrawn(list(replies))
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        sent = self._sent.pop(server_round, None)
+        arrays, metrics = super().aggregate_train(history_round, kept)
+        sent = self._sent.pop(history_round, None)
         if arrays is None:
             return arrays, metrics
         if sent is None:
-            raise RecordingError(
-                f"round {server_round} was aggregated without being configured by this strategy"
-            )
-        contributions = [msg for msg in kept if not msg.has_error()]
-        examples = [self._num_examples(msg) for msg in contributions]
-        total = float(sum(examples))
-        updates: list[tuple[str, Arrays, int, float]] = []
-        client_epochs = 0.0
-        for msg, num_examples in zip(contributions, examples, strict=True):
+            raise RecordingError(f"round {history_round} was aggregated without being configured by this strategy")
+        model_sent, config_sent = sent
+        contributions, client_epochs = [], 0.0
+        for msg in (m for m in kept if not m.has_error()):
             client_id = self.identities.client_id(msg.metadata.src_node_id)
             returned = wire.arrays_from_record(next(iter(msg.content.array_records.values())))
-            updates.append((client_id, subtract(returned, sent), int(num_examples), num_examples / total))
-            client_epochs += float(next(iter(msg.content.metric_records.values())).get(wire.LOCAL_EPOCHS, 0.0))
-        model_after = wire.arrays_from_record(arrays)
+            reported = next(iter(msg.content.metric_records.values()))
+            contributions.append(Contribution(client_id, subtract(returned, model_sent), self._num_examples(msg)))
+            client_epochs += self._epochs(client_id, reported, config_sent)
         round_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
-
-        def record() -> None:
-            for client_id, update, num_examples, weight in updates:
-                self.store.record_update(
-                    server_round, client_id, update, num_examples=num_examples, weight=weight
-                )
-            self.store.commit_round(server_round, model_after, metrics=round_metrics)
-
-        self._writer.submit(record)
-        self._next_round = server_round + 1
-        self.last_recorded = RecordedRound(
-            round=server_round,
-            participants=tuple(sorted(client_id for client_id, *_ in updates)),
-            num_examples=int(total),
+        self.record_round(
+            history_round, wire.arrays_from_record(arrays), contributions, metrics=round_metrics,
             client_epochs=client_epochs,
-            examples={client_id: n for client_id, _, n, _ in updates},
-            update_hashes={client_id: model_hash(update) for client_id, update, _, _ in updates},
         )
         return arrays, metrics
+
+    def record_round(
+        self,
+        server_round: int,
+        model_after: Arrays,
+        contributions: Sequence[Contribution],
+        *,
+        metrics: dict[str, float] | None = None,
+        client_epochs: float = 0.0,
+    ) -> RecordedRound:
+        """Record a round (each update weighted n_k / Σn) and commit it, on the recording thread.
+
+        Every recorded round goes through here: those this strategy averaged
+        and those an unlearning strategy computed itself. ``contributions`` may
+        be empty: the round then only records ``model_after``.
+        """
+        self._position.require_next(server_round)
+        self._position.check_identities([c.client_id for c in contributions])
+        total = float(sum(c.num_examples for c in contributions))
+        recorded = RecordedRound(
+            round=server_round,
+            participants=tuple(sorted(c.client_id for c in contributions)),
+            num_examples=int(total),
+            client_epochs=client_epochs,
+            examples={c.client_id: c.num_examples for c in contributions},
+            update_hashes={c.client_id: model_hash(c.update) for c in contributions},
+        )
+        kinds = self.identities.kinds()
+        new_kinds = {c.client_id: kinds[c.client_id] for c in contributions if c.client_id in kinds}
+        train_config = dict(self.train_config) if self.train_config is not None else None
+
+        def record() -> None:
+            for c in contributions:
+                self.store.record_update(
+                    server_round, c.client_id, c.update, num_examples=c.num_examples, weight=c.num_examples / total
+                )
+            self.store.commit_round(server_round, model_after, metrics=metrics)
+            self._remember(new_kinds, train_config)
+            committed = CommittedRound(self.store.current_trajectory(), server_round, model_after, recorded)
+            for listener in self._listeners:
+                listener(committed)
+
+        self._writer.submit(record)
+        self._position.recorded(server_round, model_after)
+        self.last_recorded = recorded
+        return recorded
 
     # -- evaluation ----------------------------------------------------------
 
@@ -196,12 +277,38 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluate on consenting clients only: a withdrawn client gets no instruction at all."""
-        return super().configure_evaluate(server_round, arrays, config, self._view(grid))
+        history_round = self._position.configured_round(server_round)
+        return super().configure_evaluate(history_round, arrays, config, self._view(grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return super().aggregate_evaluate(server_round, self._drop_withdrawn(list(replies)))
 
     # -- helpers -------------------------------------------------------------
+
+    def _remember(self, kinds: dict[str, str], train_config: dict[str, Any] | None) -> None:
+        """Store what a later process needs (runs on the recording thread)."""
+        stored = dict(self.store.get_meta(IDENTITY_META, {}) or {})
+        if any(stored.get(client) != kind for client, kind in kinds.items()):
+            self.store.set_meta(IDENTITY_META, {**stored, **kinds})
+        if train_config is not None and self.store.get_meta(TRAIN_CONFIG_META) != train_config:
+            self.store.set_meta(TRAIN_CONFIG_META, train_config)
+
+    def _epochs(self, client_id: str, reported: MetricRecord, config: dict[str, Any]) -> float:
+        """A client's work in a round: what it reported, else what it was asked for, else ``local_epochs``."""
+        if wire.LOCAL_EPOCHS in reported:
+            return float(reported[wire.LOCAL_EPOCHS])  # type: ignore[arg-type]
+        if wire.LOCAL_EPOCHS in config:
+            return float(config[wire.LOCAL_EPOCHS])
+        if self.local_epochs is not None:
+            return float(self.local_epochs)
+        if not self._warned_epochs:
+            self._warned_epochs = True
+            _log.warning(
+                "client %s reported no %r and the train config asks for none: its cost is counted as one "
+                "epoch per round; pass RecordingFedAvg(..., local_epochs=E) for exact figures",
+                client_id, wire.LOCAL_EPOCHS,
+            )
+        return 1.0
 
     def _drop_withdrawn(self, replies: list[Message]) -> list[Message]:
         kept = []
@@ -219,7 +326,7 @@ class RecordingFedAvg(FedAvg):
             kept.append(msg)
         return kept
 
-    def _num_examples(self, msg: Message) -> float:
+    def _num_examples(self, msg: Message) -> int:
         value = next(iter(msg.content.metric_records.values()))[self.weighted_by_key]
         number = float(np.asarray(value))
         if number <= 0:
@@ -227,4 +334,4 @@ class RecordingFedAvg(FedAvg):
                 f"node {msg.metadata.src_node_id} reported {self.weighted_by_key}={number}; "
                 "an update needs a positive weight"
             )
-        return number
+        return int(number)

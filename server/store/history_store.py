@@ -434,7 +434,7 @@ class HistoryStore:
         if path.exists() or path.is_symlink():
             if not path.is_dir():
                 raise StoreExistsError(f"{path} exists and is not a directory; choose another store path")
-            if (path / STORE_FILE).exists() or (path / INDEX_FILE).exists():
+            if ((path / STORE_FILE).exists() or (path / INDEX_FILE).exists()) and not cls._discard_if_unused(path):
                 raise StoreExistsError(
                     f"{path} already holds a history store; open it with HistoryStore.open() "
                     "or choose another path"
@@ -520,6 +520,34 @@ class HistoryStore:
             self._cleanup_failed_create(created, key_path if key_created else None, path if made_dir else None)
             raise
         return self
+
+    @classmethod
+    def _discard_if_unused(cls, path: Path) -> bool:
+        """Remove a store that recorded no round (a run that failed before its first); True if removed.
+
+        Such a store holds no history, only what a run writes before round 1
+        (the initial model, metadata), so a new create() may take its place.
+        A store that cannot be opened (locked, damaged, key missing) is kept.
+        """
+        try:
+            store = cls.open(path)
+        except StoreError:
+            return False
+        try:
+            unused = len(store.trajectories()) == 1 and store.last_completed_round() == 0
+            key_path = store.key_path
+        finally:
+            store.close()
+        ours = {STORE_FILE, INDEX_FILE, f"{INDEX_FILE}-wal", f"{INDEX_FILE}-shm", LOCK_FILE, BLOB_DIR, KEY_FILE}
+        if not unused or any(entry.name not in ours for entry in path.iterdir()):
+            return False
+        for blob in (path / BLOB_DIR).iterdir():
+            blob.unlink()
+        (path / BLOB_DIR).rmdir()
+        for name in (STORE_FILE, INDEX_FILE, f"{INDEX_FILE}-wal", f"{INDEX_FILE}-shm", LOCK_FILE):
+            (path / name).unlink(missing_ok=True)
+        key_path.unlink(missing_ok=True)
+        return True
 
     def _cleanup_failed_create(self, created: list[Path], key_path: Path | None, made_dir: Path | None) -> None:
         """Undo a half-made store so that a retry of create() is not refused."""

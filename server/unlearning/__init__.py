@@ -1,1 +1,1 @@
-"""Unlearning between rounds and between runs."""
+"""Unlearning: one coordinator shared by the round loop, the Python API (``Unlearning``) and ``fedforget unlearn``."""

@@ -23,13 +23,38 @@ class Withdrawal:
     round: int
 
 
+CLIENT_INITIATED = "client"
+"""The client asked: a signed withdrawal request from its own key."""
+OPERATOR_INITIATED = "operator"
+"""The federation's operator ordered the erasure, for a stated reason; the client signed nothing."""
+
+
 @dataclass(frozen=True)
 class WithdrawalNotice:
-    """A withdrawal the loop must act on now; ``request`` is the signed request when there is one."""
+    """A withdrawal the loop must act on now, and who initiated it.
+
+    A client-initiated notice carries the client's signed ``request``; an
+    operator-initiated one carries the operator's ``reason`` instead.
+    """
 
     client_id: str
     request_id: str | None = None
     request: dict[str, object] | None = None
+    initiated_by: str = CLIENT_INITIATED
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.initiated_by == CLIENT_INITIATED and self.request is None:
+            raise ValueError(f"a client-initiated withdrawal of {self.client_id!r} needs the client's signed request")
+        if self.initiated_by == OPERATOR_INITIATED and not self.reason:
+            raise ValueError(f"an operator-initiated erasure of {self.client_id!r} needs a reason")
+        if self.initiated_by not in (CLIENT_INITIATED, OPERATOR_INITIATED):
+            raise ValueError(f"initiated_by must be {CLIENT_INITIATED!r} or {OPERATOR_INITIATED!r}, got {self.initiated_by!r}")
+
+    @classmethod
+    def by_operator(cls, client_id: str, reason: str) -> WithdrawalNotice:
+        """An erasure the operator orders, with no request from the client."""
+        return cls(client_id=client_id, initiated_by=OPERATOR_INITIATED, reason=reason)
 
 
 class ConsentSource(Protocol):
@@ -52,7 +77,7 @@ class ScheduledWithdrawals:
 
     def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]:
         return [
-            WithdrawalNotice(w.client_id)
+            WithdrawalNotice.by_operator(w.client_id, f"scheduled withdrawal before round {w.round}")
             for w in self.withdrawals
             if w.round <= server_round and w.client_id not in already_withdrawn
         ]
