@@ -728,7 +728,7 @@ def test_rotation_after_shredding_leaves_backups_unable_to_recover_the_client(tm
     with make_store(tmp_path, key_file=key_file) as store:
         store.write_initial_model(small_model(0))
         run_rounds(store, 1, 2, ["a", "b"])
-        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store._index.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     backup = tmp_path / "backup"
     shutil.copytree(tmp_path / "store", backup, ignore=shutil.ignore_patterns("store.lock"))
     with HistoryStore.open(tmp_path / "store") as store:
@@ -769,7 +769,7 @@ def test_an_interrupted_rotation_is_finished_or_undone_on_open(
 
         monkeypatch.setattr(module.os, "replace", replace)
         if not crash_after_commit:
-            monkeypatch.setattr(store, "_tx", lambda: (_ for _ in ()).throw(Crash()))
+            monkeypatch.setattr(store._index, "transaction", lambda: (_ for _ in ()).throw(Crash()))
         with pytest.raises(Crash):
             store.rotate_federation_key()
         monkeypatch.undo()
