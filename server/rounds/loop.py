@@ -26,7 +26,6 @@ from fedforget.arrays import Arrays, subtract
 from fedforget.server.ledger.accountability import Accountability, RoundParticipant
 from fedforget.server.withdrawal.consent import ConsentSource, ScheduledWithdrawals, Withdrawal, WithdrawalNotice
 from fedforget.server.store.errors import FedforgetError
-from fedforget.server.ledger.log import model_hash
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.strategies.base import (
@@ -256,13 +255,10 @@ class FederatedRun:
             return
         recorded = self.strategy.last_recorded
         assert recorded is not None
-        participants = [
-            RoundParticipant(client, recorded.examples[client], recorded.update_hashes.get(client))
-            for client in recorded.participants
-        ]
-        trajectory, accountability = self._trajectory, self.accountability
+        participants = [RoundParticipant(client, recorded.examples[client]) for client in recorded.participants]
+        trajectory, accountability, store = self._trajectory, self.accountability, self.store
         self.strategy.submit_write(
-            lambda: accountability.round_committed(trajectory, server_round, model, participants)
+            lambda: accountability.round_committed(store, trajectory, server_round, model, participants)
         )
 
     def _unlearn(self, due: list[WithdrawalNotice], server_round: int, model: Arrays) -> Arrays:
@@ -498,10 +494,11 @@ class _GridFederation(Federation):
         store.commit_round(server_round, model_after)
         if self._run.accountability is not None:
             self._run.accountability.round_committed(
+                store,
                 store.current_trajectory(),
                 server_round,
                 model_after,
-                [RoundParticipant(u.client_id, u.num_examples, model_hash(u.update)) for u in updates],
+                [RoundParticipant(u.client_id, u.num_examples) for u in updates],
             )
 
     def gradient_ascent(

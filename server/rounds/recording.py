@@ -25,13 +25,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedforget import wire
-from fedforget.arrays import Arrays, subtract
+from fedforget.arrays import Arrays, model_hash, subtract
 from fedforget.server.rounds.background_writer import BackgroundWriter
 from fedforget.server.rounds.client_identity import ClientIdResolver
 from fedforget.server.rounds.grids import ConsentingGrid
 from fedforget.server.store.errors import FedforgetError
 from fedforget.server.store.history_store import HistoryStore
-from fedforget.server.ledger.log import model_hash
 
 _log = getLogger(__name__)
 
