@@ -104,11 +104,22 @@ class _StoreAudit:
                         "does not authenticate: it was edited, copied from another row or forged without the "
                         "federation key (its values below are compared anyway, to say what changed)",
                     )
+        self._state_scope()
         self._rounds()
         self._trajectories()
         self._destroyed_keys()
         for path in self.store.unknown_files():
             self.findings.warning(self.where, f"unknown file {path} (not part of the store; left in place)")
+
+    def _state_scope(self) -> None:
+        """An old (once valid) current-trajectory row put back shows: its MAC covers the trajectory count then."""
+        for row in self.store.rows["state"]:
+            if row.get("key") == "current_trajectory" and row.get("scope") != len(self.store.rows["trajectories"]):
+                self.findings.error(
+                    f"{self.where} index row {row.name}",
+                    f"was written when the store had {row.get('scope')} trajectories, but it has "
+                    f"{len(self.store.rows['trajectories'])}: an older copy of the row was put back",
+                )
 
     # ------------------------------------------------------------------ rounds
 
