@@ -170,7 +170,8 @@ def _check(document: Any, expected_key: Any, expected_fingerprint: str) -> Certi
         missing = [k for k in ("old_models", "ledger_proof") if k not in payload]
         _require(not missing, f"a version {version} certificate lacks required field(s): {', '.join(missing)}")
         _require(payload["old_models"] is None or isinstance(payload["old_models"], dict), "old_models must be an object or null")
-        head = _check_ledger_proof(payload["ledger_proof"], entries, payload["federation_id"], expected_key)
+        if payload["ledger_proof"] is not None:
+            head = _check_ledger_proof(payload["ledger_proof"], entries, payload["federation_id"], expected_key)
     attests = _string_list(payload["attests"], "attests")
     does_not_attest = _string_list(payload["does_not_attest"], "does_not_attest")
 

@@ -118,8 +118,9 @@ def verify(
         typer.echo(f"FAILED: {len(report.findings.errors)} problem(s) found in {ledger}" + (f" and {store}" if store else ""))
         raise typer.Exit(code=CHECK_FAILED)
     head = report.head.head if report.head else None
-    line = f"OK: {report.entries} entries, hash chain intact, every entry under a head signed by {head.signer if head else '-'}"
-    line += f"; head {report.entries}:{head.last_entry_hash if head else '-'}; Merkle root {head.root_hash if head else '-'}"
+    line = f"OK: {report.entries} entries, hash chain intact"
+    if head is not None:
+        line += f"; head {report.entries}:{head.last_entry_hash}; Merkle root {head.root_hash}, signed by {head.signer}"
     if checkpoint or certificate:
         line += f"; extends {len(checkpoint or []) + len(certificate or [])} head(s) held elsewhere"
     if store is not None:

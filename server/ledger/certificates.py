@@ -110,6 +110,10 @@ def _statements(
             "Whoever keeps this certificate can later check that the ledger was not rewritten or cut since "
             "(fedforget audit verify --certificate)."
         )
+    else:
+        does_not_attest.append(
+            "That its ledger entries are in a ledger the federation signed: no signed tree head is included."
+        )
     attests += _old_model_statements(old_models)
     if evidence is not None:
         attests.append(
