@@ -180,3 +180,42 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
         kinds = [e.kind for e in ledger.entries()]
     # subtract continues from versions 1-2 of the old history (kept, said so); its version 3 is shredded
     assert kinds[-5:] == ["withdrawal-request", "unlearning", "key-destroyed", "models-retained", "models-shredded"]
+
+
+def test_a_second_request_of_an_unlearned_client_is_answered_not_acted_on(tmp_path):
+    """Client 1 withdraws before round 2 and again before round 4: one unlearning, one key destruction."""
+    from fedforget.client.withdraw import submit_withdrawal
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, ["1"])
+    tls = paths.tls()
+    service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id=FEDERATION,
+                    cert=tls.certificate, key=tls.private_key)
+    submitted: list[str] = []
+
+    class Withdrawer(SilentObserver):
+        def round_starting(self, server_round: int) -> None:
+            if server_round in (2, 4):
+                submitted.append(submit_withdrawal(service.address, tls.ca_certificate, paths.client_key("1"), "1", FEDERATION))
+
+    try:
+        fed = local_federation(tmp_path / "store", clients=3, rounds=4)
+        fed.run.consent = RegistryConsent(paths.registry)
+        fed.run.accountability = Accountability(
+            ledger_path=paths.ledger, server_key=paths.server_key,
+            certificates_dir=paths.certificates, federation_id=FEDERATION,
+        )
+        fed.run.observer = Withdrawer()
+        outcome = fed.run.execute(initial_model())
+    finally:
+        service.stop()
+    assert len(outcome.unlearning) == 1
+    with ConsentRegistry.open(paths.registry) as registry:
+        first, second = (registry.status(r) for r in submitted)
+    assert first.status == "done"
+    assert second.status == "already-withdrawn" and second.certificate == first.certificate
+    with Ledger.open(paths.ledger) as ledger:
+        kinds = [e.kind for e in ledger.entries()]
+        audit = client_history(ledger, "1")
+    assert kinds.count("unlearning") == 1 and kinds.count("key-destroyed") == 1
+    assert len(audit.keys_destroyed) == 1  # `fedforget audit client` lists the destruction once
