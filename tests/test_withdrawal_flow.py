@@ -219,3 +219,36 @@ def test_a_second_request_of_an_unlearned_client_is_answered_not_acted_on(tmp_pa
         audit = client_history(ledger, "1")
     assert kinds.count("unlearning") == 1 and kinds.count("key-destroyed") == 1
     assert len(audit.keys_destroyed) == 1  # `fedforget audit client` lists the destruction once
+
+
+def test_an_audit_retention_period_keeps_old_models_until_it_ends_then_shreds_them(tmp_path):
+    """With a retention period the certificate and the ledger say what is kept until when; then it is shredded."""
+    import datetime as dt
+
+    from fedforget.server.store.history_store import HistoryStore
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, [])
+    fed = local_federation(tmp_path / "store", clients=3, rounds=4, withdrawals=[Withdrawal("1", 3)])
+    fed.run.accountability = Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
+        federation_id=FEDERATION, old_models_retention=dt.timedelta(0),  # ends at once: shredded at the next round
+    )
+    outcome = fed.run.execute(initial_model())
+    certificate = json.loads(open(outcome.unlearning[0]["certificates"]["1"]).read())["certificate"]
+    retained = certificate["old_models"]["retained"]
+    assert retained and certificate["old_models"]["shredded"] == []
+    assert {(m["trajectory"], m["version"]) for m in retained} == {(1, 1), (1, 2)}  # client 1 trained in rounds 1-2
+    assert any(certificate["old_models"]["retain_until"] in s for s in certificate["attests"])
+    with Ledger.open(paths.ledger) as ledger:
+        entries = list(ledger.entries())
+    kept = next(e for e in entries if e.kind == "models-retained")
+    shredded = next(e for e in entries if e.kind == "models-shredded")
+    assert kept.index < shredded.index and shredded.body["models"] == kept.body["models"]
+    assert shredded.body["reason"] == "the audit retention period ended"
+    fed.store.close()
+    with HistoryStore.open(tmp_path / "store") as store:
+        with pytest.raises(KeyDestroyedError, match="global model"):
+            store.reader(1).model(2)
+    report = audit_ledger(paths.ledger, load_public_key(paths.server_public_key), store=tmp_path / "store")
+    assert report.ok, report.findings.items
