@@ -668,3 +668,18 @@ def test_audit_against_the_store_names_each_disagreement(tmp_path: Path, signing
     assert messages == [
         "error: ledger entry 5 (round): records round 3 of trajectory 2, which the history store does not hold"
     ], messages
+
+
+def test_a_head_line_a_crash_cut_short_is_dropped_at_the_next_signing(six: Path, signing_key: Path) -> None:
+    from fedforget.server.ledger.heads import read_heads
+
+    sign(six, signing_key)
+    heads = six.parent / "ledger-heads.jsonl"
+    heads.write_bytes(heads.read_bytes() + b'{"head":{"federation_id":"fed-led')  # killed mid-append
+    result = _verify(six, signing_key)
+    assert result.exit_code == 0 and "warning:" in result.output and "incomplete last line" in _out(result)
+    with Ledger.open(six) as led:
+        led.append("operator-note", {"text": "after the crash"})
+    sign(six, signing_key)
+    assert [r.problem for r in read_heads(heads)] == [None, None]
+    assert _verify(six, signing_key).exit_code == 0

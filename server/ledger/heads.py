@@ -116,11 +116,20 @@ class HeadsFile:
         return heads[-1] if heads else None
 
     def append(self, signed: SignedTreeHead) -> None:
-        """Append one head durably (under an exclusive lock, like ledger appends)."""
+        """Append one head durably (under an exclusive lock, like ledger appends).
+
+        A line a crash left incomplete is dropped first: it is a signature that
+        was never finished, and the head it would have held is signed again.
+        """
         existed = self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, max(0, size - len(tail)) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
             write_and_sync(fd, (ledger_json(signed.to_dict()) + "\n").encode("ascii"))
         finally:
             os.close(fd)
