@@ -123,6 +123,14 @@ def consistency_proof(leaves: Sequence[bytes], first: int, second: int | None = 
     return subproof(first, 0, second, True)
 
 
+def _skip_to_set_bit(fn: int, sn: int) -> tuple[int, int]:
+    """Right-shift both until ``fn``'s lowest bit is set or ``fn`` is 0 (a right border of the tree)."""
+    while fn and not fn & 1:
+        fn >>= 1
+        sn >>= 1
+    return fn, sn
+
+
 def _valid(*hashes: object) -> bool:
     return all(isinstance(h, bytes) and len(h) == HASH_SIZE for h in hashes)
 
@@ -142,10 +150,7 @@ def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes],
             return False
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
+            fn, sn = _skip_to_set_bit(fn, sn)
         else:
             r = node_hash(r, p)
         fn >>= 1
@@ -184,10 +189,7 @@ def verify_consistency(first: int, second: int, first_root: bytes, second_root: 
         if fn & 1 or fn == sn:
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
+            fn, sn = _skip_to_set_bit(fn, sn)
         else:
             sr = node_hash(sr, c)
         fn >>= 1

@@ -29,6 +29,13 @@ from fedforget.simulations.withdrawing_clients import FederationPaths, Withdrawi
 FEDERATION = "test-federation"
 
 
+def _accountability(paths: FederationPaths, **options: object) -> Accountability:
+    return Accountability(
+        ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
+        federation_id=FEDERATION, **options,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture(scope="module")
 def withdrawn_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("federation")
@@ -40,10 +47,7 @@ def withdrawn_run(tmp_path_factory):
     try:
         fed = local_federation(root / "store", clients=3, rounds=4)
         fed.run.consent = RegistryConsent(paths.registry)
-        fed.run.accountability = Accountability(
-            ledger_path=paths.ledger, server_key=paths.server_key,
-            certificates_dir=paths.certificates, federation_id=FEDERATION,
-        )
+        fed.run.accountability = _accountability(paths)
         clients = WithdrawingClients(SilentObserver(), [Withdrawal("1", 3)], paths, service.address, FEDERATION)
         fed.run.observer = clients
         outcome = fed.run.execute(initial_model())
@@ -123,10 +127,7 @@ def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, str
         tmp_path / "store", clients=4, rounds=6,
         withdrawals=[Withdrawal("1", 3), Withdrawal("2", 5)], unlearner=make_unlearner(strategy),
     )
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id=FEDERATION,
-    )
+    fed.run.accountability = _accountability(paths)
     outcome = fed.run.execute(initial_model())
     assert [e["clients"] for e in outcome.unlearning] == [["1"], ["2"]]
     assert all(len(e["certificates"]) == 1 for e in outcome.unlearning)
@@ -143,10 +144,7 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
     paths = FederationPaths(tmp_path)
     prepare_federation(paths, ["1"])
     fed = local_federation(tmp_path / "store", clients=3, rounds=3)
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id="test-federation",
-    )
+    fed.run.accountability = _accountability(paths)
     fed.run.execute(initial_model())
     fed.store.close()  # the run is over
 
@@ -201,10 +199,7 @@ def test_a_second_request_of_an_unlearned_client_is_answered_not_acted_on(tmp_pa
     try:
         fed = local_federation(tmp_path / "store", clients=3, rounds=4)
         fed.run.consent = RegistryConsent(paths.registry)
-        fed.run.accountability = Accountability(
-            ledger_path=paths.ledger, server_key=paths.server_key,
-            certificates_dir=paths.certificates, federation_id=FEDERATION,
-        )
+        fed.run.accountability = _accountability(paths)
         fed.run.observer = Withdrawer()
         outcome = fed.run.execute(initial_model())
     finally:
@@ -230,10 +225,7 @@ def test_an_audit_retention_period_keeps_old_models_until_it_ends_then_shreds_th
     paths = FederationPaths(tmp_path)
     prepare_federation(paths, [])
     fed = local_federation(tmp_path / "store", clients=3, rounds=4, withdrawals=[Withdrawal("1", 3)])
-    fed.run.accountability = Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
-        federation_id=FEDERATION, old_models_retention=dt.timedelta(0),  # ends at once: shredded at the next round
-    )
+    fed.run.accountability = _accountability(paths, old_models_retention=dt.timedelta(0))  # ends at once: shredded at the next round
     outcome = fed.run.execute(initial_model())
     certificate = json.loads(open(outcome.unlearning[0]["certificates"]["1"]).read())["certificate"]
     retained = certificate["old_models"]["retained"]

@@ -418,16 +418,6 @@ class HistoryStore(RoundWriter):
         ]
         return CommittedRound(trajectory, round, str(version.get("blob_id")), participants)
 
-    def model_versions(self, trajectory: int) -> dict[int, str]:
-        """Every global model version of ``trajectory`` and the blob holding it."""
-        self._require_trajectory(trajectory)
-        return {int(r.get("version")): str(r.get("blob_id")) for r in self._index.rows("versions", "WHERE trajectory = ?", (trajectory,))}
-
-    def readable_model_blobs(self) -> set[str]:
-        """Global-model blobs whose data key still exists (not shredded)."""
-        live = {int(r.get("key_id")) for r in self._index.rows("data_keys", "WHERE owner = ?", (GLOBAL_OWNER,))}
-        return {str(r.get("blob_id")) for r in self._index.rows("blobs", "WHERE kind = 'model'") if int(r.get("key_id")) in live}
-
     # ------------------------------------------------------------------ meta, stats
 
     def set_meta(self, key: str, value: object) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedforget.server.store.blob_crypto import GLOBAL_OWNER
 from fedforget.server.store.errors import RoundOrderError, StoreError
 from fedforget.server.store.index import dumps
 from fedforget.server.store.keyring import utc_now
@@ -131,3 +132,13 @@ class Trajectories:
             self._require_no_uncommitted("switch trajectory")
         with self._index.transaction():
             self._index.put_state("current_trajectory", int(trajectory))
+
+    def model_versions(self, trajectory: int) -> dict[int, str]:
+        """Every global model version of ``trajectory`` and the blob holding it."""
+        self._require_trajectory(trajectory)
+        return {int(r.get("version")): str(r.get("blob_id")) for r in self._index.rows("versions", "WHERE trajectory = ?", (trajectory,))}
+
+    def readable_model_blobs(self) -> set[str]:
+        """Global-model blobs whose data key still exists (not shredded)."""
+        live = {int(r.get("key_id")) for r in self._index.rows("data_keys", "WHERE owner = ?", (GLOBAL_OWNER,))}
+        return {str(r.get("blob_id")) for r in self._index.rows("blobs", "WHERE kind = 'model'") if int(r.get("key_id")) in live}
