@@ -167,14 +167,16 @@ class Accountability:
         """
         clients = [str(c) for c in event["clients"]]  # type: ignore[union-attr]
         with Ledger.open(self.ledger_path) as ledger:
-            already = _destroyed_before(ledger, clients)
+            earlier = _destroyed_before(ledger)
+            already = {c: e for c, e in earlier.items() if c in clients}
             requests: dict[str, LedgerEntry] = {}
             for notice in notices:
                 if notice.request is not None and notice.request_id is not None:
                     requests[notice.client_id] = ledger.record_withdrawal_request(
                         request_id=notice.request_id, client=notice.client_id, request_hash=str(notice.request["request_hash"])
                     )
-            old = find_old_models(store, clients)
+            # Old models of clients withdrawn earlier count too: a model the run used then may be unused now.
+            withdrawn = sorted(set(clients) | set(earlier))
             unlearning = ledger.record_unlearning(
                 clients=clients,
                 strategy=str(event["strategy"]),
@@ -196,7 +198,8 @@ class Accountability:
                     destroyed[client] = ledger.record_key_destroyed(
                         client=client, key_ids=key_ids, destroyed_at=_now(), unlearning_entry=unlearning.index
                     )
-            kept = self._old_models(ledger, store, clients, old.removable, old.in_use)
+            old = find_old_models(store, withdrawn)
+            kept = self._old_models(ledger, store, withdrawn, old.removable, old.in_use)
             # Copies of the index made before (backups) still hold the destroyed keys wrapped; a new
             # federation key leaves them nothing to unwrap them with.
             store.rotate_federation_key()
@@ -269,11 +272,11 @@ class Accountability:
         store.rotate_federation_key()
 
 
-def _destroyed_before(ledger: Ledger, clients: list[str]) -> dict[str, LedgerEntry]:
-    """The key-destroyed entry of each of ``clients`` whose key an earlier unlearning already destroyed."""
+def _destroyed_before(ledger: Ledger) -> dict[str, LedgerEntry]:
+    """The first key-destroyed entry of every client whose key an earlier unlearning destroyed."""
     found: dict[str, LedgerEntry] = {}
     for entry in ledger.entries():
-        if entry.kind == "key-destroyed" and entry.body.get("client") in clients:
+        if entry.kind == "key-destroyed":
             found.setdefault(entry.body["client"], entry)
     return found
 

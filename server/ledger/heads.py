@@ -33,6 +33,7 @@ from fedforget.tree_head import SignedTreeHead, TreeHead, TreeHeadError, ledger_
 __all__ = ["HeadRecord", "HeadsFile", "heads_path", "read_checkpoint", "read_heads", "sign_head", "sign_latest", "sign_ledger", "write_checkpoint"]
 
 _MAX_CHECKPOINT_BYTES = 64 * 1024
+_TAIL_BYTES = 64 * 1024
 
 
 def heads_path(ledger_path: Path) -> Path:
@@ -111,9 +112,23 @@ class HeadsFile:
         self.path = heads_path(ledger_path)
 
     def latest(self) -> SignedTreeHead | None:
-        """The last well-formed head in the file (not verified), or None."""
-        heads = [r.head for r in read_heads(self.path) if r.head is not None]
-        return heads[-1] if heads else None
+        """The last well-formed head in the file (not verified), or None. Reads only the file's end."""
+        try:
+            with open(self.path, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - _TAIL_BYTES))
+                tail = handle.read()
+        except FileNotFoundError:
+            return None
+        lines = tail.split(b"\n")[:-1]  # complete lines only
+        if size > _TAIL_BYTES:
+            lines = lines[1:]  # the first may start mid-line
+        for line in reversed(lines):
+            try:
+                return SignedTreeHead.from_dict(json.loads(line))
+            except (ValueError, TreeHeadError):
+                continue
+        return None if size <= _TAIL_BYTES else next((r.head for r in reversed(read_heads(self.path)) if r.head), None)
 
     def append(self, signed: SignedTreeHead) -> None:
         """Append one head durably (under an exclusive lock, like ledger appends).
