@@ -40,7 +40,6 @@ import json
 import numbers
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -65,7 +64,7 @@ from fedforget.server.store.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from fedforget.server.store.index import SCHEMA_VERSION, Index, dumps, index_mac_key
+from fedforget.server.store.index import SCHEMA_VERSION, Index, dumps, index_mac_key, private_copy
 from fedforget.server.store.keyring import KeyRing, utc_now
 from fedforget.server.store.reader import (
     CommittedRound,
@@ -248,7 +247,8 @@ class HistoryStore(RoundWriter):
             raise StoreError(f"the index {index_path} is missing; the store is damaged and cannot be opened")
         try:
             if readonly:
-                index_path = self._copy_index()
+                index_path = private_copy(index_path)
+                self._private_copy = index_path.parent
             else:
                 self._acquire_lock()
             index = self._index_handle = Index.connect(index_path, create=False)
@@ -264,15 +264,6 @@ class HistoryStore(RoundWriter):
             self.close()
             raise
         return self
-
-    def _copy_index(self) -> Path:
-        """A private copy of the index (and its WAL) to read: nothing of the store's is opened for writing."""
-        self._private_copy = Path(tempfile.mkdtemp(prefix="fedforget-audit-"))
-        for name in (INDEX_FILE, f"{INDEX_FILE}-wal"):
-            source = self.path / name
-            if source.exists():
-                shutil.copyfile(source, self._private_copy / name)
-        return self._private_copy / INDEX_FILE
 
     def _acquire_lock(self) -> None:
         lock_path = self.path / LOCK_FILE

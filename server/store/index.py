@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import shutil
 import sqlite3
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -362,6 +364,20 @@ class Index:
                     f"UPDATE {table} SET {assignments}, mac = ? WHERE {where}",
                     (*values, hmac.digest(new_key, _encode(table, values), "sha256"), *keys),
                 )
+
+
+def private_copy(index_path: Path) -> Path:
+    """A copy of ``index_path`` (and its WAL) in a new temporary directory: what a read-only handle opens.
+
+    SQLite writes even when it only reads a WAL database (its shared-memory
+    index, a checkpoint on close), so nothing of the store's is ever opened by
+    a reader; the caller deletes the copy's directory when done.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="fedforget-audit-"))
+    for source in (index_path, index_path.with_name(index_path.name + "-wal")):
+        if source.exists():
+            shutil.copyfile(source, directory / source.name)
+    return directory / index_path.name
 
 
 def dumps(value: object, what: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from fedforget.server.store.blob_codec import CodecError, ModelSpec, decode_arra
 from fedforget.server.store.blob_files import BlobFiles
 from fedforget.server.store.errors import KeyDestroyedError
 from fedforget.server.store.history_store import BLOB_DIR, INDEX_FILE, KEY_FILE, LOCK_FILE, STORE_FILE, read_description
-from fedforget.server.store.index import TABLES, Index, Row
+from fedforget.server.store.index import TABLES, Index, Row, private_copy
 from fedforget.server.store.keyring import KeyRing
 
 __all__ = ["BlobState", "StoreInspection"]
@@ -49,14 +48,12 @@ class StoreInspection:
         self.federation_id = str(doc["federation_id"])
         self.model_spec = ModelSpec.from_json(doc["model_spec"])
         key_path = Path(key_file) if key_file is not None else Path(doc["key_file"]) if doc.get("key_file") else self.path / KEY_FILE
-        self._copy = Path(tempfile.mkdtemp(prefix="fedforget-audit-"))
+        if not (self.path / INDEX_FILE).exists():
+            raise FedforgetError(f"the index {self.path / INDEX_FILE} is missing; the store is damaged")
+        copy = private_copy(self.path / INDEX_FILE)
+        self._copy = copy.parent
         try:
-            for name in (INDEX_FILE, f"{INDEX_FILE}-wal"):
-                if (self.path / name).exists():
-                    shutil.copyfile(self.path / name, self._copy / name)
-            if not (self._copy / INDEX_FILE).exists():
-                raise FedforgetError(f"the index {self.path / INDEX_FILE} is missing")
-            self.index = Index.connect(self._copy / INDEX_FILE, create=False)
+            self.index = Index.connect(copy, create=False)
             self.index.writable = False
             self.keys = KeyRing.load(self.index, self.federation_id, key_path, self.path, writable=False)
             self.rows: dict[str, list[Row]] = {table: list(self.index.scan(table)) for table in TABLES}
