@@ -683,3 +683,15 @@ def test_a_head_line_a_crash_cut_short_is_dropped_at_the_next_signing(six: Path,
     sign(six, signing_key)
     assert [r.problem for r in read_heads(heads)] == [None, None]
     assert _verify(six, signing_key).exit_code == 0
+
+
+def test_cli_repair_after_a_crash_mid_append_and_sign(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
+    with open(six, "ab") as handle:  # the server died while appending entry 6, before signing it
+        handle.write(b'{"body":{"round":7,"traj')
+    assert _verify(six, signing_key).exit_code == 1
+    result = runner.invoke(audit_app, ["repair", "--ledger", str(six), "--signing-key", str(signing_key)])
+    assert result.exit_code == 0, result.output
+    verified = _verify(six, signing_key)
+    assert verified.exit_code == 0, verified.output
+    assert "OK: 7 entries" in verified.output  # six rounds and the repair record, all under a signed head

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedforget.errors import FedforgetError
+from fedforget.server.ledger.entries import LedgerBrokenError
 from fedforget.server.ledger.log import Ledger
 from fedforget.server.ledger.queries import ClientAudit, client_history
 
@@ -108,6 +109,8 @@ def verify(
     for path in [*(checkpoint or []), *(certificate or [])]:
         if not path.is_file():
             _fail(f"no file at {path}")
+    if store is not None and not store.is_dir():
+        _fail(f"no history store at {store} (not a directory)")
     report = audit(
         ledger, key, store=store, key_file=key_file, checkpoints=checkpoint or [], certificates=certificate or [],
         anchor=expected,
@@ -225,6 +228,9 @@ def client(
     try:
         with Ledger.open(ledger, readonly=True) as led:
             audit = client_history(led, name)
+    except LedgerBrokenError as exc:
+        _fail(str(exc), code=CHECK_FAILED)
+        return
     except (FedforgetError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
