@@ -88,6 +88,7 @@ def _check_heads(snapshot: LogSnapshot, roots: list[bytes], key: ec.EllipticCurv
         return 0
     covered, last_good_size = 0, 0
     previous_size = 0
+    federation: str | None = None
     for record in records:
         where = f"{path} line {record.line}"
         if record.head is None:
@@ -101,6 +102,10 @@ def _check_heads(snapshot: LogSnapshot, roots: list[bytes], key: ec.EllipticCurv
             record.head.verify(key)
         except TreeHeadError as exc:
             findings.error(where, str(exc))
+            continue
+        federation = federation or head.federation_id
+        if head.federation_id != federation:
+            findings.error(where, f"the head is of federation {head.federation_id!r}, the heads before it of {federation!r}")
             continue
         if head.tree_size < previous_size:
             findings.error(where, f"the head covers {head.tree_size} entries, fewer than the head before it ({previous_size})")
