@@ -6,8 +6,16 @@ nothing: anyone can sign a certificate with a key of their own and embed it.
 server public key the caller gives (obtained from the federation out of band),
 and declares the certificate invalid when the embedded key differs from it.
 
-Deliberately self-contained (only :mod:`fedforget.identity`): checking a
-certificate needs neither Flower nor torch nor the server package.
+A certificate of version 2 also carries the ledger's tree head, signed with
+the same key, and an RFC 9162 inclusion proof of its unlearning entry: the
+check recomputes the entry's leaf hash from the entry in the certificate and
+verifies the proof against the signed root, so the entry is provably in the
+ledger the federation signed. (Whether that ledger is still intact later is
+what ``fedforget audit verify --certificate`` checks with the ledger at hand.)
+
+Deliberately self-contained (:mod:`fedforget.identity`, :mod:`fedforget.merkle`,
+:mod:`fedforget.tree_head`): checking a certificate needs neither Flower nor
+torch nor the server package.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from fedforget.identity import (
     strict_json_loads,
     verify_document,
 )
+from fedforget.merkle import HASH_SIZE, verify_inclusion
+from fedforget.tree_head import SignedTreeHead, TreeHeadError, entry_leaf_hash
 
 __all__ = ["CertificateCheckError", "CertificateReport", "verify_certificate"]
 
 # Must match fedforget.server.ledger.certificates (a test checks they agree).
 CERTIFICATE_FORMAT = "fedforget-unlearning-certificate"
-SUPPORTED_VERSIONS = frozenset({1})
+SUPPORTED_VERSIONS = frozenset({1, 2})
 _MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
 
 
@@ -155,6 +165,13 @@ def _check(document: Any, expected_key: Any, expected_fingerprint: str) -> Certi
     )
     for name in ("evidence", "key_destruction"):
         _require(payload[name] is None or isinstance(payload[name], dict), f"{name} must be an object or null")
+    head = None
+    if version >= 2:
+        missing = [k for k in ("old_models", "ledger_proof") if k not in payload]
+        _require(not missing, f"a version {version} certificate lacks required field(s): {', '.join(missing)}")
+        _require(payload["old_models"] is None or isinstance(payload["old_models"], dict), "old_models must be an object or null")
+        if payload["ledger_proof"] is not None:
+            head = _check_ledger_proof(payload["ledger_proof"], entries, payload["federation_id"], expected_key)
     attests = _string_list(payload["attests"], "attests")
     does_not_attest = _string_list(payload["does_not_attest"], "does_not_attest")
 
@@ -168,6 +185,8 @@ def _check(document: Any, expected_key: Any, expected_fingerprint: str) -> Certi
         "entry_hashes": [e["entry_hash"] for e in entries],
         "evidence": payload["evidence"],
         "key_destruction": payload["key_destruction"],
+        "old_models": payload.get("old_models"),
+        "ledger_head": head,
     }
     return CertificateReport(
         valid=True,
@@ -177,6 +196,37 @@ def _check(document: Any, expected_key: Any, expected_fingerprint: str) -> Certi
         does_not_attest=does_not_attest,
         summary=summary,
     )
+
+
+def _check_ledger_proof(proof: Any, entries: list, federation_id: str, key: Any) -> dict:
+    """The signed head, once it verifies and the inclusion proof shows the unlearning entry under it."""
+    _require(isinstance(proof, dict), "ledger_proof must be an object with signed_head, entry_index and inclusion_proof")
+    _require(set(proof) == {"signed_head", "entry_index", "inclusion_proof"}, "ledger_proof has the wrong fields")
+    try:
+        signed = SignedTreeHead.from_dict(proof["signed_head"])
+        signed.verify(key)
+    except TreeHeadError as exc:
+        raise _Invalid(f"the ledger's tree head in the certificate is not valid: {exc}") from None
+    _require(signed.head.federation_id == federation_id, "the tree head belongs to another federation")
+    index, path = proof["entry_index"], proof["inclusion_proof"]
+    _require(isinstance(index, int) and not isinstance(index, bool), "ledger_proof entry_index must be an integer")
+    matching = [e for e in entries if e.get("index") == index and e.get("kind") == "unlearning"]
+    _require(len(matching) == 1, f"the certificate holds no unlearning entry with index {index}")
+    _require(
+        isinstance(path, list) and all(isinstance(h, str) and len(h) == 2 * HASH_SIZE for h in path),
+        "ledger_proof inclusion_proof must be a list of hex hashes",
+    )
+    try:
+        hashes = [bytes.fromhex(h) for h in path]
+        leaf = entry_leaf_hash(matching[0])
+    except ValueError:
+        raise _Invalid("the inclusion proof or the unlearning entry cannot be encoded") from None
+    _require(
+        verify_inclusion(leaf, index, signed.head.tree_size, hashes, signed.head.root),
+        f"the inclusion proof does not show unlearning entry {index} in the ledger of "
+        f"{signed.head.tree_size} entries the federation signed: the entry was altered or never logged",
+    )
+    return signed.to_dict()
 
 
 def verify_certificate(path: Path, server_public_key: Path | str) -> CertificateReport:

@@ -6,9 +6,13 @@ without pulling in the federation runtime.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,3 +68,43 @@ def load_arrays(path: "os.PathLike[str] | str") -> Arrays:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a model file written by fedforget (.npz of named arrays): {exc}") from exc
+
+
+_MODEL_HASH_DOMAIN = b"fedforget-model-hash/1\x00"
+
+
+def model_hash(arrays: Mapping[str, Any]) -> str:
+    """sha256 (hex) of a model as named arrays, stable across processes and machines.
+
+    The encoding hashed is: a domain tag, the number of arrays, then for each
+    array *in iteration order* its UTF-8 name, its dtype as a little-endian
+    numpy type string (``<f4``, ``<i8``, ``|b1``), its shape, and its raw
+    little-endian C-order bytes, every variable-length part prefixed by its
+    length (uint64 LE). So the hash changes with the order, names, dtypes,
+    shapes and every bit of the values (0.0 and -0.0 differ). Byte order does
+    not matter: a big-endian array hashes like its little-endian equal.
+
+    The ledger records models and updates hashed as the history store holds
+    them (floating arrays as float32, updates rounded to the store's dtype), so
+    that an audit can recompute every hash from the stored blobs.
+    """
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"model_hash needs a mapping of name -> array, got {type(arrays).__name__}")
+    digest = hashlib.sha256(_MODEL_HASH_DOMAIN)
+    digest.update(struct.pack("<Q", len(arrays)))
+    for name, value in arrays.items():
+        if not isinstance(name, str):
+            raise ValueError(f"array names must be str, got {name!r}")
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            raise ValueError(f"array {name!r} has dtype {arr.dtype}; only numeric and bool arrays can be hashed")
+        little = arr.dtype.newbyteorder("<")
+        data = np.ascontiguousarray(arr, dtype=little).reshape(-1).view(np.uint8)
+        name_bytes = name.encode("utf-8")
+        dtype_bytes = little.str.encode("ascii")
+        digest.update(struct.pack("<Q", len(name_bytes)) + name_bytes)
+        digest.update(struct.pack("<Q", len(dtype_bytes)) + dtype_bytes)
+        digest.update(struct.pack("<Q", arr.ndim) + b"".join(struct.pack("<Q", int(d)) for d in arr.shape))
+        digest.update(struct.pack("<Q", data.nbytes))
+        digest.update(data)
+    return digest.hexdigest()

@@ -37,7 +37,7 @@ client_app = typer.Typer(help="What a client runs: check what the server says it
 app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys", help="Organisation keys (ECDSA P-384, OpenSSH format, as Flower's node auth).")
 client_app.command("verify-certificate")(verify_certificate_command)
-app.add_typer(audit_app, name="audit", help="Check the hash-chained ledger; which models contain a client.")
+app.add_typer(audit_app, name="audit", help="Verify the signed ledger and the history store; checkpoints; which models contain a client.")
 app.add_typer(withdraw_app, name="withdraw", help="Withdraw consent with a signed request; follow its status.")
 app.command("withdrawal-service")(serve_command)
 app.command("enroll")(enroll_command)

@@ -57,6 +57,8 @@ class DeploymentConfig:
     retention_interval: int = 1
     evaluate: bool = True
     """Evaluate each global model on the built-in dataset's test split (server side)."""
+    audit_retention_days: float = 0.0
+    """Keep the old global models trained with a withdrawn client this long for audits (0: shred them at once)."""
     unlearning: Mapping[str, object] = field(default_factory=dict)
     """Strategy settings by their run-config names (``calibration-ratio``, ...)."""
 
@@ -92,6 +94,7 @@ class DeploymentConfig:
             store_dtype=reader.text("store-dtype", cls.store_dtype),
             retention_interval=reader.integer("retention-interval", cls.retention_interval, minimum=1),
             evaluate=reader.flag("evaluate", cls.evaluate),
+            audit_retention_days=reader.number("audit-retention-days", cls.audit_retention_days, minimum=0.0),
             unlearning=reader.unlearning(),
         )
         reader.check_choices(config)
@@ -105,7 +108,7 @@ class _Reader:
     _KNOWN = {
         "state-dir", "federation-id", "signing-key", "dataset", "model", "num-rounds", "strategy", "local-epochs",
         "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
-        "retention-interval", "evaluate",
+        "retention-interval", "evaluate", "audit-retention-days",
     }
 
     def __init__(self, run_config: Mapping[str, object]) -> None:

@@ -10,6 +10,7 @@ the registry which requests are still open.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
@@ -121,6 +122,7 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
             server_key=config.signing_key,
             certificates_dir=config.state.certificates,
             federation_id=config.federation_id,
+            old_models_retention=dt.timedelta(days=config.audit_retention_days) if config.audit_retention_days else None,
         ),
     )
 

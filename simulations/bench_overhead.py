@@ -6,7 +6,9 @@ interleaved in repeated blocks so that drift on a shared machine hits every
 configuration alike. It prints ratios, never absolute verdicts: per-round time
 with recording over time without, and stored bytes per client-round over the
 fp32 model size. The recording work itself runs on a background thread; its
-share of the round is shown too, to say how much there is to hide.
+share of the round is shown too, to say how much there is to hide, and so is
+the share of it spent authenticating the index (every row's MAC, written and
+checked), measured inside the same rounds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.table import Table
 from fedforget import wire
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.store.index import Index
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
 from fedforget.simulations.runner import quiet_engines
@@ -38,6 +41,7 @@ CONFIGURATIONS = ("off", "fp32", "fp16")
 class _Measurements:
     round_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
     recording_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
+    authentication_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
     bytes_per_client_round: dict[str, float] = field(default_factory=dict)
     model_bytes: int = 0
 
@@ -62,6 +66,33 @@ class _TimedStore:
                 self.seconds += time.perf_counter() - started
 
         return timed
+
+
+class _TimedAuthentication:
+    """While active, adds up the time the index spends computing and checking row MACs (all stores)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> _TimedAuthentication:
+        for name in ("mac", "_authentic"):
+            original = getattr(Index, name)
+            self._saved[name] = original
+
+            def timed(index: Index, *args: object, _original: object = original, **kwargs: object) -> object:
+                started = time.perf_counter()
+                try:
+                    return _original(index, *args, **kwargs)  # type: ignore[operator]
+                finally:
+                    self.seconds += time.perf_counter() - started
+
+            setattr(Index, name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(Index, name, original)
 
 
 def _round_times(grid: Grid, strategy: FedAvg, initial: ArrayRecord, rounds: int) -> list[float]:
@@ -113,9 +144,11 @@ def run_overhead_benchmark(
                 ) as store:
                     timed = _TimedStore(store)
                     strategy = RecordingFedAvg(timed, **options)  # type: ignore[arg-type]
-                    times = _round_times(grid, strategy, initial, rounds)
+                    with _TimedAuthentication() as authentication:
+                        times = _round_times(grid, strategy, initial, rounds)
                     measured.round_seconds[name].extend(times)
                     measured.recording_seconds[name].append(timed.seconds / rounds)
+                    measured.authentication_seconds[name].append(authentication.seconds / rounds)
                     stats = store.stats()
                     measured.bytes_per_client_round[name] = stats.update_bytes / stats.update_blobs
 
@@ -136,6 +169,7 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
         "recording",
         "round time / off",
         "recording work / round (background thread)",
+        "index authentication / round",
         "bytes per client-round / fp32 model",
     ):
         table.add_column(column, justify="right")
@@ -146,12 +180,14 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
         if name != "off":
             recording = statistics.mean(measured.recording_seconds[name])
             entry["recording_share_of_round"] = recording / median
+            entry["index_authentication_share_of_round"] = statistics.mean(measured.authentication_seconds[name]) / median
             entry["bytes_per_client_round_ratio"] = measured.bytes_per_client_round[name] / measured.model_bytes
         result["configurations"][name] = entry  # type: ignore[index]
         table.add_row(
             name,
             f"{entry['round_time_ratio']:.3f}",
             f"{entry.get('recording_share_of_round', 0.0):.2%}" if name != "off" else "-",
+            f"{entry.get('index_authentication_share_of_round', 0.0):.3%}" if name != "off" else "-",
             f"{entry['bytes_per_client_round_ratio']:.3f}" if name != "off" else "-",
         )
     console.print(table)

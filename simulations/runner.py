@@ -7,6 +7,7 @@ from its last completed round, and ``OUT/report.json`` is written last.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -39,6 +40,13 @@ from fedforget.simulations.withdrawing_clients import FederationPaths, Withdrawi
 CONFIG_META = "simulation_config"
 STORE_DIR = "store"
 REPORT_FILE = "report.json"
+EVIDENCE_RETENTION = dt.timedelta(days=1)
+"""How long a simulation keeps the old global models a withdrawn client trained, for its evidence.
+
+The verification after the run compares the original model (of the history the
+client was removed from) with the unlearned one; the certificate and the
+ledger say they are kept until then, and they are shredded at the next run,
+round or unlearning after it."""
 SETTINGS_FILE = "simulation.json"
 VERIFICATION_FILE = "verification.json"
 
@@ -224,6 +232,7 @@ def _run_federation(
         server_key=paths.server_key,
         certificates_dir=paths.certificates,
         federation_id=federation,
+        old_models_retention=EVIDENCE_RETENTION,
     )
     service = None
     consent = None

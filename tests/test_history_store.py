@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -28,6 +29,7 @@ from fedforget.server.store.errors import (
     MissingUpdateError,
     ModelMismatchError,
     RoundOrderError,
+    RowAuthenticationError,
     StoreError,
     StoreExistsError,
     StoreLockedError,
@@ -733,7 +735,7 @@ def test_rotation_after_shredding_leaves_backups_unable_to_recover_the_client(tm
     with make_store(tmp_path, key_file=key_file) as store:
         store.write_initial_model(small_model(0))
         run_rounds(store, 1, 2, ["a", "b"])
-        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store._index.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     backup = tmp_path / "backup"
     shutil.copytree(tmp_path / "store", backup, ignore=shutil.ignore_patterns("store.lock"))
     with HistoryStore.open(tmp_path / "store") as store:
@@ -774,7 +776,7 @@ def test_an_interrupted_rotation_is_finished_or_undone_on_open(
 
         monkeypatch.setattr(module.os, "replace", replace)
         if not crash_after_commit:
-            monkeypatch.setattr(store, "_tx", lambda: (_ for _ in ()).throw(Crash()))
+            monkeypatch.setattr(store._index, "transaction", lambda: (_ for _ in ()).throw(Crash()))
         with pytest.raises(Crash):
             store.rotate_federation_key()
         monkeypatch.undo()
@@ -783,3 +785,110 @@ def test_an_interrupted_rotation_is_finished_or_undone_on_open(
     with HistoryStore.open(tmp_path / "store") as store:
         assert not (tmp_path / "store" / "federation.key.next").exists()
         assert_arrays_equal(next(store.reader().rounds()).update("b"), delta(101))
+
+
+# --------------------------------------------------------------------------- an index that authenticates itself
+
+
+def _edit(path: Path, statement: str, *params: object) -> None:
+    """An edit made with any SQLite client, outside fedforget."""
+    conn = sqlite3.connect(path / "index.sqlite")
+    try:
+        assert conn.execute(statement, params).rowcount >= 1
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("statement", "named"),
+    [
+        ("UPDATE updates SET num_examples = 99 WHERE round = 1 AND client_id = 'c1'", "updates(trajectory=1, round=1, client_id='c1')"),
+        ("UPDATE updates SET weight = 0.5 WHERE round = 2 AND client_id = 'c2'", "updates(trajectory=1, round=2, client_id='c2')"),
+        ("UPDATE updates SET client_id = 'c9' WHERE round = 1 AND client_id = 'c2'", "updates(trajectory=1, round=1, client_id='c9')"),
+        (
+            "UPDATE updates SET blob_id = (SELECT blob_id FROM updates WHERE round = 2 AND client_id = 'c1') "
+            "WHERE round = 1 AND client_id = 'c1'",
+            "updates(trajectory=1, round=1, client_id='c1')",
+        ),
+        ("UPDATE versions SET blob_id = (SELECT blob_id FROM versions WHERE version = 2) WHERE version = 1", "versions(trajectory=1, version=1)"),
+        ("UPDATE rounds SET metrics = '{\"loss\": 0}' WHERE round = 2", "rounds(trajectory=1, round=2)"),
+        ("UPDATE state SET value = 2 WHERE key = 'current_trajectory'", "state(key='current_trajectory')"),
+        ("UPDATE data_keys SET created_at = 'then' WHERE owner = 'c1'", "data_keys(key_id="),
+    ],
+)
+def test_an_edited_index_row_is_refused_naming_the_row(two_round_store: Path, statement: str, named: str) -> None:
+    _edit(two_round_store, statement)
+    with pytest.raises(RowAuthenticationError, match=re.escape(named)):
+        HistoryStore.open(two_round_store)
+    with pytest.raises(RowAuthenticationError, match=re.escape(named)):
+        HistoryStore.open(two_round_store, readonly=True)
+
+
+def test_readers_never_return_edited_numbers(two_round_store: Path) -> None:
+    with HistoryStore.open(two_round_store) as store:  # edited while a handle is open: the readers check too
+        _edit(two_round_store, "UPDATE updates SET weight = 0.99 WHERE round = 2 AND client_id = 'c1'")
+        with pytest.raises(RowAuthenticationError, match=re.escape("updates(trajectory=1, round=2, client_id='c1')")):
+            list(store.reader().rounds())
+        assert [v.round for v in store.reader().rounds(1, 1)] == [1]  # round 1 is intact
+
+
+def test_a_deleted_update_row_shows_in_its_round(two_round_store: Path) -> None:
+    _edit(two_round_store, "DELETE FROM updates WHERE round = 2 AND client_id = 'c2'")
+    with HistoryStore.open(two_round_store, readonly=True) as store:
+        with pytest.raises(RowAuthenticationError, match=r"round 2 of trajectory 1 was committed with participants \['c1', 'c2'\].*rows of \['c2'\] were deleted"):
+            list(store.reader().rounds())
+
+
+def test_a_read_only_open_takes_no_lock_writes_nothing_and_refuses_writes(two_round_store: Path) -> None:
+    before = {p.name: p.read_bytes() for p in two_round_store.iterdir() if p.is_file()}
+    with HistoryStore.open(two_round_store) as writer, HistoryStore.open(two_round_store, readonly=True) as reader:
+        assert writer.last_completed_round() == reader.last_completed_round() == 2
+        assert_arrays_equal(next(reader.reader().rounds()).update("c1"), delta(100))
+        with pytest.raises(StoreError, match="read-only"):
+            reader.commit_round(3, small_model(3))
+        with pytest.raises(StoreError, match="read-only"):
+            reader.destroy_client_key("c1")
+    after = {p.name: p.read_bytes() for p in two_round_store.iterdir() if p.is_file()}
+    assert after == before | {"store.lock": after["store.lock"]}  # only the writer's lock file was written
+
+
+def test_the_ledger_hash_of_an_update_is_of_its_stored_numbers(tmp_path: Path) -> None:
+    from fedforget.arrays import model_hash
+
+    with make_store(tmp_path, update_dtype="float16") as store:
+        store.write_initial_model(small_model(0))
+        store.record_update(1, "c1", delta(1), num_examples=3, weight=1.0)
+        store.commit_round(1, small_model(1))
+        (record,) = store.committed_round(1, 1).participants
+        stored = next(store.reader().rounds()).update("c1")
+    assert record.update_hash == model_hash(stored) != model_hash(delta(1))  # fp16-rounded, as kept
+    assert (record.client_id, record.num_examples, record.weight) == ("c1", 3, 1.0)
+
+
+def test_old_global_models_can_be_shredded_one_by_one(two_round_store: Path) -> None:
+    with HistoryStore.open(two_round_store) as store:
+        old = store.model_versions(1)
+        store.fork(base_version=0, info={"kind": "unlearning"})
+        with pytest.raises(StoreError, match="current trajectory 2 uses"):
+            store.shred_models([old[0]])  # the shared initial model stays readable
+        destroyed = store.shred_models([old[2]])
+        assert len(destroyed) == 1 and old[2] not in store.readable_model_blobs()
+        with pytest.raises(KeyDestroyedError, match="global model was destroyed"):
+            store.reader(1).model(2)
+        assert_arrays_equal(store.reader(1).model(1), small_model(1))  # its own key: still readable
+        store.rotate_federation_key()
+    with HistoryStore.open(two_round_store) as store:  # every row re-sealed under the new key
+        assert_arrays_equal(store.reader(1).model(1), small_model(1))
+
+
+def test_a_rotation_never_launders_an_edited_row(two_round_store: Path) -> None:
+    with HistoryStore.open(two_round_store) as store:
+        _edit(two_round_store, "UPDATE updates SET num_examples = 1000 WHERE round = 1 AND client_id = 'c1'")
+        with pytest.raises(RowAuthenticationError, match=re.escape("updates(trajectory=1, round=1, client_id='c1')")):
+            store.rotate_federation_key()
+
+
+def test_importing_the_store_does_not_import_flower() -> None:
+    code = "import sys, fedforget.server.store.history_store, fedforget.server.store.inspection; assert 'flwr' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -495,3 +495,79 @@ def test_a_signature_in_non_canonical_base64_is_refused(keys: dict[str, Path]) -
     public = load_public_key(_pub(keys["server"]))
     assert verify_document(public, document, signature)
     assert not any(verify_document(public, document, v) for v in same_bytes)
+
+
+# --------------------------------------------------------------------------- the ledger proof in a certificate
+
+
+def _certificate_with_proof(keys: dict[str, Path], tmp_path: Path, *, tamper=None) -> Path:  # noqa: ANN001
+    """A certificate whose unlearning entry sits in a signed ledger of 5 entries, with its inclusion proof.
+
+    ``tamper(entries, proof)`` edits what goes into the certificate before the server signs it: even the
+    holder of the server key cannot certify an entry that is not in the ledger it signed.
+    """
+    from fedforget.server.ledger.heads import HeadsFile, sign_ledger
+    from fedforget.server.ledger.log import Ledger
+
+    ledger_path = tmp_path / "ledger.jsonl"
+    with Ledger.open(ledger_path) as led:
+        for r in (1, 2):
+            led.append("round", {"trajectory": 1, "round": r, "model_hash": "a" * 64, "participants": []})
+        unlearning = led.record_unlearning(
+            clients=["org-a"], strategy="retrain", hyperparameters={}, seed=0, round=3, model_hash_before="b" * 64,
+            model_hash_after="c" * 64, source_trajectory=1, trajectory=2, evidence=None, key_destroyed=True, base_version=0,
+        )
+        destroyed = led.record_key_destroyed(client="org-a", key_ids=[2], destroyed_at="2025-01-31T12:00:05Z")
+        led.append("round", {"trajectory": 2, "round": 3, "model_hash": "d" * 64, "participants": []})
+        signed = sign_ledger(led, _priv(keys["server"]), "fed-1", HeadsFile(ledger_path))
+        snapshot = led.snapshot()
+    entries = [unlearning.to_dict(), destroyed.to_dict()]
+    proof = {
+        "signed_head": signed.to_dict(),
+        "entry_index": unlearning.index,
+        "inclusion_proof": [h.hex() for h in snapshot.inclusion_proof(unlearning.index)],
+    }
+    if tamper is not None:
+        tamper(entries, proof)
+    cert = _issue(keys, ledger_entries=entries, ledger_proof=proof)
+    path = tmp_path / "cert.json"
+    write_certificate(path, cert)
+    return path
+
+
+def test_a_certificate_proves_its_unlearning_entry_is_in_the_signed_ledger(keys: dict[str, Path], tmp_path: Path) -> None:
+    report = verify_certificate(_certificate_with_proof(keys, tmp_path), _pub(keys["server"]))
+    assert report.valid, report.reason
+    assert report.summary["ledger_head"]["head"]["tree_size"] == 5
+    assert any("inclusion proof" in s for s in report.attests)
+
+
+def _edit_entry(entries: list, proof: dict) -> None:
+    entries[0]["body"]["strategy"] = "calibrated"  # the certificate claims another unlearning than the ledger's
+
+
+def _edit_proof(entries: list, proof: dict) -> None:
+    proof["inclusion_proof"][0] = "00" * 32
+
+
+def _other_index(entries: list, proof: dict) -> None:
+    proof["entry_index"] = 3
+    entries[0]["index"] = 3
+
+
+@pytest.mark.parametrize("tamper", [_edit_entry, _edit_proof, _other_index])
+def test_a_certificate_for_an_entry_the_signed_ledger_lacks_is_invalid(keys: dict[str, Path], tmp_path: Path, tamper) -> None:  # noqa: ANN001
+    report = verify_certificate(_certificate_with_proof(keys, tmp_path, tamper=tamper), _pub(keys["server"]))
+    assert not report.valid and "inclusion proof does not show" in str(report.reason)
+
+
+def test_a_tree_head_signed_by_another_key_is_invalid(keys: dict[str, Path], tmp_path: Path) -> None:
+    from fedforget.tree_head import SignedTreeHead
+
+    def other_signer(entries: list, proof: dict) -> None:
+        head = SignedTreeHead.from_dict(proof["signed_head"]).head
+        body = {**head.to_dict(), "signer": fingerprint(_priv(keys["client"]))}
+        proof["signed_head"] = {"head": body, "signature": sign_document(_priv(keys["client"]), body)}
+
+    report = verify_certificate(_certificate_with_proof(keys, tmp_path, tamper=other_signer), _pub(keys["server"]))
+    assert not report.valid and "tree head in the certificate is not valid" in str(report.reason)

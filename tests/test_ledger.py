@@ -1,4 +1,7 @@
-"""Tests of the hash-chained audit ledger (server/ledger/log.py) and ``fedforget audit`` (server/ledger/audit_cli.py)."""
+"""Tests of the audit ledger (server/ledger/: entries, log, heads, queries) and ``fedforget audit`` (audit_cli.py).
+
+The tamper matrix against a whole finished run is in test_tamper_matrix.py.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +16,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fedforget.arrays import model_hash
 from fedforget.errors import FedforgetError
+from fedforget.identity import generate_keypair, load_private_key, load_public_key
+from fedforget.server.ledger.audit import audit
 from fedforget.server.ledger.audit_cli import audit_app
+from fedforget.server.ledger.entries import GENESIS_HASH, LedgerBrokenError, LedgerEntry, LedgerError
+from fedforget.server.ledger.heads import HeadsFile, sign_ledger
+from fedforget.server.ledger.log import Ledger
+from fedforget.server.ledger.queries import client_history
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.server.ledger.log import (
-    GENESIS_HASH,
-    Ledger,
-    LedgerBrokenError,
-    LedgerEntry,
-    LedgerError,
-    LedgerStoreMismatchError,
-    canonical_json,
-    model_hash,
-)
+from fedforget.tree_head import ledger_json as canonical_json
 
 runner = CliRunner()
 
@@ -61,6 +62,20 @@ def fill(ledger: Ledger, n: int = 6) -> list[LedgerEntry]:
 
 def lines_of(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
+
+
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The federation's signing key (private); its public half is next to it as ``federation.pub``."""
+    keys = tmp_path_factory.mktemp("keys")
+    generate_keypair(keys / "federation.key", keys / "federation.pub")
+    return keys / "federation.key"
+
+
+def sign(path: Path, signing_key: Path, federation: str = "fed-ledger") -> None:
+    """Sign a head over the whole ledger at ``path``, as the server does after each round."""
+    with Ledger.open(path) as led:
+        sign_ledger(led, load_private_key(signing_key), federation, HeadsFile(path))
 
 
 def broken(path: Path) -> LedgerBrokenError:
@@ -325,7 +340,7 @@ def test_model_hash_is_stable_and_order_sensitive() -> None:
     code = textwrap.dedent(
         """
         import numpy as np
-        from fedforget.server.ledger.log import model_hash
+        from fedforget.arrays import model_hash
         print(model_hash({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -1], dtype=np.int64)}))
         """
     )
@@ -377,9 +392,9 @@ def test_client_history_retrain_scenario(tmp_path: Path, record_base: bool) -> N
         _unlearn(led, round=6, base=0 if record_base else None)
         for r in range(6, 9):
             _round(led, 2, r, ["a", "b"])
-        c = led.client_history("c")
-        a = led.client_history("a")
-        nobody = led.client_history("zed")
+        c = client_history(led, "c")
+        a = client_history(led, "a")
+        nobody = client_history(led, "zed")
     assert c.participated == [(1, r) for r in range(1, 6)]
     assert c.contained == [(1, r) for r in range(1, 6)]
     assert c.not_contained == [(2, r) for r in range(1, 9)]
@@ -403,8 +418,8 @@ def test_client_history_approximate_unlearning_shares_earlier_versions(tmp_path:
         _round(led, 2, 5, [])  # the strategy's own version, no participants
         _unlearn(led, round=6, base=4, strategy="subtract")
         _round(led, 2, 6, ["a"])
-        c = led.client_history("c")
-        a = led.client_history("a")
+        c = client_history(led, "c")
+        a = client_history(led, "a")
     assert c.contained == [(1, r) for r in range(2, 6)] + [(2, r) for r in range(2, 5)]
     assert c.not_contained == [(1, 1), (2, 1), (2, 5), (2, 6)]
     assert c.clean_versions == [(2, 5)]
@@ -418,7 +433,7 @@ def test_client_history_client_that_rejoins(tmp_path: Path) -> None:
         _unlearn(led, round=4, base=0)
         for r in range(1, 6):
             _round(led, 2, r, ["a", "c"] if r == 5 else ["a"])
-        c = led.client_history("c")
+        c = client_history(led, "c")
     assert c.contained == [(1, 1), (1, 2), (1, 3), (2, 5)]
     assert c.clean_versions == [(2, 1)]
 
@@ -428,7 +443,7 @@ def test_client_history_refuses_a_broken_ledger(six: Path) -> None:
     raw[0] = raw[0].replace(b'"num_examples":11', b'"num_examples":12')
     six.write_bytes(b"".join(raw))
     with Ledger.open(six, readonly=True) as led, pytest.raises(LedgerBrokenError) as info:
-        led.client_history("a")
+        client_history(led, "a")
     assert info.value.index == 0
 
 
@@ -479,39 +494,93 @@ def _out(result) -> str:  # noqa: ANN001
 
 
 def test_cli_help() -> None:
-    for command in ([], ["verify"], ["client"], ["repair"]):
+    for command in ([], ["verify"], ["client"], ["repair"], ["checkpoint"]):
         result = runner.invoke(audit_app, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
 
 
-def test_cli_verify_ok_and_broken(six: Path) -> None:
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(six)])
+def _verify(six: Path, signing_key: Path, *extra: str):  # noqa: ANN202
+    return runner.invoke(audit_app, ["verify", "--ledger", str(six), "--server-key", str(signing_key.with_suffix(".pub")), *extra])
+
+
+def test_cli_verify_ok_and_broken(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
+    result = _verify(six, signing_key)
     assert result.exit_code == 0, result.output
     assert "OK: 6 entries" in result.output
-    anchor = result.output.split("head ")[1].split()[0]
-    assert runner.invoke(audit_app, ["verify", "--ledger", str(six), "--anchor", anchor]).exit_code == 0
+    anchor = result.output.split("; head ")[1].split(";")[0]
+    assert _verify(six, signing_key, "--anchor", anchor).exit_code == 0
 
     raw = lines_of(six)
     raw[3] = raw[3].replace(b'"num_examples":14', b'"num_examples":15')
     six.write_bytes(b"".join(raw))
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(six)])
-    assert result.exit_code == 2
-    assert "error:" in result.output and "entry 3 (round)" in _out(result) and "hash mismatch" in _out(result)
+    result = _verify(six, signing_key)
+    assert result.exit_code == 1  # a check that failed, not a usage error
+    assert "entry 3 (round)" in _out(result) and "hash mismatch" in _out(result)
 
-    missing = runner.invoke(audit_app, ["verify", "--ledger", str(six.parent / "nope.jsonl")])
+    missing = runner.invoke(audit_app, ["verify", "--ledger", str(six.parent / "nope.jsonl"), "--server-key", str(signing_key.with_suffix(".pub"))])
     assert missing.exit_code == 2 and "no ledger" in _out(missing)
     assert not (six.parent / "nope.jsonl").exists()
+    no_key = runner.invoke(audit_app, ["verify", "--ledger", str(six)])
+    assert no_key.exit_code == 2 and "--server-key" in _out(no_key)
 
 
-def test_cli_verify_anchor_catches_a_cut_end(six: Path) -> None:
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(six)])
-    anchor = result.output.split("head ")[1].split()[0]
+def test_cli_verify_needs_a_head_signed_with_the_federation_key(six: Path, signing_key: Path, tmp_path: Path) -> None:
+    result = _verify(six, signing_key)
+    assert result.exit_code == 1 and "no signed tree head" in _out(result)
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    sign(six, tmp_path / "other.key")  # signed, but not by the federation
+    result = _verify(six, signing_key)
+    assert result.exit_code == 1 and "not the federation key given" in _out(result)
+
+
+def test_cli_verify_anchor_catches_a_cut_end(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
+    anchor = _verify(six, signing_key).output.split("; head ")[1].split(";")[0]
     six.write_bytes(b"".join(lines_of(six)[:-2]))
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(six), "--anchor", anchor])
-    assert result.exit_code == 2 and "missing entries" in _out(result)
-    bad = runner.invoke(audit_app, ["verify", "--ledger", str(six), "--anchor", "nonsense"])
+    result = _verify(six, signing_key, "--anchor", anchor)
+    assert result.exit_code == 1 and "missing entries" in _out(result)
+    bad = _verify(six, signing_key, "--anchor", "nonsense")
     assert bad.exit_code == 2 and "COUNT:HASH" in _out(bad)
+
+
+def test_cli_checkpoint_then_a_rewrite_is_caught(six: Path, signing_key: Path, tmp_path: Path) -> None:
+    sign(six, signing_key)
+    checkpoint = tmp_path / "held" / "checkpoint.json"
+    saved = runner.invoke(audit_app, ["checkpoint", "--ledger", str(six), "--server-key", str(signing_key.with_suffix(".pub")), "--out", str(checkpoint)])
+    assert saved.exit_code == 0, saved.output
+    assert json.loads(checkpoint.read_text())["head"]["tree_size"] == 6
+    with Ledger.open(six) as led:
+        led.append("operator-note", {"text": "later"})
+    sign(six, signing_key)
+    assert _verify(six, signing_key, "--checkpoint", str(checkpoint)).exit_code == 0  # growth is fine
+    # The operator rewrites history (drops entry 2, re-links the chain) and re-signs with the federation key:
+    # every head in the state directory is consistent again, but the checkpoint held elsewhere is not.
+    entries = [json.loads(line) for line in six.read_text().splitlines()]
+    del entries[2]
+    previous, out = GENESIS_HASH, []
+    from fedforget.server.ledger.entries import entry_hash_of
+
+    for index, entry in enumerate(entries):
+        entry.update(index=index, previous_hash=previous)
+        entry["entry_hash"] = previous = entry_hash_of(index, entry["kind"], entry["timestamp"], entry["body"], previous)
+        out.append(canonical_json(entry) + "\n")
+    six.write_text("".join(out))
+    (six.parent / "ledger-heads.jsonl").unlink()
+    sign(six, signing_key)
+    assert _verify(six, signing_key).exit_code == 0  # nothing in the directory shows it ...
+    result = _verify(six, signing_key, "--checkpoint", str(checkpoint))
+    assert result.exit_code == 1 and "not an extension of its head" in _out(result)  # ... the checkpoint does
+
+
+def test_a_server_refuses_to_sign_over_an_edited_ledger(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
+    six.write_bytes(b"".join(lines_of(six)[:-1]))  # cut, then appended to: a valid chain again
+    with Ledger.open(six) as led:
+        led.append("operator-note", {"text": "covering up"})
+    with pytest.raises(LedgerError, match="refusing to sign"):
+        sign(six, signing_key)
 
 
 def test_cli_client(tmp_path: Path) -> None:
@@ -522,86 +591,107 @@ def test_cli_client(tmp_path: Path) -> None:
         for r in range(1, 6):
             _round(led, 2, r, ["a", "b"])
         _unlearn(led, round=6, base=0)
+        led.record_key_destroyed(client="c", key_ids=[3], destroyed_at="2025-01-01T00:00:00Z")
         _round(led, 2, 6, ["a", "b"])
     result = runner.invoke(audit_app, ["client", "c", "--ledger", str(path)])
     assert result.exit_code == 0, result.output
     text = _out(result)
     assert "1-5" in text and "1-6" in text and "retrain" in text and "trajectory 2 from version 1" in text
+    assert text.count("data key destroyed") == 1  # the unlearning and its key-destroyed entry: one destruction
     as_json = runner.invoke(audit_app, ["client", "c", "--ledger", str(path), "--json"])
     assert as_json.exit_code == 0
     doc = json.loads(as_json.output)
     assert doc["contained"] == [[1, r] for r in range(1, 6)] and doc["clean_versions"] == [[2, 1]]
+    assert [d["kind"] for d in doc["keys_destroyed"]] == ["key-destroyed"]
     unknown = runner.invoke(audit_app, ["client", "zed", "--ledger", str(path)])
     assert unknown.exit_code == 0 and "appears in no entry" in _out(unknown)
     missing = runner.invoke(audit_app, ["client", "c", "--ledger", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
-def test_cli_repair(six: Path) -> None:
+def test_cli_repair(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
     result = runner.invoke(audit_app, ["repair", "--ledger", str(six)])
     assert result.exit_code == 0 and "nothing to repair" in result.output
     six.write_bytes(six.read_bytes()[:-7])
-    assert runner.invoke(audit_app, ["verify", "--ledger", str(six)]).exit_code == 2
+    assert _verify(six, signing_key).exit_code == 1
     result = runner.invoke(audit_app, ["repair", "--ledger", str(six)])
     assert result.exit_code == 0 and "entry 5" in result.output
-    assert "OK: 6 entries" in runner.invoke(audit_app, ["verify", "--ledger", str(six)]).output
+    unsigned = _verify(six, signing_key)  # the repair entry is not under a signed head yet
+    assert unsigned.exit_code == 1 and "not covered by any tree head" in _out(unsigned)
+    # ... the signed head of 6 entries no longer matches: the last entry was replaced by the repair record
+    assert "no longer hash to the signed Merkle root" in _out(unsigned)
 
 
 # --------------------------------------------------------------------------- against the history store
 
 
-def _tiny_store(path: Path) -> None:
+def _tiny_store(path: Path) -> dict[int, str]:
+    """Two rounds of client a, then a retrain fork; returns the model blob of each version of trajectory 1."""
     m0 = tiny_model(0)
     with HistoryStore.create(path, federation_id="fed-ledger", model_spec=ModelSpec.from_arrays(m0)) as store:
         store.write_initial_model(m0)
         for r in (1, 2):
-            store.record_update(r, "a", tiny_model(100 + r), num_examples=5, weight=5.0)
+            store.record_update(r, "a", tiny_model(100 + r), num_examples=5, weight=1.0)
             store.commit_round(r, tiny_model(r))
         store.fork(base_version=0, info={"kind": "unlearning"})
         store.commit_round(1, tiny_model(11))
         store.commit_round(2, tiny_model(12))
+        return {trajectory: [store.committed_round(trajectory, r) for r in (1, 2)] for trajectory in (1, 2)}  # type: ignore[return-value]
 
 
-def test_verify_against_store(tmp_path: Path) -> None:
+def test_audit_against_the_store_names_each_disagreement(tmp_path: Path, signing_key: Path) -> None:
     store_path, ledger_path = tmp_path / "store", tmp_path / "ledger.jsonl"
-    _tiny_store(store_path)
+    committed = _tiny_store(store_path)
     with Ledger.open(ledger_path) as led:
-        for r in (1, 2):
-            led.record_round(
-                trajectory=1, round=r, model_hash=model_hash(tiny_model(r)),
-                participants=[{"client": "a", "num_examples": 5, "update_hash": model_hash(tiny_model(100 + r))}],
-            )
-        led.record_round(trajectory=2, round=1, model_hash=model_hash(tiny_model(11)), participants=[])
-        led.record_round(trajectory=2, round=2, model_hash=model_hash(tiny_model(12)), participants=[])
+        for trajectory in (1, 2):
+            for c in committed[trajectory]:  # type: ignore[attr-defined]
+                led.record_round(
+                    trajectory=trajectory, round=c.round, model_hash=model_hash(tiny_model(c.round + 10 * (trajectory - 1))),
+                    model_blob=c.model_blob,
+                    participants=[{"client": p.client_id, "num_examples": p.num_examples, "weight": p.weight,
+                                   "update_hash": p.update_hash, "blob": p.blob_id} for p in c.participants],
+                )  # fmt: skip
         led.record_unlearning(
             clients=["a"], strategy="retrain", hyperparameters={}, seed=0, round=3,
             model_hash_before=model_hash(tiny_model(2)), model_hash_after=model_hash(tiny_model(12)),
             source_trajectory=1, trajectory=2, evidence=None, key_destroyed=False, base_version=0,
         )
-        with HistoryStore.open(store_path) as store:
-            assert led.verify_against_store(store) == 6
+    sign(ledger_path, signing_key)
+    key = load_public_key(signing_key.with_suffix(".pub"))
+    assert audit(ledger_path, key, store=store_path).ok
 
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(ledger_path), "--store", str(store_path)])
+    with Ledger.open(ledger_path) as led:  # a round whose recorded model is not the stored one, and one the store lacks
+        led.record_round(trajectory=2, round=3, model_hash=model_hash(tiny_model(99)), participants=[])
+    sign(ledger_path, signing_key)
+    messages = [str(f) for f in audit(ledger_path, key, store=store_path).findings.errors]
+    assert messages == [
+        "error: ledger entry 5 (round): records round 3 of trajectory 2, which the history store does not hold"
+    ], messages
+
+
+def test_a_head_line_a_crash_cut_short_is_dropped_at_the_next_signing(six: Path, signing_key: Path) -> None:
+    from fedforget.server.ledger.heads import read_heads
+
+    sign(six, signing_key)
+    heads = six.parent / "ledger-heads.jsonl"
+    heads.write_bytes(heads.read_bytes() + b'{"head":{"federation_id":"fed-led')  # killed mid-append
+    result = _verify(six, signing_key)
+    assert result.exit_code == 0 and "warning:" in result.output and "incomplete last line" in _out(result)
+    with Ledger.open(six) as led:
+        led.append("operator-note", {"text": "after the crash"})
+    sign(six, signing_key)
+    assert [r.problem for r in read_heads(heads)] == [None, None]
+    assert _verify(six, signing_key).exit_code == 0
+
+
+def test_cli_repair_after_a_crash_mid_append_and_sign(six: Path, signing_key: Path) -> None:
+    sign(six, signing_key)
+    with open(six, "ab") as handle:  # the server died while appending entry 6, before signing it
+        handle.write(b'{"body":{"round":7,"traj')
+    assert _verify(six, signing_key).exit_code == 1
+    result = runner.invoke(audit_app, ["repair", "--ledger", str(six), "--signing-key", str(signing_key)])
     assert result.exit_code == 0, result.output
-    assert "OK: 5 entries" in result.output and "6 model hashes match" in _out(result)
-
-    with Ledger.open(ledger_path) as led:  # a round whose recorded model is not the stored one
-        led.record_round(trajectory=1, round=2, model_hash=model_hash(tiny_model(99)), participants=[])
-        with HistoryStore.open(store_path) as store, pytest.raises(LedgerStoreMismatchError) as info:
-            led.verify_against_store(store)
-    assert info.value.index == 5
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(ledger_path), "--store", str(store_path)])
-    assert result.exit_code == 2
-    text = _out(result)
-    assert "entry 5 (round)" in text and "version 2 of trajectory 1" in text
-
-
-def test_verify_against_store_names_a_version_the_store_lacks(tmp_path: Path) -> None:
-    store_path, ledger_path = tmp_path / "store", tmp_path / "ledger.jsonl"
-    _tiny_store(store_path)
-    with Ledger.open(ledger_path) as led:
-        led.record_round(trajectory=1, round=1, model_hash=model_hash(tiny_model(1)), participants=[])
-        led.record_round(trajectory=1, round=3, model_hash=model_hash(tiny_model(3)), participants=[])
-    result = runner.invoke(audit_app, ["verify", "--ledger", str(ledger_path), "--store", str(store_path)])
-    assert result.exit_code == 2
-    assert "entry 1 (round)" in _out(result) and "cannot provide" in _out(result)
+    verified = _verify(six, signing_key)
+    assert verified.exit_code == 0, verified.output
+    assert "OK: 7 entries" in verified.output  # six rounds and the repair record, all under a signed head

@@ -19,17 +19,20 @@ from fedforget.server.withdrawal.consent import RegistryConsent, Withdrawal
 from fedforget.server.withdrawal.registry import ConsentRegistry
 from fedforget.server.store.errors import KeyDestroyedError
 from fedforget.server.rounds.loop import SilentObserver
+from fedforget.identity import load_public_key
+from fedforget.server.ledger.audit import audit as audit_ledger
 from fedforget.server.ledger.log import Ledger
+from fedforget.server.ledger.queries import client_history
 from fedforget.server.withdrawal.service import serve
 from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
 
 FEDERATION = "test-federation"
 
 
-def _accountability(paths: FederationPaths) -> Accountability:
+def _accountability(paths: FederationPaths, **options: object) -> Accountability:
     return Accountability(
-        ledger_path=paths.ledger, server_key=paths.server_key,
-        certificates_dir=paths.certificates, federation_id=FEDERATION,
+        ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
+        federation_id=FEDERATION, **options,  # type: ignore[arg-type]
     )
 
 
@@ -91,7 +94,7 @@ def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn
     with Ledger.open(paths.ledger) as ledger:
         kinds = [e.kind for e in ledger.entries()]
         assert ledger.verify() == len(kinds)
-        audit = ledger.client_history("1")
+        audit = client_history(ledger, "1")
     assert kinds.count("withdrawal-request") == 1 and kinds.count("unlearning") == 1
     with Ledger.open(paths.ledger) as ledger:
         (unlearning,) = [e for e in ledger.entries() if e.kind == "unlearning"]
@@ -102,10 +105,8 @@ def test_the_ledger_is_intact_and_says_which_models_contain_the_client(withdrawn
     for version in range(1, 5):
         assert audit.contains(event["trajectory"], version) is False
     fed.store.close()
-    from fedforget.server.store.history_store import HistoryStore
-
-    with HistoryStore.open(fed.store.path) as store, Ledger.open(paths.ledger) as ledger:
-        assert ledger.verify_against_store(store) > 0
+    report = audit_ledger(paths.ledger, load_public_key(paths.server_public_key), store=fed.store.path)
+    assert report.ok, report.findings.items
 
 
 def test_every_round_of_the_run_is_in_the_ledger(withdrawn_run):
@@ -178,4 +179,74 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
         assert store.last_completed_round() == 3  # the unlearned model is version 3 of a new trajectory
         assert store.current_trajectory() != 1
     with Ledger.open(paths.ledger) as ledger:
-        assert [e.kind for e in ledger.entries()][-3:] == ["withdrawal-request", "unlearning", "key-destroyed"]
+        kinds = [e.kind for e in ledger.entries()]
+    # subtract continues from versions 1-2 of the old history (kept, said so); its version 3 is shredded
+    assert kinds[-5:] == ["withdrawal-request", "unlearning", "key-destroyed", "models-retained", "models-shredded"]
+
+
+def test_a_second_request_of_an_unlearned_client_is_answered_not_acted_on(tmp_path):
+    """Client 1 withdraws before round 2 and again before round 4: one unlearning, one key destruction."""
+    from fedforget.client.withdraw import submit_withdrawal
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, ["1"])
+    tls = paths.tls()
+    service = serve("127.0.0.1:0", registry_path=paths.registry, federation_id=FEDERATION,
+                    cert=tls.certificate, key=tls.private_key)
+    submitted: list[str] = []
+
+    class Withdrawer(SilentObserver):
+        def round_starting(self, server_round: int) -> None:
+            if server_round in (2, 4):
+                submitted.append(submit_withdrawal(service.address, tls.ca_certificate, paths.client_key("1"), "1", FEDERATION))
+
+    try:
+        fed = local_federation(
+            tmp_path / "store", clients=3, rounds=4, consent=RegistryConsent(paths.registry),
+            accountability=_accountability(paths), observer=Withdrawer(),
+        )
+        outcome = fed.run.execute(initial_model())
+    finally:
+        service.stop()
+    assert len(outcome.unlearning) == 1
+    with ConsentRegistry.open(paths.registry) as registry:
+        first, second = (registry.status(r) for r in submitted)
+    assert first.status == "done"
+    assert second.status == "already-withdrawn" and second.certificate == first.certificate
+    with Ledger.open(paths.ledger) as ledger:
+        kinds = [e.kind for e in ledger.entries()]
+        audit = client_history(ledger, "1")
+    assert kinds.count("unlearning") == 1 and kinds.count("key-destroyed") == 1
+    assert len(audit.keys_destroyed) == 1  # `fedforget audit client` lists the destruction once
+
+
+def test_an_audit_retention_period_keeps_old_models_until_it_ends_then_shreds_them(tmp_path):
+    """With a retention period the certificate and the ledger say what is kept until when; then it is shredded."""
+    import datetime as dt
+
+    from fedforget.server.store.history_store import HistoryStore
+
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, [])
+    fed = local_federation(
+        tmp_path / "store", clients=3, rounds=4, withdrawals=[Withdrawal("1", 3)],
+        accountability=_accountability(paths, old_models_retention=dt.timedelta(0)),  # ends at once: shredded at the next round
+    )
+    outcome = fed.run.execute(initial_model())
+    certificate = json.loads(open(outcome.unlearning[0]["certificates"]["1"]).read())["certificate"]
+    retained = certificate["old_models"]["retained"]
+    assert retained and certificate["old_models"]["shredded"] == []
+    assert {(m["trajectory"], m["version"]) for m in retained} == {(1, 1), (1, 2)}  # client 1 trained in rounds 1-2
+    assert any(certificate["old_models"]["retain_until"] in s for s in certificate["attests"])
+    with Ledger.open(paths.ledger) as ledger:
+        entries = list(ledger.entries())
+    kept = next(e for e in entries if e.kind == "models-retained")
+    shredded = next(e for e in entries if e.kind == "models-shredded")
+    assert kept.index < shredded.index and shredded.body["models"] == kept.body["models"]
+    assert shredded.body["reason"] == "the audit retention period ended"
+    fed.store.close()
+    with HistoryStore.open(tmp_path / "store") as store:
+        with pytest.raises(KeyDestroyedError, match="global model"):
+            store.reader(1).model(2)
+    report = audit_ledger(paths.ledger, load_public_key(paths.server_public_key), store=tmp_path / "store")
+    assert report.ok, report.findings.items

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import sqlite3
 import os
 import signal
 import subprocess
@@ -862,3 +863,99 @@ def test_cli_enroll_request_status(tmp_path: Path, pki: Pki, keys: dict[str, Pat
          "--cert", str(pki.ca), "--key", str(tmp_path / "missing.key"), "--address", "127.0.0.1:0"],
     )
     assert result.exit_code == 2 and "cannot read the TLS private key" in result.output
+
+
+# ------------------------------------------------------------------- raw messages, repeated withdrawals
+
+
+def _raw_call(service: Service, method: str, payload: bytes) -> grpc.RpcError:
+    """Send bytes that no fedforget client would: the service must still answer with its own code."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=service.ca.read_bytes())
+    with grpc.secure_channel(service.address, credentials) as channel:
+        call = channel.unary_unary(f"/fedforget.withdrawal.v1.Withdrawal/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(payload, timeout=10)
+    return caught.value
+
+
+@pytest.mark.parametrize("method", ["Submit", "Status"])
+def test_a_message_that_is_not_protobuf_is_malformed_not_internal(service: Service, method: str) -> None:
+    error = _raw_call(service, method, b"\xff\xff\xff\xff not a protobuf")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # never INTERNAL, which clients retry
+    assert dict(error.trailing_metadata())[ERROR_CODE_KEY] == "MALFORMED"
+    assert "protobuf" in error.details()
+    assert _stored(service) == []
+
+
+def test_an_oversized_message_carries_the_too_large_trailer(service: Service, keys: dict[str, Path]) -> None:
+    message = _signed(_key(keys, "org-a"), reason="x" * (MAX_MESSAGE_BYTES + 10))
+    error = _raw_call(service, "Submit", message.SerializeToString())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(error.trailing_metadata())[ERROR_CODE_KEY] == "TOO_LARGE"
+    assert _stored(service) == []
+
+
+def test_a_client_already_unlearned_is_told_so_and_pointed_to_its_certificate(
+    service: Service, client: WithdrawalClient, keys: dict[str, Path]
+) -> None:
+    first = client.submit(build_request(_key(keys, "org-a"), "org-a", FEDERATION, "first"))
+    assert first.status == "received"
+    with ConsentRegistry.open(service.registry) as registry:
+        registry.mark(first.request_id, "unlearning")
+        registry.mark(first.request_id, "done", certificate="/srv/certs/first.json")
+    again = client.submit(build_request(_key(keys, "org-a"), "org-a", FEDERATION, "second"))
+    assert again.status == "already-withdrawn" and not again.duplicate and again.request_id != first.request_id
+    (answer,) = client.status([again.request_id])
+    assert answer["status"] == "already-withdrawn" and answer["certificate"] == "/srv/certs/first.json"
+    assert first.request_id in answer["reason"] and "nothing was unlearned or destroyed again" in answer["reason"]
+    with ConsentRegistry.open(service.registry) as registry:
+        assert registry.pending() == []  # nothing for the server to act on
+
+
+def test_a_second_request_accepted_before_the_first_was_done_is_closed_not_acted_on(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    from fedforget.server.withdrawal.consent import RegistryConsent
+
+    registry_path = tmp_path / "r.db"
+    _enroll_all(registry_path, keys)
+    with ConsentRegistry.open(registry_path) as registry:
+        docs = [build_request(_key(keys, "org-a"), "org-a", FEDERATION, str(i)).document for i in range(2)]
+        ids = [registry.accept(d, "sig", request_hash(d))[0] for d in docs]
+        registry.mark(ids[0], "unlearning")
+        registry.mark(ids[0], "done", certificate="/srv/certs/a.json")
+    assert RegistryConsent(registry_path).due(5, set()) == []  # the registry knows org-a is done
+    with ConsentRegistry.open(registry_path) as registry:
+        closed = registry.status(ids[1])
+    assert closed.status == "already-withdrawn" and closed.certificate == "/srv/certs/a.json"
+
+
+def test_a_registry_of_schema_1_is_upgraded_in_place(tmp_path: Path, keys: dict[str, Path]) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE clients (client_id TEXT PRIMARY KEY, public_key TEXT NOT NULL UNIQUE, enrolled_at TEXT NOT NULL);
+        CREATE TABLE requests (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE,
+            client_id TEXT NOT NULL REFERENCES clients(client_id), request_hash TEXT NOT NULL UNIQUE,
+            nonce TEXT NOT NULL, document TEXT NOT NULL, signature TEXT NOT NULL, received_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('received', 'unlearning', 'done', 'failed')),
+            certificate TEXT, failure_reason TEXT, UNIQUE (client_id, nonce)
+        );
+        CREATE INDEX requests_by_status ON requests (status, seq);
+        PRAGMA user_version = 1;
+        """
+    )
+    old.execute("INSERT INTO clients VALUES ('org-a', 'key', 'then')")
+    old.execute(
+        "INSERT INTO requests (request_id, client_id, request_hash, nonce, document, signature, received_at, updated_at, "
+        "status, certificate) VALUES ('wr-1', 'org-a', 'h', 'n', '{}', 's', 't', 't', 'done', '/c.json')"
+    )
+    old.commit()
+    old.close()
+    with ConsentRegistry.open(path) as registry:
+        assert registry.status("wr-1").certificate == "/c.json"
+        assert registry.withdrawn_clients() == {"org-a"}
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

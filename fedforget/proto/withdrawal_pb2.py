@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10withdrawal.proto\x12\x17\x66\x65\x64\x66orget.withdrawal.v1\"4\n\rSignedRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\t\"I\n\x0bSubmitReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x13\n\x0breceived_at\x18\x03 \x01(\t\"\"\n\x0bStatusQuery\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\xa3\x01\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0breceived_at\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\"G\n\x0bStatusReply\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.fedforget.withdrawal.v1.RequestStatus*\xf8\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tTOO_LARGE\x10\x02\x12\x14\n\x10WRONG_FEDERATION\x10\x03\x12\x12\n\x0eUNKNOWN_CLIENT\x10\x04\x12\x11\n\rBAD_SIGNATURE\x10\x05\x12\x13\n\x0fSTALE_TIMESTAMP\x10\x06\x12\x14\n\x10\x46UTURE_TIMESTAMP\x10\x07\x12\x12\n\x0eREPLAYED_NONCE\x10\x08\x12\x15\n\x11UNSUPPORTED_SCOPE\x10\t\x12\x10\n\x0cTOO_MANY_IDS\x10\n\x12\x0c\n\x08INTERNAL\x10\x0b\x32\xba\x01\n\nWithdrawal\x12V\n\x06Submit\x12&.fedforget.withdrawal.v1.SignedRequest\x1a$.fedforget.withdrawal.v1.SubmitReply\x12T\n\x06Status\x12$.fedforget.withdrawal.v1.StatusQuery\x1a$.fedforget.withdrawal.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10withdrawal.proto\x12\x17\x66\x65\x64\x66orget.withdrawal.v1\"4\n\rSignedRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\t\"Y\n\x0bSubmitReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x13\n\x0breceived_at\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"\"\n\x0bStatusQuery\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\xa3\x01\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0breceived_at\x18\x05 \x01(\t\x12\x12\n\nupdated_at\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\"G\n\x0bStatusReply\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.fedforget.withdrawal.v1.RequestStatus*\xf8\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tTOO_LARGE\x10\x02\x12\x14\n\x10WRONG_FEDERATION\x10\x03\x12\x12\n\x0eUNKNOWN_CLIENT\x10\x04\x12\x11\n\rBAD_SIGNATURE\x10\x05\x12\x13\n\x0fSTALE_TIMESTAMP\x10\x06\x12\x14\n\x10\x46UTURE_TIMESTAMP\x10\x07\x12\x12\n\x0eREPLAYED_NONCE\x10\x08\x12\x15\n\x11UNSUPPORTED_SCOPE\x10\t\x12\x10\n\x0cTOO_MANY_IDS\x10\n\x12\x0c\n\x08INTERNAL\x10\x0b\x32\xba\x01\n\nWithdrawal\x12V\n\x06Submit\x12&.fedforget.withdrawal.v1.SignedRequest\x1a$.fedforget.withdrawal.v1.SubmitReply\x12T\n\x06Status\x12$.fedforget.withdrawal.v1.StatusQuery\x1a$.fedforget.withdrawal.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'withdrawal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=450
-  _globals['_ERRORCODE']._serialized_end=698
+  _globals['_ERRORCODE']._serialized_start=466
+  _globals['_ERRORCODE']._serialized_end=714
   _globals['_SIGNEDREQUEST']._serialized_start=45
   _globals['_SIGNEDREQUEST']._serialized_end=97
   _globals['_SUBMITREPLY']._serialized_start=99
-  _globals['_SUBMITREPLY']._serialized_end=172
-  _globals['_STATUSQUERY']._serialized_start=174
-  _globals['_STATUSQUERY']._serialized_end=208
-  _globals['_REQUESTSTATUS']._serialized_start=211
-  _globals['_REQUESTSTATUS']._serialized_end=374
-  _globals['_STATUSREPLY']._serialized_start=376
-  _globals['_STATUSREPLY']._serialized_end=447
-  _globals['_WITHDRAWAL']._serialized_start=701
-  _globals['_WITHDRAWAL']._serialized_end=887
+  _globals['_SUBMITREPLY']._serialized_end=188
+  _globals['_STATUSQUERY']._serialized_start=190
+  _globals['_STATUSQUERY']._serialized_end=224
+  _globals['_REQUESTSTATUS']._serialized_start=227
+  _globals['_REQUESTSTATUS']._serialized_end=390
+  _globals['_STATUSREPLY']._serialized_start=392
+  _globals['_STATUSREPLY']._serialized_end=463
+  _globals['_WITHDRAWAL']._serialized_start=717
+  _globals['_WITHDRAWAL']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

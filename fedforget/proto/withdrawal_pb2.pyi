@@ -43,14 +43,16 @@ class SignedRequest(_message.Message):
     def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("request_id", "duplicate", "received_at")
+    __slots__ = ("request_id", "duplicate", "received_at", "status")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     duplicate: bool
     received_at: str
-    def __init__(self, request_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., received_at: _Optional[str] = ...) -> None: ...
+    status: str
+    def __init__(self, request_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., received_at: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class StatusQuery(_message.Message):
     __slots__ = ("request_ids",)

@@ -1,8 +1,9 @@
-"""``fedforget audit``: check the ledger's hash chain, and which model versions hold a client's data.
+"""``fedforget audit``: verify the ledger and the history store, save checkpoints, and ask which models hold a client.
 
 Registered by ``fedforget/cli.py`` as ``app.add_typer(audit_app, name="audit")``.
-Errors print ``error: ...`` on stderr and exit with status 2, like every other
-fedforget command.
+Exit codes: 0 when the check passed, 1 when it found a problem (tampering,
+a rewritten or truncated ledger, a store that disagrees with it), 2 for a
+usage error (a missing option, an unreadable key or file to check with).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedforget.errors import FedforgetError
-from fedforget.server.ledger.log import ClientAudit, Ledger
+from fedforget.server.ledger.entries import LedgerBrokenError
+from fedforget.server.ledger.log import Ledger
+from fedforget.server.ledger.queries import ClientAudit, client_history
 
 __all__ = ["audit_app"]
 
 audit_app = typer.Typer(
-    help="Audit the ledger: verify its hash chain, and which model versions contain a client's data.",
+    help="Audit the ledger and the history store: signed heads, consistency, which models contain a client.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,12 +34,22 @@ audit_app = typer.Typer(
 
 _err = Console(stderr=True)
 
+CHECK_FAILED = 1
+USAGE_ERROR = 2
+
 LedgerOption = Annotated[Path, typer.Option("--ledger", help="The ledger file (JSON lines).")]
+ServerKeyOption = Annotated[
+    Path,
+    typer.Option(
+        "--server-key",
+        help="The federation's public signing key (OpenSSH .pub), obtained independently of the files checked.",
+    ),
+]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = USAGE_ERROR) -> None:
     _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _parse_anchor(text: str) -> tuple[int, str]:
@@ -46,43 +59,107 @@ def _parse_anchor(text: str) -> tuple[int, str]:
     return int(match.group(1)), match.group(2)
 
 
+def _public_key(path: Path):  # type: ignore[no-untyped-def]
+    from fedforget.identity import IdentityError, load_public_key
+
+    try:
+        return load_public_key(path)
+    except IdentityError as exc:
+        _fail(f"cannot use the federation's public key: {exc}")
+
+
 @audit_app.command("verify")
 def verify(
     ledger: LedgerOption,
+    server_key: ServerKeyOption,
     store: Annotated[
         Optional[Path],
-        typer.Option(
-            "--store",
-            help="Also check every round's and unlearning's model hash against this history store "
-            "(opened like any store: not while a server is using it).",
-        ),
+        typer.Option("--store", help="Also check the history store against the ledger, both ways (read-only, no lock)."),
+    ] = None,
+    key_file: Annotated[
+        Optional[Path], typer.Option("--key-file", help="The store's federation key, if not where store.json says.")
+    ] = None,
+    checkpoint: Annotated[
+        Optional[list[Path]],
+        typer.Option("--checkpoint", help="A head saved by `fedforget audit checkpoint`: the ledger must extend it (repeatable)."),
+    ] = None,
+    certificate: Annotated[
+        Optional[list[Path]],
+        typer.Option("--certificate", help="An unlearning certificate: valid, and the ledger must extend its head (repeatable)."),
     ] = None,
     anchor: Annotated[
         Optional[str],
-        typer.Option(
-            "--anchor",
-            help="COUNT:HASH from an earlier verify: also detect entries removed from the ledger's end.",
-        ),
+        typer.Option("--anchor", help="COUNT:HASH from an earlier verify: the ledger must still hold those entries."),
     ] = None,
 ) -> None:
-    """Check the ledger's hash chain; name the first broken entry if there is one."""
+    """Check the ledger's chain and signed heads, heads held elsewhere, and (with --store) the whole history.
+
+    Prints every problem found, with where it is; exit code 1 if there is one. Changes no file.
+    """
+    from fedforget.server.ledger.audit import audit
+
+    key = _public_key(server_key)
     try:
         expected = None if anchor is None else _parse_anchor(anchor)
-        with Ledger.open(ledger, readonly=True) as led:
-            count, head = led.head(anchor=expected)
-            checked = None
-            if store is not None:
-                from fedforget.server.store.history_store import HistoryStore
-
-                with HistoryStore.open(store) as history:
-                    checked = led.verify_against_store(history)
-    except (FedforgetError, ValueError, OSError) as exc:
+    except ValueError as exc:
         _fail(str(exc))
         return
-    line = f"OK: {count} entries, hash chain intact; head {count}:{head}"
-    if checked is not None:
-        line += f"; {checked} model hashes match the history store {store}"
+    if not ledger.is_file():
+        _fail(f"no ledger at {ledger}")
+    for path in [*(checkpoint or []), *(certificate or [])]:
+        if not path.is_file():
+            _fail(f"no file at {path}")
+    if store is not None and not store.is_dir():
+        _fail(f"no history store at {store} (not a directory)")
+    report = audit(
+        ledger, key, store=store, key_file=key_file, checkpoints=checkpoint or [], certificates=certificate or [],
+        anchor=expected,
+    )  # fmt: skip
+    for finding in report.findings.items:
+        typer.echo(str(finding))
+    if not report.ok:
+        typer.echo(f"FAILED: {len(report.findings.errors)} problem(s) found in {ledger}" + (f" and {store}" if store else ""))
+        raise typer.Exit(code=CHECK_FAILED)
+    head = report.head.head if report.head else None
+    line = f"OK: {report.entries} entries, hash chain intact"
+    if head is not None:
+        line += f"; head {report.entries}:{head.last_entry_hash}; Merkle root {head.root_hash}, signed by {head.signer}"
+    if checkpoint or certificate:
+        line += f"; extends {len(checkpoint or []) + len(certificate or [])} head(s) held elsewhere"
+    if store is not None:
+        line += f"; the history store {store} agrees with the ledger"
     typer.echo(line)
+
+
+@audit_app.command("checkpoint")
+def checkpoint_command(
+    ledger: LedgerOption,
+    server_key: ServerKeyOption,
+    out: Annotated[Path, typer.Option("--out", help="Where to save the checkpoint (JSON).")],
+) -> None:
+    """Save the ledger's current signed head to OUT, after checking the ledger: keep it somewhere else.
+
+    Whoever holds it can later run `fedforget audit verify --checkpoint OUT` to
+    show that the ledger still contains exactly those entries.
+    """
+    from fedforget.server.ledger.audit import audit
+    from fedforget.server.ledger.heads import write_checkpoint
+
+    key = _public_key(server_key)
+    if not ledger.is_file():
+        _fail(f"no ledger at {ledger}")
+    report = audit(ledger, key)
+    for finding in report.findings.items:
+        typer.echo(str(finding))
+    if not report.ok or report.head is None:
+        _fail(f"the ledger {ledger} does not verify; no checkpoint written", code=CHECK_FAILED)
+        return
+    try:
+        write_checkpoint(out, report.head)
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+    head = report.head.head
+    typer.echo(f"checkpoint of {head.tree_size} entries (root {head.root_hash}, signed {head.timestamp}) saved to {out}")
 
 
 def _ranges(versions: list[int]) -> str:
@@ -150,7 +227,10 @@ def client(
     """List which model versions contain NAME's contribution, and which no longer do."""
     try:
         with Ledger.open(ledger, readonly=True) as led:
-            audit = led.client_history(name)
+            audit = client_history(led, name)
+    except LedgerBrokenError as exc:
+        _fail(str(exc), code=CHECK_FAILED)
+        return
     except (FedforgetError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
@@ -161,13 +241,25 @@ def client(
 
 
 @audit_app.command("repair")
-def repair(ledger: LedgerOption) -> None:
+def repair(
+    ledger: LedgerOption,
+    signing_key: Annotated[
+        Optional[Path],
+        typer.Option("--signing-key", help="The federation's private signing key: sign a head over the repaired ledger."),
+    ] = None,
+) -> None:
     """Drop an incomplete last line left by a crash mid-append, and record the repair in the ledger.
 
-    Any other damage is refused: it is reported, never rewritten.
+    Any other damage is refused: it is reported, never rewritten. With
+    --signing-key the repaired ledger gets a signed head at once (otherwise the
+    server signs one when it next runs).
     """
     try:
         entry = Ledger.repair(ledger)
+        if signing_key is not None:
+            from fedforget.server.ledger.heads import sign_latest
+
+            sign_latest(ledger, signing_key)
     except (FedforgetError, ValueError, OSError) as exc:
         _fail(str(exc))
         return

@@ -8,9 +8,11 @@ A certificate is one JSON file::
 
 The payload holds the withdrawal request exactly as the client signed it
 (signature included), the ledger entries of the unlearning (each with its entry
-hash), the measured evidence, the key destruction record, and two lists of
-plain-English statements: what the server attests and, as explicitly, what it
-does not. Anyone holding the federation's server public key can check it with
+hash), the measured evidence, the key destruction record, what became of the
+old global models trained with the client (shredded, or kept and until when),
+the ledger's signed tree head with an RFC 9162 inclusion proof of the
+unlearning entry, and two lists of plain-English statements: what the server
+attests and, as explicitly, what it does not. Anyone holding the federation's server public key can check it with
 :func:`fedforget.client.certificate_check.verify_certificate`, offline. The
 ``signer`` block is a convenience for display; a verifier must check the
 signature against a server key it obtained independently, never the embedded one.
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 CERTIFICATE_FORMAT = "fedforget-unlearning-certificate"
-CERTIFICATE_VERSION = 1
+CERTIFICATE_VERSION = 2  # 2: old_models and ledger_proof (signed tree head + inclusion proof)
 ENTRY_HASH_FIELD = "entry_hash"
 
 
@@ -75,7 +77,8 @@ def _utc_timestamp(issued_at: str | None) -> str:
 
 
 def _statements(
-    *, request: dict, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None
+    *, request: dict, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None,
+    old_models: dict | None, ledger_proof: dict | None,
 ) -> tuple[list[str], list[str]]:
     does_not_attest = []
     if request.get("initiated_by") == "operator":
@@ -100,12 +103,25 @@ def _statements(
     if key_destruction is not None:
         when = key_destruction.get("destroyed_at")
         at = f"at {when}" if isinstance(when, str) and when else "at the time stated in its key destruction record"
+        already = " by an earlier unlearning (nothing was destroyed again for this request)" if key_destruction.get("already_destroyed") else ""
         attests.append(
-            f"The data key under which the history store kept this client's recorded updates was destroyed {at}, "
+            f"The data key under which the history store kept this client's recorded updates was destroyed {at}{already}, "
             "so the server can no longer decrypt the client's updates held in that store."
         )
     else:
         does_not_attest.append("That the client's data key was destroyed: no key destruction is recorded here.")
+    if ledger_proof is not None:
+        attests.append(
+            "The ledger entries of this certificate are in the federation's ledger: the tree head embedded here, "
+            "signed with the federation's key, covers them (its inclusion proof shows the unlearning entry). "
+            "Whoever keeps this certificate can later check that the ledger was not rewritten or cut since "
+            "(fedforget audit verify --certificate)."
+        )
+    else:
+        does_not_attest.append(
+            "That its ledger entries are in a ledger the federation signed: no signed tree head is included."
+        )
+    attests += _old_model_statements(old_models)
     if evidence is not None:
         attests.append(
             "The evidence figures in this certificate are what the server measured, as described there, "
@@ -125,6 +141,39 @@ def _statements(
     return attests, does_not_attest
 
 
+def _versions(models: list[dict]) -> str:
+    by_trajectory: dict[int, list[int]] = {}
+    for m in models:
+        by_trajectory.setdefault(int(m["trajectory"]), []).append(int(m["version"]))
+    return "; ".join(f"trajectory {t}: versions {', '.join(map(str, sorted(v)))}" for t, v in sorted(by_trajectory.items()))
+
+
+def _old_model_statements(old_models: dict | None) -> list[str]:
+    """What became of the global models of the old history that were trained with the client."""
+    if old_models is None:
+        return []
+    out = []
+    if old_models.get("shredded"):
+        out.append(
+            "The global models of the earlier history that were trained with the client's data and that the run no "
+            f"longer uses were crypto-shredded (their data keys destroyed): {_versions(old_models['shredded'])}."
+        )
+    if old_models.get("retained"):
+        out.append(
+            "The global models of the earlier history that were trained with the client's data are kept for the "
+            f"operator's audit retention period until {old_models['retain_until']}, then shredded: "
+            f"{_versions(old_models['retained'])}."
+        )
+    if old_models.get("in_use"):
+        out.append(
+            "These global model versions still contain the client's contribution because the run continues from "
+            f"them (an approximate unlearning), and are kept while it does: {_versions(old_models['in_use'])}."
+        )
+    if not any(old_models.get(k) for k in ("shredded", "retained", "in_use")):
+        out.append("No global model of the earlier history trained with the client's data remains readable.")
+    return out
+
+
 def issue_certificate(
     server_key: ec.EllipticCurvePrivateKey,
     *,
@@ -133,6 +182,8 @@ def issue_certificate(
     ledger_entries: list[dict],
     evidence: dict | None,
     key_destruction: dict | None,
+    old_models: dict | None = None,
+    ledger_proof: dict | None = None,
     issued_at: str | None = None,
 ) -> dict:
     """Build and sign an unlearning certificate with the federation's server key.
@@ -154,7 +205,7 @@ def issue_certificate(
         raise CertificateError("request must be the client's signed withdrawal request (a non-empty dict)")
     if not isinstance(ledger_entries, (list, tuple)) or not all(isinstance(e, dict) for e in ledger_entries):
         raise CertificateError("ledger_entries must be a list of dicts")
-    for name, value in (("evidence", evidence), ("key_destruction", key_destruction)):
+    for name, value in (("evidence", evidence), ("key_destruction", key_destruction), ("old_models", old_models), ("ledger_proof", ledger_proof)):
         if value is not None and not isinstance(value, dict):
             raise CertificateError(f"{name} must be a dict or None, got {type(value).__name__}")
 
@@ -168,7 +219,8 @@ def issue_certificate(
                 raise CertificateError(f"ledger entry {index} has an {ENTRY_HASH_FIELD} that is not a non-empty string")
             entries.append(entry)
         attests, does_not_attest = _statements(
-            request=request, ledger_entries=entries, evidence=evidence, key_destruction=key_destruction
+            request=request, ledger_entries=entries, evidence=evidence, key_destruction=key_destruction, old_models=old_models,
+            ledger_proof=ledger_proof,
         )
         payload: dict[str, Any] = {
             "format": CERTIFICATE_FORMAT,
@@ -179,6 +231,8 @@ def issue_certificate(
             "ledger_entries": entries,
             "evidence": evidence,
             "key_destruction": key_destruction,
+            "old_models": old_models,
+            "ledger_proof": ledger_proof,
             "attests": attests,
             "does_not_attest": does_not_attest,
         }

@@ -34,7 +34,6 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
-from fedforget.server.ledger.log import model_hash
 from fedforget.server.rounds.background_writer import BackgroundWriter
 from fedforget.server.rounds.client_identity import IDENTITY_META, ClientIdResolver
 from fedforget.server.rounds.grids import ConsentingGrid
@@ -67,8 +66,6 @@ class RecordedRound:
     client_epochs: float
     examples: dict[str, int]
     """Training examples per participant (what FedAvg weighted by)."""
-    update_hashes: dict[str, str]
-    """sha256 of each participant's update, as the ledger records it."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +246,6 @@ class RecordingFedAvg(FedAvg):
             num_examples=int(total),
             client_epochs=client_epochs,
             examples={c.client_id: c.num_examples for c in contributions},
-            update_hashes={c.client_id: model_hash(c.update) for c in contributions},
         )
         kinds = self.identities.kinds()
         new_kinds = {c.client_id: kinds[c.client_id] for c in contributions if c.client_id in kinds}

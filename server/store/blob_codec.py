@@ -46,6 +46,7 @@ __all__ = [
     "CodecError",
     "encode_arrays",
     "decode_arrays",
+    "stored_form",
 ]
 
 
@@ -312,6 +313,38 @@ def encode_arrays(
         except _Float16Overflow:
             pass
     return _encode(arrays, spec, "float32", level), "float32"
+
+
+def _stored(arrays: Mapping[str, Any], spec: ModelSpec, float_dtype: str) -> Arrays:
+    out: Arrays = {}
+    for a in spec.arrays:
+        arr = np.asarray(arrays[a.name])
+        target = _store_dtype(a, float_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = arr.astype(target, copy=False)
+        if target.kind == "f" and target.itemsize == 2 and (np.isinf(stored) & np.isfinite(arr)).any():
+            raise _Float16Overflow(a.name)
+        native = np.dtype(np.float32) if a.is_floating else np.dtype(a.dtype)
+        out[a.name] = stored.astype(native, copy=False).reshape(a.shape)
+    return out
+
+
+def stored_form(arrays: Mapping[str, Any], spec: ModelSpec, *, float_dtype: str) -> Arrays:
+    """``arrays`` exactly as ``decode_arrays(encode_arrays(arrays, float_dtype=...))`` returns them, without encoding.
+
+    What the ledger hashes, so that an audit can recompute the hash from the
+    stored blob: floating arrays rounded to the storage dtype (float16 falls
+    back to float32 when a value overflows it, as ``encode_arrays`` does) and
+    returned as float32, in spec order.
+    """
+    if float_dtype not in _FLOAT_CODE:
+        raise ValueError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+    if float_dtype == "float16":
+        try:
+            return _stored(arrays, spec, "float16")
+        except _Float16Overflow:
+            pass
+    return _stored(arrays, spec, "float32")
 
 
 def _decompress_plane(method: int, payload: memoryview, n: int, where: str) -> memoryview | bytes:

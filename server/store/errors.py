@@ -18,6 +18,7 @@ __all__ = [
     "StoreLockedError",
     "KeyFileError",
     "BlobCorruptError",
+    "RowAuthenticationError",
     "KeyDestroyedError",
     "FederationMismatchError",
     "ModelMismatchError",
@@ -43,10 +44,11 @@ class StoreNotFoundError(StoreError):
 
 
 class StoreLockedError(StoreError):
-    """The store is already open, by this or another process.
+    """The store is already open for writing, by this or another process.
 
-    Opening discards uncommitted rounds and deletes orphan blob files, which is
-    only safe when nobody else is writing; hence one open handle at a time.
+    Opening for writing deletes orphan blob files, which is only safe when
+    nobody else is writing; hence one writing handle at a time. Read-only
+    handles (audits) take no lock.
     """
 
 
@@ -58,6 +60,13 @@ class BlobCorruptError(StoreError):
     """A blob file failed authentication or decoding (edited, truncated, swapped, missing).
 
     Numbers from such a blob are never returned.
+    """
+
+
+class RowAuthenticationError(StoreError):
+    """A row of the index does not authenticate under the federation key (edited, replaced or forged).
+
+    Values from such a row are never returned.
     """
 
 

@@ -407,10 +407,11 @@ class UnlearningCoordinator:
         assert self.accountability is not None
         recorded = committed.recorded
         self.accountability.round_committed(
+            self.store,
             committed.trajectory,
             committed.round,
             committed.model_after,
-            [RoundParticipant(c, recorded.examples[c], recorded.update_hashes.get(c)) for c in recorded.participants],
+            [RoundParticipant(c, recorded.examples[c]) for c in recorded.participants],
         )
 
     def _catch_up_ledger(self, accountability: Accountability) -> None:
@@ -422,18 +423,24 @@ class UnlearningCoordinator:
         between the store's commit and the ledger's.
         """
         added = accountability.reconcile(self.store)
-        if not added:
-            return
-        trajectory = self.store.current_trajectory()
-        base = next(t.base_version for t in self.store.trajectories() if t.id == trajectory)
-        span = f"{added[0]}-{added[-1]}" if len(added) > 1 else str(added[0])
-        if added == list(range(base + 1, self.store.last_completed_round() + 1)):
-            _log.info("rounds %s of trajectory %s entered in the ledger from the history store", span, trajectory)
-        else:
-            _log.warning(
-                "ledger entries for rounds %s of trajectory %s were lost in a crash between the history store and "
-                "the ledger; rebuilt them from the store (update hashes unknown)", span, trajectory,
-            )
+        in_ledger_before = {
+            trajectory: {r for t, r in added if t == trajectory}
+            for trajectory in {t for t, _ in added}
+        }
+        for info in self.store.trajectories():
+            rebuilt = sorted(in_ledger_before.get(info.id, set()))
+            if not rebuilt:
+                continue
+            shared = info.base_version if info.parent is not None else 0
+            span = f"{rebuilt[0]}-{rebuilt[-1]}" if len(rebuilt) > 1 else str(rebuilt[0])
+            committed = [v.round for v in self.store.reader(info.id).rounds(shared + 1)]
+            if rebuilt == committed:
+                _log.info("rounds %s of trajectory %s entered in the ledger from the history store", span, info.id)
+            else:
+                _log.warning(
+                    "ledger entries for rounds %s of trajectory %s were lost in a crash between the history store "
+                    "and the ledger; rebuilt them from the store", span, info.id,
+                )
 
     def _evaluate(self, model: Arrays) -> Mapping[str, float]:
         return {} if self.evaluate_fn is None else self.evaluate_fn(model)

@@ -96,7 +96,10 @@ class RegistryConsent:
     """Signed requests accepted by the withdrawal service, read between rounds.
 
     Requests a crash left in "unlearning" are due again: the unlearning they
-    started is redone from its start.
+    started is redone from its start. A request from a client that was already
+    unlearned (the run says so, or the registry holds a completed request of
+    it) is never due: it is closed as ``already-withdrawn``, pointing to the
+    original certificate.
     """
 
     def __init__(self, registry_path: Path) -> None:
@@ -104,7 +107,11 @@ class RegistryConsent:
 
     def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]:
         with ConsentRegistry.open(self.registry_path) as registry:
+            withdrawn = set(already_withdrawn) | registry.withdrawn_clients()
             requests = registry.pending() + [r for r in registry.requests() if r.status == "unlearning"]
+            for request in [r for r in requests if r.client_id in withdrawn]:
+                registry.close_as_already_withdrawn(request.request_id)
+            requests = [r for r in requests if r.client_id not in withdrawn]
         return [
             WithdrawalNotice(
                 client_id=r.client_id,

@@ -13,6 +13,9 @@ Tables:
 - ``clients``: enrolled organisations, ``client_id`` → OpenSSH public key line.
 - ``requests``: accepted withdrawal requests with their signed document,
   signature and progress (``received`` → ``unlearning`` → ``done`` | ``failed``).
+  A request from a client that was already unlearned is ``already-withdrawn``
+  at once: it points to the certificate of the request that was acted on, and
+  nothing is unlearned or destroyed again.
 
 A request is identified by the SHA-256 of its canonical document
 (:func:`request_hash`): the same signed document sent twice (a client retrying
@@ -51,16 +54,17 @@ __all__ = [
     "request_hash",
 ]
 
-STATUSES = ("received", "unlearning", "done", "failed")
+STATUSES = ("received", "unlearning", "done", "failed", "already-withdrawn")
 """Every status a request can have, in the order a request normally goes through them."""
 
 _TRANSITIONS = {
-    "received": {"unlearning", "done", "failed"},
+    "received": {"unlearning", "done", "failed", "already-withdrawn"},
     "unlearning": {"done", "failed", "received"},  # back to received: retry after an interrupted unlearning
     "failed": {"received", "unlearning"},  # retry a failed unlearning
     "done": set(),  # final: a certificate was issued
+    "already-withdrawn": set(),  # final: the certificate of an earlier request answers it
 }
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: status already-withdrawn
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 
 _SCHEMA = """
@@ -79,7 +83,7 @@ CREATE TABLE IF NOT EXISTS requests (
     signature      TEXT NOT NULL,
     received_at    TEXT NOT NULL,
     updated_at     TEXT NOT NULL,
-    status         TEXT NOT NULL CHECK (status IN ('received', 'unlearning', 'done', 'failed')),
+    status         TEXT NOT NULL CHECK (status IN ('received', 'unlearning', 'done', 'failed', 'already-withdrawn')),
     certificate    TEXT,
     failure_reason TEXT,
     UNIQUE (client_id, nonce)
@@ -201,6 +205,9 @@ class ConsentRegistry:
             registry = cls(path, db)
             with registry._write() as cur:
                 version = cur.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:
+                    _upgrade_from_1(cur)
+                    version = _SCHEMA_VERSION
                 if version not in (0, _SCHEMA_VERSION):
                     raise ConsentRegistryError(
                         f"consent registry {path} has schema version {version}; this fedforget "
@@ -339,12 +346,55 @@ class ConsentRegistry:
                 )
             request_id = "wr-" + uuid.uuid4().hex
             now = _now()
+            done = cur.execute(
+                "SELECT request_id, certificate FROM requests WHERE client_id = ? AND status = 'done' ORDER BY seq LIMIT 1",
+                (client_id,),
+            ).fetchone()
+            status, certificate, reason = "received", None, None
+            if done is not None:
+                status, certificate = "already-withdrawn", done[1]
+                reason = _already_withdrawn(client_id, done[0], done[1])
             cur.execute(
                 "INSERT INTO requests (request_id, client_id, request_hash, nonce, document, signature, "
-                "received_at, updated_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received')",
-                (request_id, client_id, request_hash, nonce, text, signature, now, now),
+                "received_at, updated_at, status, certificate, failure_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, client_id, request_hash, nonce, text, signature, now, now, status, certificate, reason),
             )
         return request_id, False
+
+    def close_as_already_withdrawn(self, request_id: str) -> Request:
+        """Answer a request of a client whose withdrawal was already acted on: point it to that certificate.
+
+        For a request accepted before its client's first one was done (the
+        server marks it when it reads it); nothing is unlearned again. Points
+        to the certificate of the client's completed request, if there is one.
+        """
+        with self._write() as cur:
+            row = cur.execute("SELECT client_id, status FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None:
+                raise UnknownRequestError(f"no withdrawal request has id {request_id!r}")
+            done = cur.execute(
+                "SELECT request_id, certificate FROM requests WHERE client_id = ? AND status = 'done' ORDER BY seq LIMIT 1",
+                (row[0],),
+            ).fetchone()
+            if "already-withdrawn" not in _TRANSITIONS[row[1]]:
+                raise InvalidTransitionError(f"request {request_id} is {row[1]}; it cannot become already-withdrawn")
+            cur.execute(
+                "UPDATE requests SET status = 'already-withdrawn', updated_at = ?, certificate = ?, failure_reason = ? "
+                "WHERE request_id = ?",
+                (
+                    _now(),
+                    None if done is None else done[1],
+                    _already_withdrawn(row[0], None if done is None else done[0], None if done is None else done[1]),
+                    request_id,
+                ),
+            )
+        result = self.status(request_id)
+        assert result is not None
+        return result
+
+    def withdrawn_clients(self) -> set[str]:
+        """Clients with a completed withdrawal (a request marked done)."""
+        return {r[0] for r in self._read("SELECT DISTINCT client_id FROM requests WHERE status = 'done'")}
 
     def pending(self) -> list[Request]:
         """Requests still ``received`` (not yet acted on), oldest first."""
@@ -416,6 +466,26 @@ class ConsentRegistry:
     def _one(self, where: str, params: tuple) -> Optional[Request]:
         rows = self._many(where, params)
         return rows[0] if rows else None
+
+
+def _already_withdrawn(client_id: str, request_id: str | None, certificate: str | None) -> str:
+    return (
+        f"client {client_id} was already unlearned" + (f" by request {request_id}" if request_id else "")
+        + (f"; its certificate is {certificate}" if certificate else "")
+        + "; nothing was unlearned or destroyed again"
+    )
+
+
+def _upgrade_from_1(cur: sqlite3.Cursor) -> None:
+    """Schema 1 -> 2: the status CHECK gains 'already-withdrawn' (SQLite changes a CHECK by copying the table)."""
+    cur.execute("ALTER TABLE requests RENAME TO requests_v1")
+    cur.execute("DROP INDEX IF EXISTS requests_by_status")
+    for statement in _SCHEMA.split(";"):
+        if "requests" in statement and statement.strip():
+            cur.execute(statement)
+    cur.execute("INSERT INTO requests SELECT * FROM requests_v1")
+    cur.execute("DROP TABLE requests_v1")
+    cur.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
 
 def _request(row: tuple) -> Request:

@@ -11,19 +11,29 @@ Checks, in order, each with its own error code (:class:`WithdrawalErrorCode`,
 sent as the ``fedforget-error-code`` trailing metadata, with a readable
 explanation as the gRPC status details):
 
-1. size: the whole message is capped by gRPC (``max_receive_message_length``,
-   64 KiB) and the document by the service (16 KiB) → ``TOO_LARGE``;
-2. a well-formed document: a JSON object with exactly the fields of
+1. size: the whole message (64 KiB) and the document (16 KiB) → ``TOO_LARGE``.
+   The service reads the raw bytes itself, so that an oversized or malformed
+   message gets fedforget's code and not a bare gRPC status: gRPC's own cap
+   (``max_receive_message_length``) is set far higher, at 4 MiB, and only a
+   message beyond it is refused by gRPC itself (``RESOURCE_EXHAUSTED``, which
+   the client library maps to ``TOO_LARGE`` too);
+2. a protobuf message that parses → ``MALFORMED`` (gRPC would answer
+   ``INTERNAL``, which clients retry);
+3. a well-formed document: a JSON object with exactly the fields of
    :data:`~fedforget.proto.DOCUMENT_FIELDS`, each of the right type and form
    → ``MALFORMED``; a scope other than ``all-contributions`` → ``UNSUPPORTED_SCOPE``;
-3. the federation id is this service's → ``WRONG_FEDERATION``;
-4. the client is enrolled → ``UNKNOWN_CLIENT``;
-5. the signature verifies under the enrolled key → ``BAD_SIGNATURE``;
-6. a request already accepted (same document) is answered with its id
+4. the federation id is this service's → ``WRONG_FEDERATION``;
+5. the client is enrolled → ``UNKNOWN_CLIENT``;
+6. the signature verifies under the enrolled key → ``BAD_SIGNATURE``;
+7. a request already accepted (same document) is answered with its id
    (``duplicate=True``), whatever its age: retrying after a lost reply is safe;
-7. the timestamp is within ±skew of the service's clock → ``STALE_TIMESTAMP`` /
+8. the timestamp is within ±skew of the service's clock → ``STALE_TIMESTAMP`` /
    ``FUTURE_TIMESTAMP``;
-8. the client has not used the nonce before → ``REPLAYED_NONCE``.
+9. the client has not used the nonce before → ``REPLAYED_NONCE``.
+
+A valid request from a client that was already unlearned is accepted with
+status ``already-withdrawn``: it points to the original request's certificate
+and nothing is unlearned or destroyed again.
 
 The skew window bounds how long a nonce must be remembered; nonces are in
 fact kept for ever (they are part of the stored request).
@@ -44,6 +54,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedforget.errors import FedforgetError
 from fedforget.identity import IdentityError, load_public_key, strict_json_loads, verify_document
@@ -81,7 +92,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024
-"""gRPC's cap on any one incoming message (it refuses larger ones before the servicer sees them)."""
+"""The service's cap on one incoming message."""
+GRPC_RECEIVE_LIMIT = 4 * 1024 * 1024
+"""gRPC's own cap: above it gRPC refuses a message before the service sees it (without fedforget's code)."""
 MAX_DOCUMENT_BYTES = 16 * 1024
 """The service's cap on a request document."""
 MAX_REASON_CHARS = 2000
@@ -229,9 +242,26 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServicer):
 
     # ------------------------------------------------------------------- RPCs
 
+    def submit_bytes(self, raw: bytes, context: grpc.ServicerContext) -> withdrawal_pb2.SubmitReply:
+        """Submit, from the message's raw bytes: size and protobuf form are refused with fedforget's codes."""
+        try:
+            request = _parse_message(raw, withdrawal_pb2.SignedRequest)
+        except _Refusal as refusal:
+            self.counters.refuse(refusal.code)
+            _abort(context, refusal)
+        return self.Submit(request, context)
+
+    def status_bytes(self, raw: bytes, context: grpc.ServicerContext) -> withdrawal_pb2.StatusReply:
+        """Status, from the message's raw bytes (as :meth:`submit_bytes`)."""
+        try:
+            query = _parse_message(raw, withdrawal_pb2.StatusQuery)
+        except _Refusal as refusal:
+            _abort(context, refusal)
+        return self.Status(query, context)
+
     def Submit(self, request: withdrawal_pb2.SignedRequest, context: grpc.ServicerContext) -> withdrawal_pb2.SubmitReply:
         try:
-            request_id, duplicate, received_at = self._submit(request)
+            request_id, duplicate, received_at, status = self._submit(request)
         except _Refusal as refusal:
             self.counters.refuse(refusal.code)
             _log.info("withdrawal refused: %s: %s", refusal.code.value, refusal.message)
@@ -241,7 +271,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServicer):
                 self.counters.duplicates += 1
             else:
                 self.counters.accepted += 1
-        return withdrawal_pb2.SubmitReply(request_id=request_id, duplicate=duplicate, received_at=received_at)
+        return withdrawal_pb2.SubmitReply(request_id=request_id, duplicate=duplicate, received_at=received_at, status=status)
 
     def Status(self, request: withdrawal_pb2.StatusQuery, context: grpc.ServicerContext) -> withdrawal_pb2.StatusReply:
         ids = list(request.request_ids)
@@ -281,7 +311,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServicer):
 
     # ---------------------------------------------------------------- checks
 
-    def _submit(self, request: withdrawal_pb2.SignedRequest) -> tuple[str, bool, str]:
+    def _submit(self, request: withdrawal_pb2.SignedRequest) -> tuple[str, bool, str, str]:
         document = _parse_document(bytes(request.document))
         client_id = document["client_id"]
         if document["federation_id"] != self.federation_id:
@@ -319,7 +349,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServicer):
         except ConsentRegistryError as exc:
             raise _Refusal(WithdrawalErrorCode.INTERNAL, f"the consent registry failed: {exc}") from None
         if existing is not None:
-            return existing.request_id, True, existing.received_at
+            return existing.request_id, True, existing.received_at, existing.status
         stamp = parse_timestamp(document["timestamp"])
         now = self.clock()
         if stamp < now - self.skew:
@@ -349,9 +379,35 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServicer):
             ) from None
         stored = self.registry.status(request_id)
         received_at = stored.received_at if stored is not None else ""
+        status = stored.status if stored is not None else ""
         if not duplicate:
-            _log.info("withdrawal accepted: %s from %s", request_id, client_id)
-        return request_id, duplicate, received_at
+            _log.info("withdrawal accepted: %s from %s (%s)", request_id, client_id, status)
+        return request_id, duplicate, received_at, status
+
+
+def _parse_message(raw: bytes, message_type: Any) -> Any:
+    """A protobuf message from raw bytes, or the refusal fedforget names (``TOO_LARGE``, ``MALFORMED``)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise _Refusal(WithdrawalErrorCode.TOO_LARGE, f"the message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        raise _Refusal(WithdrawalErrorCode.MALFORMED, f"the message is not a {message_type.__name__} protobuf: {exc}") from None
+
+
+def _handlers(servicer: WithdrawalServicer) -> grpc.GenericRpcHandler:
+    """The service's methods, taking raw bytes (no deserializer) so that size and form get fedforget's codes."""
+    return grpc.method_handlers_generic_handler(
+        "fedforget.withdrawal.v1.Withdrawal",
+        {
+            "Submit": grpc.unary_unary_rpc_method_handler(
+                servicer.submit_bytes, response_serializer=withdrawal_pb2.SubmitReply.SerializeToString
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                servicer.status_bytes, response_serializer=withdrawal_pb2.StatusReply.SerializeToString
+            ),
+        },
+    )
 
 
 def _abort(context: grpc.ServicerContext, refusal: _Refusal) -> NoReturn:
@@ -435,12 +491,12 @@ def serve(
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="withdrawal"),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        withdrawal_pb2_grpc.add_WithdrawalServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((_handlers(servicer),))
         try:
             port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:

@@ -137,7 +137,7 @@ def test_withdrawal_unlearning_and_recovery_from_sigkill(federation: LoopbackFed
     final = report["rounds"][-1]
     assert final["participants"] == ["org-a"]
     fed.command("fedforget", "audit", "verify", "--ledger", str(fed.state / "state" / "ledger.jsonl"),
-                "--store", str(fed.state / "store"))
+                "--server-key", str(fed.creds / "federation.pub"), "--store", str(fed.state / "store"))
 
     for organisation, request_id in (("org-c", first_request), ("org-b", second_request)):
         certificate = fed.state / "certificates" / f"{request_id}.json"
