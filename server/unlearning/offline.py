@@ -1,7 +1,7 @@
 """Unlearning while no federated run is active: ``fedforget unlearn``.
 
 A client may withdraw between runs, or after it has left. A strategy that
-needs no client work (``subtract`` without recovery rounds) can then act at
+needs no client work (``fedrecovery``, the default) can then act at
 once on the recorded history, with the same bookkeeping as inside a run:
 a new trajectory, crypto-shredding, ledger entries, a signed certificate, and
 the request marked done in the consent registry. Strategies that need clients
@@ -33,7 +33,7 @@ def unlearn_offline(
     if unlearner.needs_client_work:
         raise OfflineUnlearningError(
             f"strategy {strategy!r} needs work from the remaining clients, which no run is there to do; "
-            "use --strategy subtract, or let the next run's start act on the request"
+            "use --strategy fedrecovery, or let the next run's start act on the request"
         )
     consent = RegistryConsent(registry)
     notices = [n for n in consent.due(0, set()) if n.client_id == client]
