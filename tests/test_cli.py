@@ -31,7 +31,7 @@ def test_every_command_has_help(command):
     ("args", "message"),
     [
         (["--dataset", "cifar"], "--dataset 'cifar' is not known; choose one of: digits, mnist, fashion-mnist"),
-        (["--strategy", "magic"], "--strategy 'magic' is not known"),
+        (["--strategy", "magic"], "unknown unlearning strategy 'magic'; available: retrain, replay, subtract"),
         (["--clients", "4", "--withdraw", "7@2"], "there is no client '7'"),
         (["--rounds", "3", "--withdraw", "1@9"], "between 1 and the last round, 3"),
         (["--withdraw", "one-at-two"], "expected CLIENT@ROUND"),
