@@ -146,6 +146,9 @@ class LocalCall:
 class ToyFederation(Federation):
     """In-process clients that train with ``trainer``; the new trajectory is a fork of the store.
 
+    Without a store (``None``) it only answers client requests, for helpers
+    that record nothing.
+
     ``calls`` logs every request in order as (kind, round or client); the
     richer logs (``local_calls``, ``started``, ``recorded``, ``ascents``)
     keep the arguments. Recorded updates are not kept here (a test reads
@@ -154,7 +157,7 @@ class ToyFederation(Federation):
 
     def __init__(
         self,
-        store: HistoryStore,
+        store: HistoryStore | None,
         examples: Mapping[str, int],
         trainer: Trainer | None = None,
         *,
@@ -183,7 +186,7 @@ class ToyFederation(Federation):
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self.calls.append(("start_trajectory", base_version))
         self.started.append((base_version, dict(info)))
-        self.store.fork(base_version=base_version, info=dict(info))
+        self._store().fork(base_version=base_version, info=dict(info))
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
         self.calls.append(("train_round", server_round))
@@ -217,12 +220,18 @@ class ToyFederation(Federation):
 
     def _record(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
         self.recorded.append((server_round, [u.client_id for u in updates]))
+        store = self._store()
         total = float(sum(u.num_examples for u in updates))
         for u in updates:
-            self.store.record_update(
+            store.record_update(
                 server_round, u.client_id, u.update, num_examples=u.num_examples, weight=u.num_examples / total
             )
-        self.store.commit_round(server_round, model_after)
+        store.commit_round(server_round, model_after)
+
+    def _store(self) -> HistoryStore:
+        if self.store is None:
+            raise AssertionError("this test's federation has no store: the strategy was not expected to record")
+        return self.store
 
     def gradient_ascent(
         self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
