@@ -44,6 +44,7 @@ def local_federation(
     observer: RunObserver | None = None,
     store: HistoryStore | None = None,
     evaluate: bool = False,
+    reference_retrain: bool = False,
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process."""
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
@@ -62,5 +63,6 @@ def local_federation(
         withdrawals=withdrawals,
         evaluate_fn=make_evaluate_fn("digits", 0) if evaluate else None,
         observer=observer,
+        reference_retrain=reference_retrain,
     )
     return LocalFederation(grid=grid, store=store, strategy=strategy, run=run)
