@@ -117,8 +117,15 @@ class StrategyChoice:
             option = key.replace("_", "-")
             if option not in own:
                 owners = options[option].strategies if option in options else []
-                where = f"it is a setting of {', '.join(owners)}" if owners else "no strategy has it"
-                raise SettingsError(f"setting {option!r} does not apply to strategy {self.name!r}: {where}")
+                if not owners:  # a typo: say what it could have been
+                    raise SettingsError(
+                        f"strategy {self.name!r} has no setting {option!r}; its settings are: "
+                        f"{', '.join(sorted(own)) or 'none'}"
+                    )
+                raise SettingsError(
+                    f"setting {option!r} does not apply to strategy {self.name!r}: "
+                    f"it is a setting of {', '.join(owners)}"
+                )
         return cls.Settings.from_mapping({key.replace("_", "-"): value for key, value in self.overrides.items()})
 
     def build(self, context: UnlearningContext | None = None) -> Unlearner:

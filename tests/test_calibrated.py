@@ -15,19 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_federation import (
+    LocalCall,
+    ToyFederation,
+    assert_models_close,
+    flat,
+    moved,
+    record_history,
+    weighted_step,
+)
 
 from fedforget.arrays import Arrays
-from fedforget.server.store.history_store import HistoryReader, HistoryStore, ModelSpec
-from fedforget.strategies.base import (
-    AscentSettings,
-    ClientUpdate,
-    Federation,
-    RoundResult,
-    UnlearningRequest,
-    add,
-    fedavg_step,
-)
-from fedforget.strategies.calibrated import Calibrated, calibrate, update_norms
+from fedforget.server.store.history_store import HistoryReader, HistoryStore
+from fedforget.strategies.base import UnlearningRequest
+from fedforget.strategies.calibrated import Calibrated, CalibratedSettings, calibrate, update_norms
+from fedforget.strategies.settings import SettingsError, UnlearningContext
 
 D_IN, D_OUT = 5, 3
 STEPS_PER_EPOCH = 3
@@ -76,88 +78,36 @@ def build_history(
     path: Path, clients: dict[str, ToyClient], *, rounds: int, retention: int, schedule: Schedule | None = None
 ) -> HistoryStore:
     """Run ``rounds`` FedAvg rounds and record them in a new store with retention interval Δt = ``retention``."""
-    init = initial_model()
-    store = HistoryStore.create(
-        path, federation_id="toy", model_spec=ModelSpec.from_arrays(init), retention_interval=retention
+    plan = [schedule(t) if schedule else sorted(clients) for t in range(1, rounds + 1)]
+    return record_history(
+        path, initial_model(), plan, SIZES, lambda t, c, model: clients[c].train(model, LOCAL_EPOCHS),
+        retention_interval=retention,
+    ).store
+
+
+def toy_federation(
+    store: HistoryStore, clients: dict[str, ToyClient], withdrawn: set[str], offline: set[str] = frozenset()
+) -> ToyFederation:
+    """The clients train as they did while the history was recorded; withdrawn and offline ones never answer."""
+    return ToyFederation(
+        store, SIZES, lambda c, model, epochs, _: clients[c].train(model, epochs),
+        withdrawn=sorted(withdrawn), offline=sorted(offline), round_epochs=LOCAL_EPOCHS,
     )
-    store.write_initial_model(init)
-    model = init
-    for t in range(1, rounds + 1):
-        ids = schedule(t) if schedule else sorted(clients)
-        updates = [ClientUpdate(c, clients[c].train(model, LOCAL_EPOCHS), clients[c].n, LOCAL_EPOCHS) for c in ids]
-        total = sum(u.num_examples for u in updates)
-        for u in updates:
-            store.record_update(t, u.client_id, u.update, num_examples=u.num_examples, weight=u.num_examples / total)
-        model = add(model, fedavg_step(updates))
-        store.commit_round(t, model)
-    return store
 
 
-class ToyFederation(Federation):
-    """In-process clients; the new trajectory is a fork of the store, as in the Flower layer."""
-
-    def __init__(
-        self, store: HistoryStore, clients: dict[str, ToyClient], withdrawn: set[str], offline: set[str] = frozenset()
-    ) -> None:
-        self.store = store
-        self.clients = clients
-        self.withdrawn = set(withdrawn)
-        self.offline = set(offline)
-        self.started: list[tuple[int, dict[str, object]]] = []
-        self.local_calls: list[tuple[int, float]] = []
-        self.recorded: list[tuple[int, list[str]]] = []
-
-    def remaining_clients(self) -> list[str]:
-        return sorted(c for c in self.clients if c not in self.withdrawn and c not in self.offline)
-
-    def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
-        self.started.append((base_version, dict(info)))
-        self.store.fork(base_version=base_version, info=info)
-
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        updates = self._train(model, LOCAL_EPOCHS)
-        after = add(model, fedavg_step(updates))
-        self.record_round(server_round, after, updates)
-        return RoundResult(after, tuple(u.client_id for u in updates), sum(u.epochs for u in updates))
-
-    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
-        self.local_calls.append((server_round, local_epochs))
-        return self._train(model, local_epochs)
-
-    def _train(self, model: Arrays, epochs: float) -> list[ClientUpdate]:
-        return [
-            ClientUpdate(c, self.clients[c].train(model, epochs), self.clients[c].n, epochs)
-            for c in self.remaining_clients()
-        ]
-
-    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
-        self.recorded.append((server_round, [u.client_id for u in updates]))
-        total = sum(u.num_examples for u in updates)
-        for u in updates:
-            self.store.record_update(
-                server_round, u.client_id, u.update, num_examples=u.num_examples, weight=u.num_examples / total
-            )
-        self.store.commit_round(server_round, model_after)
-
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
-        raise NotImplementedError("FedEraser never asks for gradient ascent")
-
-
-def flat(arrays: Arrays) -> np.ndarray:
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in arrays.values()])
+def fed_eraser(
+    interval: int | None = None, ratio: float = 0.5, norm: str = "layer", *, retention: int = 1
+) -> Calibrated:
+    """FedEraser with Δt = ``interval`` (None: the history's ``retention``), r and the norm, E = LOCAL_EPOCHS."""
+    return Calibrated(
+        CalibratedSettings(calibration_interval=interval, calibration_ratio=ratio, calibration_norm=norm),
+        UnlearningContext(local_epochs=LOCAL_EPOCHS, retention_interval=retention),
+    )
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def assert_models_close(a: Arrays, b: Arrays, **tol: float) -> None:
-    assert list(a) == list(b)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], **(tol or {"rtol": 1e-5, "atol": 1e-6}))
 
 
 def run(
@@ -173,9 +123,9 @@ def run(
     clients = make_clients()
     store = build_history(tmp_path / "store", clients, rounds=rounds, retention=retention, schedule=schedule)
     old = store.reader()
-    federation = ToyFederation(store, clients, withdraw, offline)
+    federation = toy_federation(store, clients, withdraw, offline)
     request = UnlearningRequest(clients=frozenset(withdraw), completed_rounds=rounds)
-    outcome = strategy.unlearn(request, old, federation)
+    outcome = strategy.run(request, old, federation)
     return store, old, store.reader(), federation, outcome, clients
 
 
@@ -185,15 +135,17 @@ def run(
 @pytest.mark.parametrize("norm", ["layer", "global"])
 def test_calibrated_updates_have_retrain_direction_and_stored_norm(tmp_path: Path, norm: str) -> None:
     rounds = 5
-    strategy = Calibrated(retention_interval=1, calibration_ratio=1.0, local_epochs=LOCAL_EPOCHS, norm=norm)
+    strategy = fed_eraser(1, ratio=1.0, norm=norm)
     store, old, new, federation, outcome, clients = run(
         tmp_path, rounds=rounds, retention=1, withdraw={"c2"}, strategy=strategy
     )
     with store:
         remaining = ["c0", "c1", "c3"]
         assert outcome.base_version == 0
-        assert federation.local_calls == [(t, LOCAL_EPOCHS) for t in range(2, rounds + 1)]
+        assert federation.local_calls == [LocalCall(t, LOCAL_EPOCHS, None) for t in range(2, rounds + 1)]
         assert outcome.rounds_replayed == rounds - 1
+        # Metered on the federation handle: one round trip per calibrated round, r·E epochs per answering client.
+        assert outcome.round_trips == rounds - 1
         assert outcome.client_epochs == pytest.approx((rounds - 1) * len(remaining) * LOCAL_EPOCHS)
         norms_differ = False
         for new_view, old_view in zip(new.rounds(1, rounds), old.rounds(1, rounds), strict=True):
@@ -223,7 +175,8 @@ def test_calibrated_updates_have_retrain_direction_and_stored_norm(tmp_path: Pat
                         np.linalg.norm(flat(retrain)), np.linalg.norm(flat(stored)), rel_tol=1e-3
                     )
             # M̃ moves by the FedAvg of exactly the recorded updates (weights over the remaining clients).
-            expected = add(before, fedavg_step([ClientUpdate(c, recorded[c], SIZES[c], 0.0) for c in remaining]))
+            total = sum(SIZES[c] for c in remaining)
+            expected = moved(before, weighted_step(recorded, {c: SIZES[c] / total for c in remaining}))
             assert_models_close(new_view.model_after(), expected)
         assert norms_differ, "toy too easy: the rescaling never changed a length"
         assert_models_close(outcome.model, new.model(rounds), rtol=0, atol=0)
@@ -281,10 +234,10 @@ def test_calibrate_guards_zero_direction_and_leaves_integer_arrays() -> None:
 
 
 def test_first_retained_round_reuses_stored_updates_with_renormalised_weights(tmp_path: Path) -> None:
-    strategy = Calibrated(retention_interval=1, calibration_ratio=0.5, local_epochs=LOCAL_EPOCHS)
+    strategy = fed_eraser(1, ratio=0.5)
     store, old, new, federation, outcome, _ = run(tmp_path, rounds=3, retention=1, withdraw={"c0"}, strategy=strategy)
     with store:
-        assert 1 not in [t for t, _ in federation.local_calls]
+        assert 1 not in [call.round for call in federation.local_calls]
         assert outcome.details["uncalibrated_rounds"] == [1]
         assert outcome.details["calibrated_rounds"] == [2, 3]
         (old_round,) = old.rounds(1, 1)
@@ -307,15 +260,15 @@ def test_first_retained_round_reuses_stored_updates_with_renormalised_weights(tm
 
 def test_only_retained_rounds_are_calibrated_and_trajectory_reaches_completed(tmp_path: Path) -> None:
     rounds = 7
-    strategy = Calibrated(retention_interval=2, calibration_ratio=0.5, local_epochs=LOCAL_EPOCHS)
+    strategy = fed_eraser(None, ratio=0.5, retention=2)  # Δt: the history's own
     store, old, new, federation, outcome, _ = run(
         tmp_path, rounds=rounds, retention=2, withdraw={"c0"}, strategy=strategy
     )
     with store:
         r_e = 0.5 * LOCAL_EPOCHS
-        assert federation.local_calls == [(3, r_e), (5, r_e), (7, r_e)]
+        assert federation.local_calls == [LocalCall(3, r_e, None), LocalCall(5, r_e, None), LocalCall(7, r_e, None)]
         assert [t for t, _ in federation.recorded] == list(range(1, rounds + 1))  # every round, in order
-        assert outcome.rounds_replayed == 3
+        assert outcome.rounds_replayed == 3 and outcome.round_trips == 3
         assert outcome.client_epochs == pytest.approx(3 * 3 * r_e)  # calibrated rounds × remaining × r·E
         assert outcome.details["retained_rounds_used"] == [1, 3, 5, 7]
         assert outcome.details["calibration_epochs"] == r_e and outcome.details["norm"] == "layer"
@@ -334,11 +287,11 @@ def test_only_retained_rounds_are_calibrated_and_trajectory_reaches_completed(tm
 
 
 def test_strategy_interval_thins_a_denser_history(tmp_path: Path) -> None:
-    strategy = Calibrated(retention_interval=3, calibration_ratio=1.0, local_epochs=LOCAL_EPOCHS)
+    strategy = fed_eraser(3, ratio=1.0)
     store, _, new, federation, outcome, _ = run(tmp_path, rounds=7, retention=1, withdraw={"c1"}, strategy=strategy)
     with store:
         assert outcome.details["retained_rounds_used"] == [1, 4, 7]
-        assert [t for t, _ in federation.local_calls] == [4, 7]
+        assert [call.round for call in federation.local_calls] == [4, 7]
         assert [v.round for v in new.rounds() if v.participants] == [1, 4, 7]
 
 
@@ -348,7 +301,7 @@ def test_late_joiner_calibrates_its_first_retained_round(tmp_path: Path) -> None
     def schedule(t: int) -> list[str]:
         return ["c0", "c1"] + (["c3"] if t >= 2 else []) + (["c2"] if t >= 4 else [])
 
-    strategy = Calibrated(retention_interval=2)
+    strategy = fed_eraser(2)
     store, old, new, federation, outcome, _ = run(
         tmp_path, rounds=5, retention=2, withdraw={"c3", "c2"}, strategy=strategy, schedule=schedule
     )
@@ -359,7 +312,7 @@ def test_late_joiner_calibrates_its_first_retained_round(tmp_path: Path) -> None
         assert [t for t, _ in federation.recorded] == [2, 3, 4, 5]
         assert_models_close(new.model(1), old.model(1), rtol=0, atol=0)
         assert_models_close(new.model(2), old.model(1), rtol=0, atol=0)  # round 2 skipped
-        assert outcome.client_epochs == pytest.approx(2 * 2 * 1.0)
+        assert outcome.client_epochs == pytest.approx(2 * 2 * 0.5 * LOCAL_EPOCHS)  # 2 rounds × c0, c1 × r·E
 
 
 def test_client_in_only_one_of_stored_round_and_calibration_is_skipped(tmp_path: Path) -> None:
@@ -367,16 +320,16 @@ def test_client_in_only_one_of_stored_round_and_calibration_is_skipped(tmp_path:
     def schedule(t: int) -> list[str]:
         return ["c0", "c1", "c2"] + (["c3"] if t != 2 else [])
 
-    strategy = Calibrated(retention_interval=1)
+    strategy = fed_eraser(1)
     store, _, new, federation, outcome, _ = run(
         tmp_path, rounds=2, retention=1, withdraw={"c0"}, strategy=strategy, schedule=schedule, offline={"c1"}
     )
     with store:
         assert federation.recorded == [(1, ["c1", "c2", "c3"]), (2, ["c2"])]
         assert outcome.details["skipped_clients"] == {"2": ["c1", "c3"]}
-        assert outcome.client_epochs == pytest.approx(2 * 1.0)  # both answering clients trained
+        assert outcome.client_epochs == pytest.approx(2 * 0.5 * LOCAL_EPOCHS)  # both answering clients trained
         (view,) = new.rounds(2, 2)
-        assert_models_close(view.model_after(), add(view.model_before(), view.update("c2")))
+        assert_models_close(view.model_after(), moved(view.model_before(), weighted_step({"c2": view.update("c2")}, {"c2": 1.0})))
 
 
 def test_residual_clients_are_never_reused_and_move_the_base(tmp_path: Path) -> None:
@@ -390,17 +343,19 @@ def test_residual_clients_are_never_reused_and_move_the_base(tmp_path: Path) -> 
     with store:
         store.destroy_client_key("c3")  # any read of c3's updates would now raise
         old = store.reader()
-        federation = ToyFederation(store, clients, {"c0", "c3"})
+        federation = toy_federation(store, clients, {"c0", "c3"})
         request = UnlearningRequest(clients=frozenset({"c0"}), completed_rounds=4, residual_clients=frozenset({"c3"}))
-        outcome = Calibrated(retention_interval=1).unlearn(request, old, federation)
+        outcome = fed_eraser(1).run(request, old, federation)
         assert outcome.base_version == 0  # before c3 joined, as Retrain does
         assert federation.started[0][1]["clients"] == ["c0"]
         assert federation.recorded == [(t, ["c1", "c2"]) for t in range(1, 5)]
         (round_one,) = store.reader().rounds(1, 1)
         (stored_one,) = old.rounds(1, 1)
         total = SIZES["c1"] + SIZES["c2"]
-        stored = [ClientUpdate(c, stored_one.update(c), SIZES[c], 0.0) for c in ("c1", "c2")]
-        assert_models_close(round_one.model_after(), add(initial_model(), fedavg_step(stored)))
+        stored = {c: stored_one.update(c) for c in ("c1", "c2")}
+        assert_models_close(
+            round_one.model_after(), moved(initial_model(), weighted_step(stored, {c: SIZES[c] / total for c in stored}))
+        )
         assert [p.weight for p in round_one.participants] == pytest.approx([SIZES["c1"] / total, SIZES["c2"] / total])
 
 
@@ -412,7 +367,8 @@ def test_client_that_never_participated_costs_nothing(tmp_path: Path) -> None:
     store, old, new, federation, outcome, _ = run(tmp_path, rounds=3, retention=2, withdraw={"c9"}, strategy=strategy)
     with store:
         assert federation.started[0][0] == 3 and federation.local_calls == [] and federation.recorded == []
-        assert outcome.base_version == 3 and outcome.rounds_replayed == 0 and outcome.client_epochs == 0.0
+        assert outcome.base_version == 3 and outcome.rounds_replayed == 0
+        assert outcome.client_epochs == 0.0 and outcome.round_trips == 0
         assert_models_close(outcome.model, old.model(3), rtol=0, atol=0)
         assert new.last_round() == 3 and new.trajectory != old.trajectory
 
@@ -483,8 +439,8 @@ def test_history_is_streamed_one_round_at_a_time(tmp_path: Path, retention: int)
     store = build_history(tmp_path / "store", clients, rounds=rounds, retention=retention)
     with store:
         watched = WatchedReader(store.reader())
-        federation = ToyFederation(store, clients, {"c1"})
-        outcome = Calibrated(retention_interval=retention).unlearn(
+        federation = toy_federation(store, clients, {"c1"})
+        outcome = fed_eraser(retention=retention).unlearn(
             UnlearningRequest(clients=frozenset({"c1"}), completed_rounds=rounds), watched, federation
         )
         assert watched.rounds_calls == [(1, rounds)]  # one forward pass
@@ -499,23 +455,27 @@ def test_history_is_streamed_one_round_at_a_time(tmp_path: Path, retention: int)
 
 
 def test_hyperparameters_and_validation() -> None:
-    strategy = Calibrated(retention_interval=3, calibration_ratio=0.25, local_epochs=4, norm="global")
+    strategy = Calibrated(
+        CalibratedSettings(calibration_interval=3, calibration_ratio=0.25, calibration_norm="global"),
+        UnlearningContext(local_epochs=4, retention_interval=2),
+    )
     assert strategy.hyperparameters() == {
-        "retention_interval": 3,
+        "calibration_interval": 3,
         "calibration_ratio": 0.25,
-        "local_epochs": 4.0,
-        "norm": "global",
+        "calibration_norm": "global",
+        "interval_used": 3,
+        "calibration_epochs": 1.0,
     }
     assert strategy.calibration_epochs == 1.0
-    assert Calibrated.name == "calibrated" and Calibrated.needs_client_work
-    for bad in (
-        {"retention_interval": 0},
-        {"retention_interval": True},
-        {"calibration_ratio": 0.0},
-        {"calibration_ratio": 1.5},
-        {"local_epochs": -1.0},
-        {"local_epochs": float("nan")},
-        {"norm": "l2"},
+    assert Calibrated(context=UnlearningContext(retention_interval=2)).interval == 2  # none: the history's Δt
+    assert Calibrated.name == "calibrated" and Calibrated().needs_client_work
+    for bad, option in (
+        ({"calibration_interval": 0}, "calibration-interval"),
+        ({"calibration_interval": True}, "calibration-interval"),
+        ({"calibration_ratio": 0.0}, "calibration-ratio"),
+        ({"calibration_ratio": 1.5}, "calibration-ratio"),
+        ({"calibration_ratio": float("nan")}, "calibration-ratio"),
+        ({"calibration_norm": "l2"}, "calibration-norm"),
     ):
-        with pytest.raises(ValueError):
-            Calibrated(**bad)  # type: ignore[arg-type]
+        with pytest.raises(SettingsError, match=f"calibrated setting {option}"):
+            CalibratedSettings(**bad)  # type: ignore[arg-type]

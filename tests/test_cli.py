@@ -31,7 +31,7 @@ def test_every_command_has_help(command):
     ("args", "message"),
     [
         (["--dataset", "cifar"], "--dataset 'cifar' is not known; choose one of: digits, mnist, fashion-mnist"),
-        (["--strategy", "magic"], "--strategy 'magic' is not known"),
+        (["--strategy", "magic"], "unknown unlearning strategy 'magic'; available: retrain, replay, subtract"),
         (["--clients", "4", "--withdraw", "7@2"], "there is no client '7'"),
         (["--rounds", "3", "--withdraw", "1@9"], "between 1 and the last round, 3"),
         (["--withdraw", "one-at-two"], "expected CLIENT@ROUND"),
@@ -139,3 +139,86 @@ def test_certs_writes_a_federation_s_credentials_and_never_overwrites(tmp_path):
     load_public_key(out / "federation.pub")
     again = runner.invoke(app, ["certs", "--out", str(out), "--host", "127.0.0.1", "--org", "org-a"])
     assert again.exit_code == 2 and "refusing to overwrite" in " ".join(again.output.split())
+
+
+# -- strategy settings as options ---------------------------------------------------
+
+
+def _help_lines(command: list[str]) -> list[str]:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})  # one line per option
+    assert result.exit_code == 0, result.output
+    return [" ".join(line.strip("│ ").split()) for line in result.output.splitlines()]
+
+
+def test_simulate_offers_every_strategy_setting_with_each_owners_default():
+    from fedforget.strategies.registry import setting_options
+
+    lines = _help_lines(["simulate"])
+    for option in setting_options():
+        assert any(line.startswith(f"--{option} ") for line in lines), option
+    expected = {
+        "--recovery-rounds": "(default subtract: 3, fedrecovery: 0, gradient-ascent: 2)",
+        "--calibration-ratio": "(default calibrated: 1)",
+        "--calibration-interval": "(default calibrated: none)",
+        "--abnormality-threshold": "(default replay: 10)",
+        "--estimate": "(default replay: stored)",
+        "--noise-delta": "(default fedrecovery: 1e-05)",
+        "--ascent-accuracy-floor": "(default gradient-ascent: 0.3)",
+    }
+    for option, default in expected.items():
+        (line,) = [line for line in lines if line.startswith(f"{option} ")]
+        assert line.endswith(default), line
+
+
+def test_a_setting_of_another_strategy_is_refused_naming_its_owner(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--calibration-ratio", "0.5", "--strategy", "replay"])
+    assert result.exit_code == 2
+    assert (
+        "setting 'calibration-ratio' does not apply to strategy 'replay': it is a setting of calibrated"
+        in " ".join(result.output.split())
+    )
+    assert not out.exists()
+
+
+@pytest.fixture
+def simulated(monkeypatch):
+    """The configurations `fedforget simulate` would run, checked as the runner checks them first, not run."""
+    from types import SimpleNamespace
+
+    import fedforget.simulations.runner as simulation_runner
+
+    configs = []
+
+    def record(config, out, **_):
+        config.validate()
+        configs.append(config)
+        return SimpleNamespace(report={}, verification=None)
+
+    monkeypatch.setattr(simulation_runner, "simulate", record)
+    return configs
+
+
+def test_an_optional_setting_accepts_none(tmp_path, simulated):
+    result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--strategy", "replay",
+                                 "--abnormality-threshold", "none", "--warmup-rounds", "2"])
+    assert result.exit_code == 0, result.output
+    (config,) = simulated
+    settings = config.strategy_choice().settings()
+    assert settings.abnormality_threshold is None and settings.warmup_rounds == 2
+    assert config.strategy_settings == {"abnormality-threshold": None, "warmup-rounds": 2}
+
+
+def test_an_optional_setting_still_checks_its_values(tmp_path, simulated):
+    result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--strategy", "fedrecovery",
+                                 "--noise-epsilon", "2", "--noise-sensitivity", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert simulated[0].strategy_choice().settings().sigma > 0  # "2" and "0.1" were read as numbers
+    refused = runner.invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--strategy", "replay",
+                                  "--abnormality-threshold", "huge"])
+    assert refused.exit_code == 2
+    assert "replay setting abnormality-threshold must be a number, got 'huge'" in " ".join(refused.output.split())
+    not_optional = runner.invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--strategy", "calibrated",
+                                       "--calibration-ratio", "none"])
+    assert not_optional.exit_code == 2 and "Invalid value for '--calibration-ratio'" in not_optional.output
+    assert len(simulated) == 1

@@ -52,7 +52,6 @@ def test_every_bad_key_is_named_in_one_error():
                 "resume": "yes",
                 "strategy": "forget-everything",
                 "nmu-rounds": 3,
-                "unlearning.calibration-ration": 0.5,
             }
         )
     message = str(caught.value)
@@ -62,11 +61,28 @@ def test_every_bad_key_is_named_in_one_error():
         "state-dir must be an absolute path",
         "num-rounds must be an integer",
         "resume must be true or false",
-        "strategy must be one of",
+        "unknown unlearning strategy 'forget-everything'; available: retrain, replay, subtract",
         "unknown keys ['nmu-rounds']",
-        "unknown key unlearning.calibration-ration",
     ):
         assert expected in message, message
+
+
+@pytest.mark.parametrize(
+    ("unlearning", "expected"),
+    [
+        ({"unlearning.calibration-ration": 0.5},
+         "strategy 'calibrated' has no setting 'calibration-ration'; its settings are: calibration-interval, "
+         "calibration-norm, calibration-ratio"),
+        ({"unlearning.final-rounds": 1}, "setting 'final-rounds' does not apply to strategy 'calibrated': "
+         "it is a setting of replay"),
+        ({"unlearning.calibration-ratio": "half"}, "calibrated setting calibration-ratio must be a number, got 'half'"),
+        ({"unlearning.calibration-ratio": 1.5}, "calibrated setting calibration-ratio must be at most 1"),
+    ],
+)
+def test_unlearning_keys_are_checked_against_the_chosen_strategy(unlearning, expected):
+    with pytest.raises(RunConfigError) as caught:
+        DeploymentConfig.from_run_config({**REQUIRED, "strategy": "calibrated", **unlearning})
+    assert expected in str(caught.value)
 
 
 def test_your_own_model_is_named_as_package_module_function():

@@ -1,4 +1,4 @@
-"""FedRecovery (strategies/subtract.py) against hand computations on a real history store.
+"""FedRecovery (strategies/fedrecovery.py) against hand computations on a real history store.
 
 No Flower runtime: an in-process toy Federation over deterministic clients
 writes into a real HistoryStore in tmp_path.
@@ -11,17 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_federation import ToyFederation, assert_models_close, floats, moved, record_history, weighted_step
 
 from fedforget.arrays import Arrays
-from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.strategies.base import (
-    AscentSettings,
-    ClientUpdate,
-    Federation,
-    RoundResult,
-    UnlearningRequest,
-)
-from fedforget.strategies.subtract import Subtract, gaussian_sigma
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.strategies.base import UnlearningRequest
+from fedforget.strategies.fedrecovery import FedRecovery, FedRecoverySettings, gaussian_sigma
+from fedforget.strategies.settings import SettingsError, UnlearningContext
 
 # --------------------------------------------------------------------------- toys
 
@@ -45,63 +41,29 @@ def hand_update(round: int, client: str, like: Arrays) -> Arrays:
     }
 
 
-class ToyFederation(Federation):
-    """Deterministic clients that pull the model halfway to a target of their own per epoch."""
-
-    def __init__(self, store: HistoryStore, examples: dict[str, int], withdrawn: set[str]) -> None:
-        self.store = store
-        self.examples = examples
-        self.withdrawn = withdrawn
-        self.calls: list[tuple[str, object]] = []
-
-    def target(self, client: str, like: Arrays) -> Arrays:
-        rng = np.random.default_rng(sum(map(ord, client)))
-        return {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in like.items()}
-
-    def remaining_clients(self) -> list[str]:
-        return sorted(set(self.examples) - self.withdrawn)
-
-    def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
-        self.calls.append(("start_trajectory", base_version))
-        self.store.fork(base_version=base_version, info=dict(info))
-
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        raise AssertionError("FedRecovery never replays rounds")
-
-    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
-        self.calls.append(("local_training", server_round))
-        out = []
-        for client in self.remaining_clients():
-            target = self.target(client, model)
-            update = {
-                k: ((target[k] - v) * (0.5 * local_epochs)).astype(v.dtype) if v.dtype.kind == "f" else np.zeros_like(v)
-                for k, v in model.items()
-            }
-            out.append(ClientUpdate(client, update, self.examples[client], local_epochs))
-        return out
-
-    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
-        self.calls.append(("record_round", server_round))
-        total = float(sum(u.num_examples for u in updates))
-        for u in updates:
-            self.store.record_update(server_round, u.client_id, u.update, num_examples=u.num_examples,
-                                     weight=u.num_examples / total)
-        self.store.commit_round(server_round, model_after)
-
-    def gradient_ascent(self, client_id: str, model: Arrays, reference: Arrays,
-                        settings: AscentSettings) -> tuple[Arrays, float]:
-        raise AssertionError("FedRecovery never asks the withdrawn client for work")
+def target(client: str, like: Arrays) -> Arrays:
+    """Where a toy client's training pulls the model: a point of its own."""
+    rng = np.random.default_rng(sum(map(ord, client)))
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in like.items()}
 
 
-def fedavg(before: Arrays, updates: dict[str, Arrays], weights: dict[str, float]) -> Arrays:
-    out = {}
-    for name, value in before.items():
-        if value.dtype.kind != "f":
-            out[name] = value + 1
-            continue
-        step = sum(weights[c] * updates[c][name].astype(np.float64) for c in updates)
-        out[name] = (value.astype(np.float64) + step).astype(value.dtype)
-    return out
+def pull_towards_target(client: str, model: Arrays, epochs: float, _round: int) -> Arrays:
+    """Deterministic local training: each epoch pulls the model halfway to the client's target."""
+    goal = target(client, model)
+    return {
+        k: ((goal[k] - v) * (0.5 * epochs)).astype(v.dtype) if v.dtype.kind == "f" else np.zeros_like(v)
+        for k, v in model.items()
+    }
+
+
+def toy_federation(store: HistoryStore, examples: dict[str, int], withdrawn: set[str]) -> ToyFederation:
+    return ToyFederation(store, examples, pull_towards_target, withdrawn=sorted(withdrawn))
+
+
+def fedrecovery(recovery_rounds: int = 0, epochs: float = 1.0, **noise: float) -> FedRecovery:
+    return FedRecovery(
+        FedRecoverySettings(recovery_rounds=recovery_rounds, **noise), UnlearningContext(local_epochs=epochs)
+    )
 
 
 def build_history(
@@ -113,26 +75,10 @@ def build_history(
     size: int = 3,
 ) -> tuple[HistoryStore, list[Arrays], list[dict[str, Arrays]]]:
     """Rounds 1..len(schedule) of FedAvg with hand-made updates; returns models 0..T and updates per round."""
-    model = initial_model(size)
-    store = HistoryStore.create(path, federation_id="toy", model_spec=ModelSpec.from_arrays(model),
-                                retention_interval=retention_interval)
-    store.write_initial_model(model)
-    models, updates = [model], []
-    for r, participants in enumerate(schedule, start=1):
-        total = float(sum(examples[c] for c in participants))
-        weights = {c: examples[c] / total for c in participants}
-        ups = {c: hand_update(r, c, model) for c in participants}
-        for c in participants:
-            store.record_update(r, c, ups[c], num_examples=examples[c], weight=weights[c])
-        model = fedavg(model, ups, weights)
-        store.commit_round(r, model)
-        models.append(model)
-        updates.append(ups)
-    return store, models, updates
-
-
-def floats(model: Arrays) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in model.items() if v.dtype.kind == "f"}
+    recorded = record_history(
+        path, initial_model(size), schedule, examples, hand_update, retention_interval=retention_interval
+    )
+    return recorded.store, recorded.models, recorded.updates
 
 
 def sq_norm(a: dict[str, np.ndarray]) -> float:
@@ -140,10 +86,7 @@ def sq_norm(a: dict[str, np.ndarray]) -> float:
 
 
 def assert_close(a: Arrays, b: Arrays, tol: float = 1e-5) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        np.testing.assert_allclose(a[k].astype(np.float64), b[k].astype(np.float64), rtol=tol, atol=tol, err_msg=k)
+    assert_models_close(a, b, rtol=tol, atol=tol, same_dtypes=True)
 
 
 # --------------------------------------------------------------------------- the formula
@@ -167,14 +110,14 @@ def test_uniform_weights_match_the_papers_equations(tmp_path):
             delta = (1.0 / n) * (ups[u][k] - others)  # = (η/n)[(1/(n−1)) Σ_{k≠u} ∇f_k − ∇f_u]
             expected[k] = expected[k] - p[i - 1] * delta
 
-    federation = ToyFederation(store, examples, {u})
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset({u}), T), store.reader(), federation)
+    federation = toy_federation(store, examples, {u})
+    outcome = FedRecovery().run(UnlearningRequest(frozenset({u}), T), store.reader(), federation)
 
     want = {k: (expected[k].astype(np.float32) if k in expected else models[T][k]) for k in models[T]}
     assert_close(outcome.model, want)
     assert outcome.model["count"] == models[T]["count"]  # counters are not corrected
     assert outcome.base_version == T - 1
-    assert outcome.client_epochs == 0.0 and outcome.rounds_replayed == 0
+    assert outcome.client_epochs == 0.0 and outcome.round_trips == 0 and outcome.rounds_replayed == 0
     assert outcome.details["residual_rounds"] == [1, 2, 3, 4]
     assert sum(outcome.details["round_weights"].values()) == pytest.approx(1.0)
     # The trajectory: forked at T−1, version T is the unlearned model, recorded without participants.
@@ -207,8 +150,8 @@ def test_weighted_aggregation_and_partial_participation(tmp_path):
             without = sum(examples[c] / total * ups[c][k] for c in participants if c != u) / (rest / total)
             expected[k] -= g2[i - 1] / sum(g2) * (with_u - without)
 
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset({u}), T), store.reader(),
-                                 ToyFederation(store, examples, {u}))
+    outcome = FedRecovery().unlearn(UnlearningRequest(frozenset({u}), T), store.reader(),
+                                    toy_federation(store, examples, {u}))
     assert_close(outcome.model, {k: expected[k].astype(np.float32) if k in expected else v
                                  for k, v in models[T].items()})
     assert outcome.details["residual_rounds"] == [1, 3]
@@ -231,8 +174,8 @@ def test_retention_interval_uses_only_rounds_whose_residual_is_known(tmp_path):
             delta = sum(ups[c][k] for c in ups) / 3 - sum(ups[c][k] for c in ups if c != u) / 2
             expected[k] -= g2[i] / (g2[1] + g2[3]) * delta
 
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset({u}), T), store.reader(),
-                                 ToyFederation(store, examples, {u}))
+    outcome = FedRecovery().unlearn(UnlearningRequest(frozenset({u}), T), store.reader(),
+                                    toy_federation(store, examples, {u}))
     assert_close(outcome.model, {k: expected[k].astype(np.float32) if k in expected else v
                                  for k, v in models[T].items()})
     assert outcome.details["residual_rounds"] == [1, 3]
@@ -256,8 +199,8 @@ def test_several_clients_and_a_round_with_only_withdrawn_clients(tmp_path):
             # Round 2 had only withdrawn clients: the retrained round makes no step.
             without = sum(examples[c] * ups[c][k] for c in rest) / sum(examples[c] for c in rest) if rest else 0.0
             expected[k] -= g2[i - 1] / sum(g2) * (with_u - without)
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset(gone), T), store.reader(),
-                                 ToyFederation(store, examples, gone))
+    outcome = FedRecovery().unlearn(UnlearningRequest(frozenset(gone), T), store.reader(),
+                                    toy_federation(store, examples, gone))
     assert_close(outcome.model, {k: expected[k].astype(np.float32) if k in expected else v
                                  for k, v in models[T].items()})
 
@@ -272,7 +215,7 @@ def test_rounds_without_participants_are_no_training_step(tmp_path):
     model, ups3 = jump, {c: hand_update(3, c, jump) for c in ("a", "b")}
     for c in ups3:
         store.record_update(3, c, ups3[c], num_examples=10, weight=0.5)
-    after3 = fedavg(model, ups3, {"a": 0.5, "b": 0.5})
+    after3 = moved(model, weighted_step(ups3, {"a": 0.5, "b": 0.5}))
     store.commit_round(3, after3)
 
     keys = list(floats(models[0]))
@@ -284,8 +227,8 @@ def test_rounds_without_participants_are_no_training_step(tmp_path):
         d1 = sum(ups1[c][k] for c in ups1) / 3 - (ups1["a"][k] + ups1["c"][k]) / 2
         d3 = (floats(ups3["a"])[k] + floats(ups3["b"])[k]) / 2 - floats(ups3["a"])[k]
         expected[k] -= (g1 * d1 + g3 * d3) / (g1 + g3)
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset({"b"}), 3), store.reader(),
-                                 ToyFederation(store, examples, {"b"}))
+    outcome = FedRecovery().unlearn(UnlearningRequest(frozenset({"b"}), 3), store.reader(),
+                                    toy_federation(store, examples, {"b"}))
     assert_close(outcome.model, {k: expected[k].astype(np.float32) if k in expected else v
                                  for k, v in after3.items()})
     assert outcome.details["residual_rounds"] == [1, 3]
@@ -305,7 +248,7 @@ def test_history_is_read_in_one_pass(tmp_path):
             passes.append((start, end))
             return reader.rounds(start, end)
 
-    Subtract().unlearn(UnlearningRequest(frozenset({"a"}), 5), Counting(), ToyFederation(store, examples, {"a"}))
+    FedRecovery().unlearn(UnlearningRequest(frozenset({"a"}), 5), Counting(), toy_federation(store, examples, {"a"}))
     assert passes == [(1, 5)]
 
 
@@ -329,15 +272,16 @@ def test_noise_has_the_papers_sigma(tmp_path):
     store, _, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 2, examples, size=4000)
     source = store.current_trajectory()
     request = UnlearningRequest(frozenset({"a"}), 2, seed=1)
-    exact = Subtract().unlearn(request, store.reader(source), ToyFederation(store, examples, {"a"})).model
+    exact = FedRecovery().unlearn(request, store.reader(source), toy_federation(store, examples, {"a"})).model
 
-    noisy_strategy = Subtract(epsilon=2.0, delta_prob=1e-5, sensitivity=0.05)
+    noisy_strategy = fedrecovery(noise_epsilon=2.0, noise_delta=1e-5, noise_sensitivity=0.05)
     sigma = gaussian_sigma(2.0, 1e-5, 0.05)
-    assert noisy_strategy.sigma == pytest.approx(sigma)
+    assert noisy_strategy.settings.sigma == pytest.approx(sigma)
+    assert noisy_strategy.hyperparameters()["sigma"] == pytest.approx(sigma)
     draws = []
     for seed in (1, 2, 3):
         out = noisy_strategy.unlearn(UnlearningRequest(frozenset({"a"}), 2, seed=seed), store.reader(source),
-                                     ToyFederation(store, examples, {"a"}))
+                                     toy_federation(store, examples, {"a"}))
         noise = np.concatenate([(out.model[k].astype(np.float64) - exact[k].astype(np.float64)).ravel()
                                 for k in ("w", "b")])
         assert out.model["count"] == exact["count"]  # counters get no noise
@@ -348,16 +292,18 @@ def test_noise_has_the_papers_sigma(tmp_path):
     assert abs(np.mean(samples)) < 4 * sigma / math.sqrt(samples.size)
     assert not np.allclose(draws[0], draws[1])  # the seed drives the noise ...
     again = noisy_strategy.unlearn(UnlearningRequest(frozenset({"a"}), 2, seed=1), store.reader(source),
-                                   ToyFederation(store, examples, {"a"}))
+                                   toy_federation(store, examples, {"a"}))
     np.testing.assert_allclose(
         np.concatenate([(again.model[k].astype(np.float64) - exact[k]).ravel() for k in ("w", "b")]), draws[0]
     )  # ... reproducibly
 
 
 def test_epsilon_needs_a_sensitivity():
-    with pytest.raises(ValueError, match="sensitivity"):
-        Subtract(epsilon=1.0)
-    assert Subtract().sigma == 0.0
+    with pytest.raises(SettingsError, match="noise-sensitivity"):
+        FedRecoverySettings(noise_epsilon=1.0)
+    with pytest.raises(SettingsError, match="noise-epsilon"):
+        FedRecoverySettings(noise_sensitivity=1.0)
+    assert FedRecoverySettings().sigma == 0.0
 
 
 # --------------------------------------------------------------------------- recovery and edge cases
@@ -367,13 +313,13 @@ def test_recovery_rounds_are_fedavg_with_the_remaining_clients(tmp_path):
     examples = {"a": 10, "b": 30, "c": 20}
     store, _, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 3, examples)
     source = store.current_trajectory()
-    plain = Subtract().unlearn(UnlearningRequest(frozenset({"c"}), 3), store.reader(source),
-                               ToyFederation(store, examples, {"c"})).model
+    plain = FedRecovery().unlearn(UnlearningRequest(frozenset({"c"}), 3), store.reader(source),
+                                  toy_federation(store, examples, {"c"})).model
 
-    strategy = Subtract(recovery_rounds=2, recovery_epochs=0.5)
-    assert strategy.needs_client_work and not Subtract.needs_client_work and not Subtract().needs_client_work
-    federation = ToyFederation(store, examples, {"c"})
-    outcome = strategy.unlearn(UnlearningRequest(frozenset({"c"}), 3), store.reader(source), federation)
+    strategy = fedrecovery(recovery_rounds=2, epochs=0.5)  # recovery rounds train the federation's E
+    assert strategy.needs_client_work and not FedRecovery().needs_client_work
+    federation = toy_federation(store, examples, {"c"})
+    outcome = strategy.run(UnlearningRequest(frozenset({"c"}), 3), store.reader(source), federation)
 
     model = plain
     for _ in range(2):
@@ -381,12 +327,12 @@ def test_recovery_rounds_are_fedavg_with_the_remaining_clients(tmp_path):
         for k, v in model.items():
             if v.dtype.kind != "f":
                 continue
-            step[k] = sum(examples[c] / 40 * (federation.target(c, model)[k].astype(np.float64) - v) * 0.25
+            step[k] = sum(examples[c] / 40 * (target(c, model)[k].astype(np.float64) - v) * 0.25
                           for c in ("a", "b"))
         model = {k: (v + step[k]).astype(v.dtype) if k in step else v for k, v in model.items()}
     assert_close(outcome.model, model)
     assert outcome.client_epochs == pytest.approx(2 * 2 * 0.5)  # 2 rounds × 2 remaining clients × 0.5 epochs
-    assert outcome.rounds_replayed == 2
+    assert outcome.round_trips == 2 and outcome.rounds_replayed == 2
     assert federation.calls == [("local_training", 3), ("local_training", 3),
                                 ("start_trajectory", 2), ("record_round", 3)]
     assert_close(store.read_model(3), outcome.model)  # recovery is folded into version 3
@@ -395,17 +341,17 @@ def test_recovery_rounds_are_fedavg_with_the_remaining_clients(tmp_path):
 def test_client_that_never_took_part_changes_nothing(tmp_path):
     examples = {"a": 10, "b": 10, "z": 10}
     store, models, _ = build_history(tmp_path / "s", [["a", "b"]] * 3, examples)
-    federation = ToyFederation(store, examples, {"z"})
-    outcome = Subtract(recovery_rounds=1).unlearn(UnlearningRequest(frozenset({"z"}), 3), store.reader(), federation)
+    federation = toy_federation(store, examples, {"z"})
+    outcome = fedrecovery(recovery_rounds=1).run(UnlearningRequest(frozenset({"z"}), 3), store.reader(), federation)
     assert_close(outcome.model, models[3], tol=0)
     assert federation.calls == [("start_trajectory", 3)]
-    assert outcome.base_version == 3 and outcome.client_epochs == 0.0
+    assert outcome.base_version == 3 and outcome.client_epochs == 0.0 and outcome.round_trips == 0
 
 
 def test_nothing_completed_yet(tmp_path):
     examples = {"a": 10}
     store, models, _ = build_history(tmp_path / "s", [], examples)
-    federation = ToyFederation(store, examples, {"a"})
-    outcome = Subtract().unlearn(UnlearningRequest(frozenset({"a"}), 0), store.reader(), federation)
+    federation = toy_federation(store, examples, {"a"})
+    outcome = FedRecovery().unlearn(UnlearningRequest(frozenset({"a"}), 0), store.reader(), federation)
     assert_close(outcome.model, models[0], tol=0)
     assert federation.calls == [("start_trajectory", 0)]

@@ -12,22 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toy_federation import ToyFederation, assert_models_close, floats, record_history
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedforget.arrays import Arrays
 from fedforget.client.ascent import parameter_distance, projected_gradient_ascent
 from fedforget.client.training import evaluate, train_local
-from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.strategies.base import (
-    AscentSettings,
-    ClientOfflineError,
-    ClientUpdate,
-    Federation,
-    RoundResult,
-    UnlearningRequest,
-)
-from fedforget.strategies.gradient_ascent import GradientAscent, random_model_radius
+from fedforget.server.store.history_store import HistoryStore
+from fedforget.strategies.base import AscentSettings, ClientOfflineError, UnlearningRequest
+from fedforget.strategies.gradient_ascent import GradientAscent, GradientAscentSettings, random_model_radius
+from fedforget.strategies.settings import UnlearningContext
 
 # --------------------------------------------------------------------------- toy data and models
 
@@ -202,101 +197,65 @@ def hand_update(round: int, client: str) -> Arrays:
 def build_history(
     path: Path, schedule: list[list[str]], examples: dict[str, int], *, retention_interval: int = 1
 ) -> tuple[HistoryStore, list[Arrays], list[dict[str, Arrays]]]:
-    model = initial_model()
-    store = HistoryStore.create(path, federation_id="toy", model_spec=ModelSpec.from_arrays(model),
-                                retention_interval=retention_interval)
-    store.write_initial_model(model)
-    models, updates = [model], []
-    for r, participants in enumerate(schedule, start=1):
-        total = float(sum(examples[c] for c in participants))
-        ups = {c: hand_update(r, c) for c in participants}
-        for c in participants:
-            store.record_update(r, c, ups[c], num_examples=examples[c], weight=examples[c] / total)
-        model = {k: (v.astype(np.float64) + sum(examples[c] / total * ups[c][k].astype(np.float64)
-                                                   for c in participants)).astype(np.float32)
-                 for k, v in model.items()}
-        store.commit_round(r, model)
-        models.append(model)
-        updates.append(ups)
-    return store, models, updates
+    recorded = record_history(
+        path, initial_model(), schedule, examples, lambda r, c, _: hand_update(r, c),
+        retention_interval=retention_interval,
+    )
+    return recorded.store, recorded.models, recorded.updates
 
 
-class ToyFederation(Federation):
-    """Clients that step a fixed amount per epoch; the withdrawing client 'ascends' by a fixed offset."""
+def toy_federation(
+    store: HistoryStore, examples: dict[str, int], withdrawn: str,
+    data: dict[str, TensorDataset] | None = None, online: bool = True,
+) -> ToyFederation:
+    """Clients that step a fixed amount per epoch; the withdrawing client 'ascends' by a fixed offset.
 
-    def __init__(self, store: HistoryStore, examples: dict[str, int], withdrawn: str,
-                 data: dict[str, TensorDataset] | None = None, online: bool = True) -> None:
-        self.store = store
-        self.examples = examples
-        self.withdrawn = withdrawn
-        self.data = data
-        self.online = online
-        self.calls: list[tuple[str, object]] = []
-        self.ascents: list[tuple[str, Arrays, Arrays, AscentSettings]] = []
+    The i-th remaining client (in id order) moves every coordinate by (i + 1) per
+    local epoch. With ``data``, the ascent is the real projected gradient ascent
+    on the client's data; without, it adds 0.25 everywhere and reports 1.5 epochs.
+    """
+    remaining = sorted(c for c in examples if c != withdrawn)
 
-    def remaining_clients(self) -> list[str]:
-        return sorted(c for c in self.examples if c != self.withdrawn)
+    def constant_steps(client: str, model: Arrays, epochs: float, _round: int) -> Arrays:
+        return {k: np.full(v.shape, (remaining.index(client) + 1.0) * epochs, v.dtype) for k, v in model.items()}
 
-    def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
-        self.calls.append(("start_trajectory", base_version))
-        self.store.fork(base_version=base_version, info=dict(info))
-
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        raise AssertionError("gradient-ascent unlearning replays no rounds")
-
-    def local_training(self, server_round: int, model: Arrays, *, local_epochs: float) -> list[ClientUpdate]:
-        self.calls.append(("local_training", server_round))
-        return [
-            ClientUpdate(
-                c,
-                {k: np.full(v.shape, (i + 1.0) * local_epochs, v.dtype) for k, v in model.items()},
-                self.examples[c],
-                local_epochs,
-            )
-            for i, c in enumerate(self.remaining_clients())
-        ]
-
-    def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
-        self.calls.append(("record_round", server_round))
-        assert updates == []
-        self.store.commit_round(server_round, model_after)
-
-    def gradient_ascent(self, client_id: str, model: Arrays, reference: Arrays,
-                        settings: AscentSettings) -> tuple[Arrays, float]:
-        self.calls.append(("gradient_ascent", client_id))
-        self.ascents.append((client_id, model, reference, settings))
-        if not self.online:
-            raise ClientOfflineError(f"client {client_id} is not connected")
-        if self.data is None:
+    def ascent(client: str, model: Arrays, reference: Arrays, settings: AscentSettings) -> tuple[Arrays, float]:
+        if not online:
+            raise ClientOfflineError(f"client {client} is not connected")
+        if data is None:
             return {k: v + np.float32(0.25) for k, v in model.items()}, 1.5
-        net = load(linear(), model)
-        return projected_gradient_ascent(net, self.data[client_id], reference, settings, seed=0)
+        return projected_gradient_ascent(load(linear(), model), data[client], reference, settings, seed=0)
+
+    return ToyFederation(store, examples, constant_steps, withdrawn=[withdrawn], ascent=ascent)
 
 
-def f64(a: Arrays) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in a.items()}
+def gradient_ascent(
+    epochs: float = 1.0, model_factory: object = None, **settings: object
+) -> GradientAscent:
+    return GradientAscent(
+        GradientAscentSettings(**settings),  # type: ignore[arg-type]
+        UnlearningContext(local_epochs=epochs, model_factory=model_factory),  # type: ignore[arg-type]
+    )
 
 
 def assert_close(a: Arrays, b: Arrays, tol: float = 1e-5) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        np.testing.assert_allclose(a[k].astype(np.float64), np.asarray(b[k], dtype=np.float64), rtol=tol, atol=tol,
-                                   err_msg=k)
+    assert_models_close(a, b, rtol=tol, atol=tol)
 
 
 def test_reference_is_the_papers_formula_when_the_client_was_in_the_last_round(tmp_path):
     examples = {"a": 10, "b": 10, "c": 10, "d": 10}
     store, models, updates = build_history(tmp_path / "s", [["a", "b", "c", "d"]] * 3, examples)
     T, N = 3, 4
-    w_u = {k: f64(models[T - 1])[k] + updates[T - 1]["b"][k] for k in models[0]}
-    expected = {k: (N * f64(models[T])[k] - w_u[k]) / (N - 1) for k in models[0]}  # (N·w_T − w_u)/(N − 1)
+    w_u = {k: floats(models[T - 1])[k] + updates[T - 1]["b"][k] for k in models[0]}
+    expected = {k: (N * floats(models[T])[k] - w_u[k]) / (N - 1) for k in models[0]}  # (N·w_T − w_u)/(N − 1)
     # ... which is the average of the other clients' local models of round T
-    others = {k: sum(f64(models[T - 1])[k] + updates[T - 1][c][k] for c in "acd") / 3 for k in models[0]}
+    others = {k: sum(floats(models[T - 1])[k] + updates[T - 1][c][k] for c in "acd") / 3 for k in models[0]}
     assert_close(expected, others)
 
-    federation = ToyFederation(store, examples, "b")
-    strategy = GradientAscent(radius=0.7, lr=0.05, epochs=2.0, batch_size=8, accuracy_floor=0.2, recovery_rounds=0)
-    outcome = strategy.unlearn(UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
+    federation = toy_federation(store, examples, "b")
+    strategy = gradient_ascent(ascent_radius=0.7, ascent_lr=0.05, ascent_epochs=2.0, ascent_batch_size=8,
+                               ascent_accuracy_floor=0.2, recovery_rounds=0)
+    outcome = strategy.run(UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
 
     (client, start, reference, settings), = federation.ascents
     assert client == "b"
@@ -304,11 +263,11 @@ def test_reference_is_the_papers_formula_when_the_client_was_in_the_last_round(t
     assert_close(start, expected)  # the ascent starts at w_ref, as the reference code does
     assert settings == AscentSettings(radius=0.7, lr=0.05, epochs=2.0, batch_size=8, accuracy_floor=0.2)
     assert_close(outcome.model, {k: v + 0.25 for k, v in expected.items()})
-    assert outcome.client_epochs == 1.5 and outcome.rounds_replayed == 0
+    assert outcome.client_epochs == 1.5 and outcome.round_trips == 1 and outcome.rounds_replayed == 0
     assert outcome.details["reference_round"] == T and outcome.details["reference_participants"] == N
     # uniform and recorded weights coincide with equal data sizes
-    uniform = ToyFederation(store, examples, "b")
-    GradientAscent(radius=0.7, recovery_rounds=0, reference_weights="uniform").unlearn(
+    uniform = toy_federation(store, examples, "b")
+    gradient_ascent(ascent_radius=0.7, recovery_rounds=0, reference_weights="uniform").unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(1), uniform)
     assert_close(uniform.ascents[0][2], expected)
 
@@ -317,17 +276,17 @@ def test_recorded_weights_invert_the_weighted_aggregation(tmp_path):
     examples = {"a": 10, "b": 40, "c": 30}
     store, models, updates = build_history(tmp_path / "s", [["a", "b", "c"]] * 2, examples)
     T = 2
-    local = {c: {k: f64(models[T - 1])[k] + updates[T - 1][c][k] for k in models[0]} for c in examples}
+    local = {c: {k: floats(models[T - 1])[k] + updates[T - 1][c][k] for k in models[0]} for c in examples}
     others = {k: (10 * local["a"][k] + 30 * local["c"][k]) / 40 for k in models[0]}  # weighted average of the others
-    federation = ToyFederation(store, examples, "b")
-    GradientAscent(radius=1.0, recovery_rounds=0).unlearn(UnlearningRequest(frozenset({"b"}), T), store.reader(),
-                                                          federation)
+    federation = toy_federation(store, examples, "b")
+    gradient_ascent(ascent_radius=1.0, recovery_rounds=0).unlearn(
+        UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
     assert_close(federation.ascents[0][2], others)
     # The paper's uniform formula, literally:
-    literal = ToyFederation(store, examples, "b")
-    GradientAscent(radius=1.0, recovery_rounds=0, reference_weights="uniform").unlearn(
+    literal = toy_federation(store, examples, "b")
+    gradient_ascent(ascent_radius=1.0, recovery_rounds=0, reference_weights="uniform").unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(1), literal)
-    assert_close(literal.ascents[0][2], {k: (3 * f64(models[T])[k] - local["b"][k]) / 2 for k in models[0]})
+    assert_close(literal.ascents[0][2], {k: (3 * floats(models[T])[k] - local["b"][k]) / 2 for k in models[0]})
 
 
 def test_client_missing_from_the_last_rounds_uses_its_last_recorded_round(tmp_path):
@@ -335,11 +294,11 @@ def test_client_missing_from_the_last_rounds_uses_its_last_recorded_round(tmp_pa
     schedule = [["a", "b", "c"], ["a", "b", "c"], ["a", "c"], ["a", "c"]]
     store, models, updates = build_history(tmp_path / "s", schedule, examples)
     t, T = 2, 4
-    w_u = {k: f64(models[t - 1])[k] + updates[t - 1]["b"][k] for k in models[0]}
+    w_u = {k: floats(models[t - 1])[k] + updates[t - 1]["b"][k] for k in models[0]}
     # w_T + (1/(N−1))·(model_after(t) − w_u): u's share of round t's aggregate replaced by the others' average
-    expected = {k: f64(models[T])[k] + (f64(models[t])[k] - w_u[k]) / 2 for k in models[0]}
-    federation = ToyFederation(store, examples, "b")
-    outcome = GradientAscent(radius=1.0, recovery_rounds=0).unlearn(
+    expected = {k: floats(models[T])[k] + (floats(models[t])[k] - w_u[k]) / 2 for k in models[0]}
+    federation = toy_federation(store, examples, "b")
+    outcome = gradient_ascent(ascent_radius=1.0, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
     assert_close(federation.ascents[0][2], expected)
     assert outcome.details["reference_round"] == t
@@ -348,20 +307,20 @@ def test_client_missing_from_the_last_rounds_uses_its_last_recorded_round(tmp_pa
 def test_retention_interval_picks_the_last_retained_round(tmp_path):
     examples = {"a": 10, "b": 10, "c": 10}
     store, models, updates = build_history(tmp_path / "s", [["a", "b", "c"]] * 4, examples, retention_interval=2)
-    federation = ToyFederation(store, examples, "a")
-    outcome = GradientAscent(radius=1.0, recovery_rounds=0).unlearn(
+    federation = toy_federation(store, examples, "a")
+    outcome = gradient_ascent(ascent_radius=1.0, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"a"}), 4), store.reader(), federation)
     assert outcome.details["reference_round"] == 3  # rounds 1 and 3 kept their updates
-    w_u = {k: f64(models[2])[k] + updates[2]["a"][k] for k in models[0]}
-    assert_close(federation.ascents[0][2], {k: f64(models[4])[k] + (f64(models[3])[k] - w_u[k]) / 2
+    w_u = {k: floats(models[2])[k] + updates[2]["a"][k] for k in models[0]}
+    assert_close(federation.ascents[0][2], {k: floats(models[4])[k] + (floats(models[3])[k] - w_u[k]) / 2
                                             for k in models[0]})
 
 
 def test_recovery_rounds_and_the_new_trajectory(tmp_path):
     examples = {"a": 10, "b": 30, "c": 20}
     store, models, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 3, examples)
-    federation = ToyFederation(store, examples, "a")
-    outcome = GradientAscent(radius=1.0, recovery_rounds=2, recovery_epochs=0.5).unlearn(
+    federation = toy_federation(store, examples, "a")
+    outcome = gradient_ascent(0.5, ascent_radius=1.0, recovery_rounds=2).run(  # recovery trains the federation's E
         UnlearningRequest(frozenset({"a"}), 3), store.reader(), federation)
     assert federation.calls == [("gradient_ascent", "a"), ("local_training", 3), ("local_training", 3),
                                 ("start_trajectory", 2), ("record_round", 3)]
@@ -369,7 +328,9 @@ def test_recovery_rounds_and_the_new_trajectory(tmp_path):
     step = (30 * 1.0 + 20 * 2.0) / 50 * 0.5  # FedAvg of b's (1·E) and c's (2·E) constant updates
     assert_close(outcome.model, {k: v + 2 * step for k, v in ascended.items()})
     assert outcome.client_epochs == pytest.approx(1.5 + 2 * 2 * 0.5)  # ascent + 2 rounds × 2 clients × 0.5
+    assert outcome.round_trips == 3  # the ascent and two recovery rounds
     assert outcome.rounds_replayed == 2 and outcome.base_version == 2
+    assert federation.recorded == [(3, [])]
     assert store.last_completed_round() == 3
     assert_close(store.read_model(3), outcome.model)
     assert list(store.reader().rounds(3, 3))[0].participants == []
@@ -379,37 +340,37 @@ def test_recovery_rounds_and_the_new_trajectory(tmp_path):
 def test_several_clients_are_refused_and_nothing_is_written(tmp_path):
     examples = {"a": 10, "b": 10, "c": 10}
     store, _, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 2, examples)
-    federation = ToyFederation(store, examples, "a")
+    federation = toy_federation(store, examples, "a")
     with pytest.raises(ValueError, match="exactly one client"):
-        GradientAscent(radius=1.0).unlearn(UnlearningRequest(frozenset({"a", "b"}), 2), store.reader(), federation)
+        gradient_ascent(ascent_radius=1.0).unlearn(UnlearningRequest(frozenset({"a", "b"}), 2), store.reader(), federation)
     assert federation.calls == [] and len(store.trajectories()) == 1
 
 
 def test_offline_client_leaves_the_store_untouched(tmp_path):
     examples = {"a": 10, "b": 10}
     store, _, _ = build_history(tmp_path / "s", [["a", "b"]] * 2, examples)
-    federation = ToyFederation(store, examples, "a", online=False)
+    federation = toy_federation(store, examples, "a", online=False)
     with pytest.raises(ClientOfflineError):
-        GradientAscent(radius=1.0).unlearn(UnlearningRequest(frozenset({"a"}), 2), store.reader(), federation)
+        gradient_ascent(ascent_radius=1.0).unlearn(UnlearningRequest(frozenset({"a"}), 2), store.reader(), federation)
     assert federation.calls == [("gradient_ascent", "a")] and len(store.trajectories()) == 1
 
 
 def test_client_that_never_took_part_changes_nothing(tmp_path):
     examples = {"a": 10, "b": 10, "z": 10}
     store, models, _ = build_history(tmp_path / "s", [["a", "b"]] * 2, examples)
-    federation = ToyFederation(store, examples, "z")
-    outcome = GradientAscent(radius=1.0).unlearn(UnlearningRequest(frozenset({"z"}), 2), store.reader(), federation)
+    federation = toy_federation(store, examples, "z")
+    outcome = gradient_ascent(ascent_radius=1.0).run(UnlearningRequest(frozenset({"z"}), 2), store.reader(), federation)
     assert federation.calls == [("start_trajectory", 2)]
     assert_close(outcome.model, models[2], tol=0)
-    assert outcome.client_epochs == 0.0 and outcome.base_version == 2
+    assert outcome.client_epochs == 0.0 and outcome.round_trips == 0 and outcome.base_version == 2
 
 
 def test_radius_or_factory_is_required(tmp_path):
     examples = {"a": 10, "b": 10}
     store, _, _ = build_history(tmp_path / "s", [["a", "b"]], examples)
-    with pytest.raises(ValueError, match="model_factory"):
+    with pytest.raises(ValueError, match="model factory"):
         GradientAscent().unlearn(UnlearningRequest(frozenset({"a"}), 1), store.reader(),
-                                 ToyFederation(store, examples, "a"))
+                                 toy_federation(store, examples, "a"))
 
 
 def test_radius_from_random_models(tmp_path):
@@ -432,8 +393,8 @@ def test_radius_from_random_models(tmp_path):
 
     examples = {"a": 10, "b": 10, "c": 10}
     store, _, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 2, examples)
-    federation = ToyFederation(store, examples, "a")
-    outcome = GradientAscent(model_factory=module_factory, recovery_rounds=0).unlearn(
+    federation = toy_federation(store, examples, "a")
+    outcome = gradient_ascent(model_factory=module_factory, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"a"}), 2, seed=5), store.reader(), federation)
     expected = random_model_radius(federation.ascents[0][2], module_factory, seed=5)
     assert federation.ascents[0][3].radius == pytest.approx(expected)
@@ -445,13 +406,15 @@ def test_end_to_end_with_the_real_ascent(tmp_path):
     examples = {"a": 64, "b": 64, "c": 64}
     data = {c: blobs(64, seed=i) for i, c in enumerate(examples)}
     store, models, _ = build_history(tmp_path / "s", [["a", "b", "c"]] * 2, examples)
-    federation = ToyFederation(store, examples, "a", data=data)
-    outcome = GradientAscent(radius=0.5, lr=0.5, epochs=2.0, batch_size=16, accuracy_floor=-1.0,
-                             recovery_rounds=0).unlearn(
+    federation = toy_federation(store, examples, "a", data=data)
+    outcome = gradient_ascent(ascent_radius=0.5, ascent_lr=0.5, ascent_epochs=2.0, ascent_batch_size=16,
+                              ascent_accuracy_floor=0.0, recovery_rounds=0).run(
         UnlearningRequest(frozenset({"a"}), 2), store.reader(), federation)
     reference = federation.ascents[0][2]
     assert parameter_distance(load(linear(), outcome.model), reference) <= 0.5 * (1 + 1e-6)
-    assert outcome.client_epochs == 2.0
+    # The client's own count of ascent epochs is what the federation handle meters (it may stop at the floor).
+    assert 0 < outcome.details["ascent_epochs"] <= 2.0
+    assert outcome.client_epochs == outcome.details["ascent_epochs"] and outcome.round_trips == 1
     loss = evaluate(load(linear(), outcome.model), data["a"]).loss
     assert loss > evaluate(load(linear(), reference), data["a"]).loss
     assert_close(store.read_model(2), outcome.model)

@@ -119,7 +119,7 @@ def test_every_round_of_the_run_is_in_the_ledger(withdrawn_run):
     json.dumps(outcome.unlearning)  # the event stays serialisable
 
 
-@pytest.mark.parametrize("strategy", ["subtract", "calibrated", "retrain"])
+@pytest.mark.parametrize("strategy", ["subtract", "fedrecovery", "replay", "calibrated", "retrain"])
 def test_a_later_unlearning_never_reads_an_earlier_shredded_client(tmp_path, strategy):
     """After client 1's key is destroyed its updates are unreadable; unlearning client 2 later must not need them."""
     from fedforget.strategies.registry import make_unlearner
@@ -159,13 +159,17 @@ def test_a_request_made_between_runs_is_unlearned_now_by_fedforget_unlearn(tmp_p
     finally:
         service.stop()
 
-    refused = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "retrain"])
-    assert refused.exit_code == 2 and "needs work from the remaining clients" in " ".join(refused.output.split())
+    for needs_clients in ("retrain", "subtract"):  # subtract's recovery rounds need the remaining clients
+        refused = CliRunner().invoke(
+            app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", needs_clients]
+        )
+        said = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "needs work from the remaining clients" in said
+        assert "use --strategy fedrecovery" in said  # a remedy that works
 
-    result = CliRunner().invoke(
-        app, ["unlearn", "--state", str(tmp_path), "--client", "1", "--strategy", "subtract", "--recovery-rounds", "0"]
-    )
+    result = CliRunner().invoke(app, ["unlearn", "--state", str(tmp_path), "--client", "1"])  # fedrecovery
     assert result.exit_code == 0, result.output
+    assert "by fedrecovery in" in " ".join(result.output.split())
     with ConsentRegistry.open(paths.registry) as registry:
         request = registry.status(request_id)
     assert request.status == "done"

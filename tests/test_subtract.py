@@ -1,0 +1,199 @@
+"""subtract (strategies/subtract.py): remove Δ = Σ_t δ_t in K stages, each followed by one FedAvg round.
+
+Checked against hand computations on a real history store: δ_t is the
+round's recorded step minus the staying participants' stored updates
+re-weighted among themselves, and the K stages interleave −Δ/K with one
+round of the remaining clients, in that order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from toy_federation import (
+    LocalCall,
+    RecordedHistory,
+    ToyFederation,
+    assert_models_close,
+    floats,
+    moved,
+    record_history,
+)
+
+from fedforget.arrays import Arrays
+from fedforget.server.store.errors import KeyDestroyedError
+from fedforget.strategies.base import UnlearningRequest
+from fedforget.strategies.settings import UnlearningContext
+from fedforget.strategies.subtract import Subtract, SubtractSettings
+
+EXAMPLES = {"a": 10, "b": 30, "c": 20, "d": 40}
+E = 2.0
+
+
+def initial_model() -> Arrays:
+    rng = np.random.default_rng(3)
+    return {
+        "w": rng.standard_normal((3, 2)).astype(np.float32),
+        "count": np.array(0, np.int64),
+        "b": rng.standard_normal(2).astype(np.float32),
+    }
+
+
+def hand_update(server_round: int, client: str, like: Arrays) -> Arrays:
+    rng = np.random.default_rng(100 * server_round + sum(map(ord, client)))
+    return {k: (0.2 * rng.standard_normal(v.shape)).astype(np.float32) if v.dtype.kind == "f" else np.ones_like(v)
+            for k, v in like.items()}
+
+
+def history(path: Path, schedule: list[list[str]], retention_interval: int = 1) -> RecordedHistory:
+    return record_history(path, initial_model(), schedule, EXAMPLES, hand_update,
+                          retention_interval=retention_interval)
+
+
+def subtract(stages: int) -> Subtract:
+    return Subtract(SubtractSettings(recovery_rounds=stages), UnlearningContext(local_epochs=E))
+
+
+class PullingClients:
+    """Each epoch pulls the model halfway to a point of the client's own; every model asked about is kept."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Arrays]] = []
+
+    @staticmethod
+    def target(client: str, like: Arrays) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(sum(map(ord, client)))
+        return {k: rng.standard_normal(v.shape) for k, v in floats(like).items()}
+
+    def __call__(self, client: str, model: Arrays, epochs: float, _round: int) -> Arrays:
+        self.seen.append((client, model))
+        goal = self.target(client, model)
+        return {k: ((goal[k] - v) * 0.25 * epochs).astype(v.dtype) if k in goal else np.zeros_like(v)
+                for k, v in model.items()}
+
+
+def contribution(recorded: RecordedHistory, gone: set[str], absent: set[str] = frozenset(),
+                 rounds: set[int] | None = None) -> dict[str, np.ndarray]:
+    """Δ = Σ_t δ_t by hand, over the rounds ``gone`` took part in (and ``rounds``, if given)."""
+    total = {k: np.zeros_like(v) for k, v in floats(recorded.models[0]).items()}
+    for t, weights in enumerate(recorded.weights, start=1):
+        if not gone & set(weights) or (rounds is not None and t not in rounds):
+            continue
+        ups = recorded.updates[t - 1]
+
+        def mean(clients: list[str]) -> dict[str, np.ndarray]:
+            mass = sum(weights[c] for c in clients)
+            return {k: sum(weights[c] / mass * floats(ups[c])[k] for c in clients) for k in total}
+
+        if absent:
+            with_them = mean([c for c in weights if c not in absent])
+        else:
+            with_them = {k: floats(recorded.models[t])[k] - floats(recorded.models[t - 1])[k] for k in total}
+        staying = [c for c in weights if c not in gone | absent]
+        without = mean(staying) if staying else {k: np.zeros_like(v) for k, v in total.items()}
+        for k in total:
+            total[k] += with_them[k] - without[k]
+    return total
+
+
+# --------------------------------------------------------------------------- the subtraction
+
+
+def test_without_stages_the_server_alone_returns_w_t_minus_the_contributions(tmp_path: Path) -> None:
+    # b: unequal weights, rounds without b (δ = 0), and a round with only b (all of its step is b's).
+    schedule = [["a", "b", "c"], ["a", "c"], ["b", "c", "d"], ["b"], ["a", "d"]]
+    recorded = history(tmp_path / "store", schedule)
+    federation = ToyFederation(recorded.store, EXAMPLES)  # no trainer: asking a client would fail the test
+    strategy = subtract(0)
+    assert not strategy.needs_client_work
+    outcome = strategy.run(UnlearningRequest(frozenset({"b"}), 5), recorded.store.reader(), federation)
+
+    delta = contribution(recorded, {"b"})
+    assert_models_close(outcome.model, moved(recorded.models[5], delta, -1.0), same_dtypes=True)
+    assert outcome.model["count"] == recorded.models[5]["count"]  # a counter is nobody's contribution
+    assert outcome.details["subtracted_rounds"] == [1, 3, 4]
+    assert outcome.details["unknown_residual_rounds"] == []
+    assert outcome.details["contribution_norm"] == pytest.approx(
+        np.sqrt(sum(np.sum(v**2) for v in delta.values())), rel=1e-5)
+    assert outcome.round_trips == 0 and outcome.client_epochs == 0.0 and outcome.rounds_replayed == 0
+    # The result is version 5 of a trajectory forked at 4, a round without participants.
+    assert federation.calls == [("start_trajectory", 4), ("record_round", 5)]
+    assert outcome.base_version == 4
+    new = recorded.store.reader()
+    assert_models_close(new.model(5), outcome.model, rtol=0, atol=0)
+    assert next(new.rounds(5, 5)).participants == []
+
+
+def test_k_stages_interleave_a_kth_of_the_contribution_with_one_round(tmp_path: Path) -> None:
+    stages = 3
+    recorded = history(tmp_path / "store", [["a", "b", "c"], ["a", "b", "c", "d"], ["b", "d"], ["a", "c", "d"]])
+    clients = PullingClients()
+    federation = ToyFederation(recorded.store, EXAMPLES, clients, withdrawn=["b"])
+    outcome = subtract(stages).run(UnlearningRequest(frozenset({"b"}), 4), recorded.store.reader(), federation)
+
+    delta = contribution(recorded, {"b"})
+    remaining = ["a", "c", "d"]
+    total = sum(EXAMPLES[c] for c in remaining)
+    model = recorded.models[4]
+    stage_models = []
+    for _ in range(stages):
+        model = moved(model, delta, -1.0 / stages)  # first a K-th of Δ ...
+        stage_models.append(model)
+        step = {k: sum(EXAMPLES[c] / total * 0.25 * E * (PullingClients.target(c, model)[k] - floats(model)[k])
+                       for c in remaining) for k in delta}
+        model = moved(model, step)  # ... then one FedAvg round of the remaining clients from there
+    assert_models_close(outcome.model, model)
+    # Each round trained from the model of its stage, in order.
+    asked = [m for c, m in clients.seen if c == "a"]
+    assert len(asked) == stages
+    for got, expected in zip(asked, stage_models):
+        assert_models_close(got, expected)
+    assert federation.local_calls == [LocalCall(4, E, None)] * stages  # asked as the version the result becomes
+    assert outcome.round_trips == stages and outcome.client_epochs == pytest.approx(stages * 3 * E)
+    assert federation.calls[-2:] == [("start_trajectory", 3), ("record_round", 4)]  # the store is touched last
+
+
+def test_all_at_once_is_not_the_same_as_in_stages(tmp_path: Path) -> None:
+    """The test above can tell the interleaving apart from subtracting Δ first and then training K rounds."""
+    recorded = history(tmp_path / "store", [["a", "b", "c"]] * 3)
+    staged = subtract(3).run(UnlearningRequest(frozenset({"b"}), 3), recorded.store.reader(),
+                             ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["b"]))
+    model = moved(recorded.models[3], contribution(recorded, {"b"}), -1.0)
+    for _ in range(3):
+        step = {k: sum(EXAMPLES[c] / 30 * 0.25 * E * (PullingClients.target(c, model)[k] - floats(model)[k])
+                       for c in ("a", "c")) for k in floats(model)}
+        model = moved(model, step)
+    assert not np.allclose(staged.model["w"], model["w"], atol=1e-3)
+
+
+def test_a_round_whose_staying_updates_were_not_kept_is_listed_and_skipped(tmp_path: Path) -> None:
+    recorded = history(tmp_path / "store", [["a", "b", "c"]] * 4, retention_interval=2)  # rounds 2, 4 not kept
+    outcome = subtract(0).run(UnlearningRequest(frozenset({"a"}), 4), recorded.store.reader(),
+                              ToyFederation(recorded.store, EXAMPLES))
+    assert outcome.details["subtracted_rounds"] == [1, 3]
+    assert outcome.details["unknown_residual_rounds"] == [2, 4]
+    assert_models_close(outcome.model, moved(recorded.models[4], contribution(recorded, {"a"}, rounds={1, 3}), -1.0))
+
+
+def test_clients_removed_earlier_are_absent_and_never_read(tmp_path: Path) -> None:
+    """d was removed approximately before: its key is destroyed, and Δ is b's share of rounds without d."""
+    recorded = history(tmp_path / "store", [["a", "b", "d"], ["b", "c", "d"], ["a", "b", "c"]])
+    recorded.store.destroy_client_key("d")
+    with pytest.raises(KeyDestroyedError):
+        next(recorded.store.reader().rounds(1, 1)).update("d")  # any read of d would fail the strategy
+    request = UnlearningRequest(frozenset({"b"}), 3, residual_clients=frozenset({"d"}))
+    outcome = subtract(0).run(request, recorded.store.reader(), ToyFederation(recorded.store, EXAMPLES))
+    delta = contribution(recorded, {"b"}, absent={"d"})
+    assert_models_close(outcome.model, moved(recorded.models[3], delta, -1.0))
+    assert outcome.details["subtracted_rounds"] == [1, 2, 3]
+
+
+def test_a_client_that_never_took_part_costs_nothing(tmp_path: Path) -> None:
+    recorded = history(tmp_path / "store", [["a", "b"]] * 2)
+    federation = ToyFederation(recorded.store, EXAMPLES, PullingClients())
+    outcome = subtract(3).run(UnlearningRequest(frozenset({"z"}), 2), recorded.store.reader(), federation)
+    assert federation.calls == [("start_trajectory", 2)]
+    assert outcome.round_trips == 0 and outcome.base_version == 2
+    assert_models_close(outcome.model, recorded.models[2], rtol=0, atol=0)
