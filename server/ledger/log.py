@@ -29,6 +29,7 @@ never skipped (see :meth:`Ledger.repair`). A ``Ledger`` handle is not thread-saf
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -195,14 +196,27 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
-    def _snapshot_size(self) -> int:
-        """File size at a moment no append is in progress (appends hold LOCK_EX until synced)."""
-        fd = self._fileno()
+    @contextlib.contextmanager
+    def _quiet(self, fd: int) -> Iterator[None]:
+        """Wait out an append in progress (appends hold LOCK_EX until synced); an audit takes no lock at all.
+
+        A read-only audit must not change or hold anything of what it audits, so
+        it reads the file as it is: audit a copy, or a ledger no run is writing.
+        """
+        if self.readonly:
+            yield
+            return
         fcntl.flock(fd, fcntl.LOCK_SH)
         try:
-            return os.fstat(fd).st_size
+            yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _snapshot_size(self) -> int:
+        """File size at a moment no append is in progress."""
+        fd = self._fileno()
+        with self._quiet(fd):
+            return os.fstat(fd).st_size
 
     def _scan(self, limit: int) -> Iterator[tuple[LedgerEntry, bytes]]:
         """Entries (and their lines) in the first ``limit`` bytes, each checked against the one before; raises at the first break."""
@@ -320,14 +334,11 @@ class Ledger:
     def _check_tail(self) -> None:
         """The cheap check done by open(): a complete last line, and the last two entries intact and linked."""
         fd = self._fileno()
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
+        with self._quiet(fd):
             size = os.fstat(fd).st_size
             if size == 0:
                 return
             lines, torn = _tail(fd, size, 2)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
         try:
             if torn or not lines:
                 raise Defect("", "")
