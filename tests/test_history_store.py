@@ -840,6 +840,15 @@ def test_a_deleted_update_row_shows_in_its_round(two_round_store: Path) -> None:
             list(store.reader().rounds())
 
 
+def test_a_deleted_meta_row_is_refused_naming_it(two_round_store: Path) -> None:
+    with HistoryStore.open(two_round_store) as store:
+        store.set_meta("unlearning_in_progress", {"clients": ["c1"]})
+        store.set_meta("unlearning_in_progress", None)  # cleared by setting, never by deleting
+    _edit(two_round_store, "DELETE FROM meta WHERE key = 'unlearning_in_progress'")
+    with pytest.raises(RowAuthenticationError, match=re.escape("meta rows ['unlearning_in_progress'] were deleted")):
+        HistoryStore.open(two_round_store)
+
+
 def test_a_read_only_open_takes_no_lock_writes_nothing_and_refuses_writes(two_round_store: Path) -> None:
     before = {p.name: p.read_bytes() for p in two_round_store.iterdir() if p.is_file()}
     with HistoryStore.open(two_round_store) as writer, HistoryStore.open(two_round_store, readonly=True) as reader:

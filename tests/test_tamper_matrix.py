@@ -278,6 +278,10 @@ CASES: dict[str, tuple[Callable[[FinishedRun], None], str]] = {
     # index rows
     **{f"index: {name}": (_sql(sql), named) for name, (sql, named) in _COLUMN_EDITS.items()},
     "index: an update row deleted": (_sql(f"DELETE FROM updates {_UPDATE}"), "the index has update rows for clients ['2']"),
+    "index: a meta row deleted": (_sql("DELETE FROM meta WHERE key = 'timeline'"), "row 'timeline' was deleted"),
+    "index: the list of meta keys edited": (
+        _sql("UPDATE state SET value = '[]' WHERE key = 'meta_keys'"), "state(key='meta_keys')"
+    ),
     "index: current trajectory row replayed from a copy made before the withdrawal": (
         _replay_current_trajectory(drop_new_history=False),
         "was written when the store had 1 trajectories, but it has 2",

@@ -21,6 +21,8 @@ so they must agree, and a change to one that is not made to the other shows:
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from fedforget.errors import FedforgetError
 from fedforget.server.ledger.entries import LedgerEntry, validate_body
 from fedforget.server.ledger.findings import Findings
 from fedforget.server.ledger.log import LogSnapshot
+from fedforget.server.store.index import META_KEYS
 from fedforget.server.store.blob_crypto import GLOBAL_OWNER
 from fedforget.server.store.index import Row
 from fedforget.server.store.inspection import StoreInspection
@@ -105,6 +108,7 @@ class _StoreAudit:
                         "federation key (its values below are compared anyway, to say what changed)",
                     )
         self._state_scope()
+        self._meta_keys()
         self._rounds()
         self._trajectories()
         self._destroyed_keys()
@@ -120,6 +124,21 @@ class _StoreAudit:
                     f"was written when the store had {row.get('scope')} trajectories, but it has "
                     f"{len(self.store.rows['trajectories'])}: an older copy of the row was put back",
                 )
+
+    def _meta_keys(self) -> None:
+        """Every meta row the store wrote is there, and no other: a deleted row leaves only this trace."""
+        listed: set[str] = set()
+        for row in self.store.rows["state"]:
+            if row.get("key") == META_KEYS:
+                try:
+                    listed = set(json.loads(row.get("value")))
+                except (TypeError, ValueError):
+                    self.findings.error(f"{self.where} index row {row.name}", "does not hold a list of meta keys")
+        present = {str(row.get("key")) for row in self.store.rows["meta"]}
+        for key in sorted(listed - present):
+            self.findings.error(f"{self.where} index table meta", f"row {key!r} was deleted")
+        for key in sorted(present - listed):
+            self.findings.error(f"{self.where} index row meta {key!r}", "is not among the keys the store wrote")
 
     # ------------------------------------------------------------------ rounds
 

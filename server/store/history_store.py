@@ -417,7 +417,7 @@ class HistoryStore(RoundWriter):
             raise ValueError(f"meta key must be a non-empty string, got {key!r}")
         text = dumps(value, f"meta value for {key!r}")
         with self._index.transaction():
-            self._index.put("meta", (key, text), replace=True)
+            self._index.put_meta(key, text)
 
     def get_meta(self, key: str, default: object = None) -> object:
         row = self._index.row("meta", "WHERE key = ?", (key,))

@@ -119,6 +119,9 @@ CREATE INDEX updates_blob ON updates (blob_id);
 
 _MAC_DOMAIN = b"fedforget-index-row/1"
 
+META_KEYS = "meta_keys"
+"""The ``state`` row listing every meta key the store wrote (see :meth:`Index.meta_keys_problem`)."""
+
 
 def index_mac_key(federation_key: bytes, federation_id: str) -> bytes:
     """The key of the rows' MACs: derived from the federation key (HKDF-SHA256), so it changes when that key does."""
@@ -277,6 +280,37 @@ class Index:
                 if not row.authentic:
                     raise self.failure(row)
         self.check_state_scope()
+        problem = self.meta_keys_problem()
+        if problem is not None:
+            raise RowAuthenticationError(f"the index {self.path}: {problem}. Restore the index from a backup.")
+
+    def meta_keys_problem(self) -> str | None:
+        """Whether the meta rows are the ones the authenticated ``meta_keys`` state row lists.
+
+        Each meta row authenticates itself, but a deleted row leaves nothing
+        to check; the list of keys (MAC'd like every row) makes a deletion,
+        or a row from elsewhere, show.
+        """
+        row = self.row("state", "WHERE key = ?", (META_KEYS,))
+        listed = set(json.loads(row.get("value"))) if row is not None else set()
+        present = {str(r[0]) for r in self.conn.execute("SELECT key FROM meta")}
+        if present == listed:
+            return None
+        gone, extra = sorted(listed - present), sorted(present - listed)
+        parts = []
+        if gone:
+            parts.append(f"meta rows {gone} were deleted")
+        if extra:
+            parts.append(f"meta rows {extra} are not among the keys the store wrote")
+        return "; ".join(parts)
+
+    def put_meta(self, key: str, text: str) -> None:
+        """Set a meta row and keep the authenticated list of meta keys in step (inside a transaction)."""
+        self.put("meta", (key, text), replace=True)
+        row = self.row("state", "WHERE key = ?", (META_KEYS,))
+        listed = set(json.loads(row.get("value"))) if row is not None else set()
+        if key not in listed:
+            self.put("state", (META_KEYS, json.dumps(sorted(listed | {key})), 0), replace=True)
 
     def check_state_scope(self) -> None:
         """``current_trajectory``'s MAC covers the number of trajectories: an old, once valid row does not fit."""
