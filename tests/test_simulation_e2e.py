@@ -7,23 +7,85 @@ report, and a run killed with SIGKILL and resumed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedforget.client.certificate_check import verify_certificate
-from fedforget.server.rounds.loop import Withdrawal
 from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.config import SimulationConfig
+from fedforget.simulations.ray_engine import start_ray, stop_ray
 from fedforget.simulations.runner import simulate
 
 pytestmark = pytest.mark.simulation
+
+RAY_DASHBOARD_PORT = 8265
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _listening_sockets(pids: set[int]) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            columns = line.split()
+            if columns[3] != "0A" or columns[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = columns[1].split(":")
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            ordered = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(ordered)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            listening.add((ip, int(port, 16)))
+    return listening
+
+
+def test_the_private_ray_listens_on_loopback_only_without_a_dashboard():
+    start_ray(num_cpus=1, verbose=False)
+    try:
+        sockets = _listening_sockets(_descendants(os.getpid()))
+    finally:
+        stop_ray()
+    assert sockets, "Ray's processes listen on nothing: this check would prove nothing"
+    assert all(ip.is_loopback for ip, _ in sockets), sorted(map(str, sockets))
+    assert RAY_DASHBOARD_PORT not in {port for _, port in sockets}
 
 
 def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
