@@ -35,7 +35,7 @@ def training_problem(rounds: Sequence[Mapping[str, object]], num_classes: int = 
         loss = entry.get("test_loss")
         if isinstance(loss, float) and not math.isfinite(loss):
             return (
-                f"the test loss became {loss} in round {entry['round']}: training diverged. "
+                f"the test loss became {loss} in round {entry['round']} (training diverged). "
                 "Lower --lr (or --batch-size / --local-epochs)."
             )
     last = evaluated[-STUCK_ROUNDS:]
@@ -43,7 +43,7 @@ def training_problem(rounds: Sequence[Mapping[str, object]], num_classes: int = 
         shown = ", ".join(f"{float(r['test_accuracy']):.1%}" for r in last)  # type: ignore[arg-type]
         return (
             f"test accuracy stayed near chance ({1 / num_classes:.0%}) in rounds {last[0]['round']}-{last[-1]['round']} "
-            f"({shown}): the model is not learning. Lower --lr, or check the data and model."
+            f"({shown}). Lower --lr, or check the data and model."
         )
     return None
 
@@ -54,7 +54,8 @@ def evidence_problem(accuracies: Mapping[str, float | None], num_classes: int = 
     if not untrained:
         return None
     shown = ", ".join(f"{role} {accuracies[role]:.1%}" for role in untrained)
+    names = untrained[0] if len(untrained) == 1 else f"{', '.join(untrained[:-1])} and {untrained[-1]}"
     return (
-        f"meaningless: the {' and '.join(untrained)} model(s) never learned (test accuracy {shown}, "
+        f"meaningless: the {names} model{'s' if len(untrained) > 1 else ''} never learned (test accuracy {shown}, "
         f"chance {1 / num_classes:.0%}), so these figures compare untrained models and say nothing about forgetting"
     )

@@ -87,7 +87,7 @@ def plot_roc(path: Path, title: str, attacks: dict[str, dict[str, AttackResult]]
         ax.set_title(f"{'loss-threshold' if kind == 'population' else 'offline LiRA'} attack")
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title} (forgotten: unlearned matches retrain)")
+    fig.suptitle(f"{title}\nforgotten: the unlearned curve matches the retrain curve", fontsize=11)
     _save(fig, path)
 
 

@@ -53,7 +53,7 @@ def test_the_observer_warns_once_as_soon_as_the_model_is_stuck():
 def test_evidence_on_a_model_that_never_learned_is_meaningless():
     assert evidence_problem({"original": 0.95, "unlearned": 0.94, "retrain": 0.94}) is None
     problem = evidence_problem({"original": 0.1, "unlearned": 0.11, "retrain": 0.93})
-    assert problem is not None and problem.startswith("meaningless") and "original and unlearned" in problem
+    assert problem is not None and problem.startswith("meaningless") and "original and unlearned models" in problem
 
 
 def _verification(meaningless: str | None) -> dict[str, object]:
@@ -112,3 +112,22 @@ def test_the_accuracy_plot_has_a_title_a_final_value_and_its_legend_clear_of_the
     legend = ax.get_legend()
     anchor = legend.get_bbox_to_anchor().transformed(ax.transAxes.inverted())
     assert anchor.y1 <= 0  # below the axes, where no withdrawal label is drawn
+
+
+def test_the_membership_roc_plot_has_a_title_and_each_model_s_auc(drawn):
+    import numpy as np
+
+    from fedforget.evidence.membership import AttackResult
+
+    def attack(auc: float) -> AttackResult:
+        grid = np.linspace(0, 1, 11)
+        return AttackResult(auc, 0.0, 0.0, grid, grid, 10, 10)
+
+    plots.plot_roc(Path("unused.png"), "Membership of client 3's training data",
+                   {role: {"population": attack(auc)} for role, auc in
+                    (("original", 0.61), ("unlearned", 0.52), ("retrain", 0.51))})
+    figure = drawn[0]
+    assert figure._suptitle.get_text().startswith("Membership of client 3")
+    (ax,) = figure.axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert {"original (AUC 0.610)", "unlearned (AUC 0.520)", "retrain (AUC 0.510)"} <= set(legend)

@@ -215,7 +215,7 @@ def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str 
     if problem:
         progress.print(
             f"[bold red]WARNING: this run's model did not learn[/]: {escape(str(problem))} "
-            f"report.json says so under training_problem."
+            f"report.json records this under training_problem."
         )
         raise typer.Exit(code=int(ExitCode.NOT_LEARNED))
 
