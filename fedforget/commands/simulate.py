@@ -174,13 +174,22 @@ def simulate_command(
     _run(config, out, resume=resume, ray_address=ray_address, verbose=verbose)
 
 
+def _shown(path: Path) -> Path:
+    """``path`` as a person would type it: relative to the working directory when it lies below it."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str | None, verbose: bool) -> None:
     """Import the engine (torch, Flower, Ray), run, print the results; exit 5 if the model never learned."""
     progress = console(stderr=True)
     what = config.model or f"the {config.dataset} CNN"
     progress.print(
         f"[bold]{escape(config.dataset)}[/], {escape(what)}, {config.clients} clients: lr {config.lr:g}, "
-        f"batch size {config.batch_size}, {config.local_epochs:g} local epochs per round; results in {escape(str(out))}"
+        f"batch size {config.batch_size}, {config.local_epochs:g} local epochs per round; "
+        f"results in {escape(str(_shown(out)))}"
     )
     from fedforget.server.ledger.log import LedgerError
     from fedforget.server.store.errors import StoreError
@@ -206,11 +215,11 @@ def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str 
         fail(str(exc), ExitCode.UNAVAILABLE)
     results = console()
     if "rounds" in result.report:
-        _print_run_summary(result.report, out, results)
+        _print_run_summary(result.report, _shown(out), results)
     if result.verification is not None:
         from fedforget.simulations.summary import print_verification
 
-        print_verification(result.verification, out, results)
+        print_verification(result.verification, _shown(out), results)
     problem = result.report.get("training_problem")
     if problem:
         progress.print(
