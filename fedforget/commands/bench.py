@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedforget.commands.data import require_dataset
 from fedforget.commands.exits import ExitCode, fail
 
 __all__ = ["bench_app"]
@@ -53,14 +54,7 @@ def bench_overhead(
     ] = None,
 ) -> None:
     """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
-    from fedforget.simulations.datasets import DATASET_NAMES, DatasetUnavailableError, check_available
-
-    if dataset not in DATASET_NAMES:
-        fail(f"--dataset {dataset!r} is not known; choose one of: {', '.join(DATASET_NAMES)}", ExitCode.USAGE)
-    try:
-        check_available(dataset)
-    except DatasetUnavailableError as exc:
-        fail(str(exc), ExitCode.UNAVAILABLE)
+    require_dataset(dataset)
     from fedforget.simulations.bench_overhead import run_overhead_benchmark
     from fedforget.simulations.ray_engine import SimulationEngineError
 

@@ -9,7 +9,19 @@ import typer
 
 from fedforget.commands.exits import ExitCode, fail
 
-__all__ = ["export_data_command"]
+__all__ = ["export_data_command", "require_dataset"]
+
+
+def require_dataset(name: str) -> None:
+    """Exit 2 for a dataset fedforget does not know, 4 for one that is not installed: before anything slow."""
+    from fedforget.simulations.datasets import DATASET_NAMES, DatasetUnavailableError, check_available
+
+    if name not in DATASET_NAMES:
+        fail(f"--dataset {name!r} is not known; choose one of: {', '.join(DATASET_NAMES)}", ExitCode.USAGE)
+    try:
+        check_available(name)
+    except DatasetUnavailableError as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
 
 
 def export_data_command(
@@ -21,17 +33,11 @@ def export_data_command(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
 ) -> None:
     """Write shares of a built-in dataset as the data files deployed organisations train on (x, y in .npz)."""
-    from fedforget.simulations.datasets import DATASET_NAMES, DatasetUnavailableError, check_available
     from fedforget.simulations.partitioning import PARTITION_SCHEMES
 
-    if dataset not in DATASET_NAMES:
-        fail(f"--dataset {dataset!r} is not known; choose one of: {', '.join(DATASET_NAMES)}", ExitCode.USAGE)
     if partition not in PARTITION_SCHEMES:
         fail(f"--partition {partition!r} is not known; choose one of: {', '.join(PARTITION_SCHEMES)}", ExitCode.USAGE)
-    try:
-        check_available(dataset)
-    except DatasetUnavailableError as exc:
-        fail(str(exc), ExitCode.UNAVAILABLE)
+    require_dataset(dataset)
     from fedforget.simulations.export import ExportError, export_partitions
 
     try:
