@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/fedforget simulate --dataset digits --clients 10 --rounds 20 --backdoor 3 --withdraw 3@15 --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 bench: $(STAMP)
 	$(BIN)/fedforget bench overhead

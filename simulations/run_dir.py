@@ -7,6 +7,7 @@ before it imports either.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def run_dirs(config: SimulationConfig, out: Path) -> list[tuple[SimulationConfig
         (replace(config, seed=config.seed + i, seeds=1), out / f"seed-{config.seed + i}")
         for i in range(config.seeds)
     ]
+
+
+def check_can_create(out: Path) -> None:
+    """Refuse an ``out`` that cannot become a writable directory, without creating anything.
+
+    A quick look (the nearest existing ancestor must be a writable directory);
+    :func:`writable` proves it by writing when the run really starts.
+    """
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirectoryError(f"output directory {out} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"output directory {out} is not writable: no write permission on {existing}")
 
 
 def writable(out: Path) -> Path:

@@ -68,6 +68,7 @@ def test_unwritable_output_directory_is_named(tmp_path):
     result = runner.invoke(app, ["simulate", "--out", str(blocker / "run"), "--rounds", "1"])
     assert result.exit_code == ExitCode.BAD_FILE
     assert "is not writable" in result.output and str(blocker) in result.output
+    assert blocker.read_text() == "not a directory"
 
 
 def test_resume_without_a_run_is_refused(tmp_path):
@@ -87,13 +88,16 @@ def test_resume_needs_the_run_named():
         ["simulate", "--dataset", "nope"],
         ["simulate", "--withdraw", "99@3"],
         ["simulate", "--lr", "-1"],
-        ["simulate", "--out", "/proc/fedforget-cannot-write-here"],
+        ["simulate", "--out", "{a_file}/run"],
         ["export-data", "--out", "/tmp/x", "--partitions", "2", "--dataset", "nope"],
         ["client", "verify", "--model", "m.npz", "--data", "d.npz", "--holdout", "h.npz"],
     ],
 )
-def test_bad_input_is_refused_before_torch_or_flower_is_imported(args):
+def test_bad_input_is_refused_before_torch_or_flower_is_imported(tmp_path, args):
     """The property behind sub-second rejection: nothing heavy is imported to say no."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    args = [arg.replace("{a_file}", str(a_file)) for arg in args]
     probe = (
         "import sys\n"
         "from fedforget.cli import main\n"
@@ -144,8 +148,9 @@ def planned_runs(monkeypatch):
 def test_the_default_output_is_a_new_directory_never_the_demo_s(tmp_path, monkeypatch, planned_runs):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    for _ in range(2):
-        assert runner.invoke(app, ["simulate"]).exit_code == 0
+    assert runner.invoke(app, ["simulate"]).exit_code == 0
+    (tmp_path / "runs" / "simulation-1").mkdir()  # as the run planned would have
+    assert runner.invoke(app, ["simulate"]).exit_code == 0
     assert [out for _, out in planned_runs] == [
         tmp_path / "runs" / "simulation-1", tmp_path / "runs" / "simulation-2"
     ]

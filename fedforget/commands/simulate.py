@@ -19,7 +19,13 @@ from fedforget.commands.consoles import console
 from fedforget.commands.exits import ExitCode, fail
 from fedforget.simulations.config import DATASET_TRAINING, ConfigError, SimulationConfig, parse_withdrawal
 from fedforget.simulations.datasets import DatasetUnavailableError, check_available
-from fedforget.simulations.run_dir import RunDirectoryError, check_fresh, next_free_run_dir, saved_config, writable
+from fedforget.simulations.run_dir import (
+    RunDirectoryError,
+    check_can_create,
+    check_fresh,
+    next_free_run_dir,
+    saved_config,
+)
 
 __all__ = ["simulate_command"]
 
@@ -162,7 +168,8 @@ def simulate_command(
             config = SimulationConfig(**settings)
         config.validate()
         check_available(config.dataset)
-        out = writable(out or next_free_run_dir())
+        out = (out or next_free_run_dir()).absolute()
+        check_can_create(out)
         if not resume:
             check_fresh(config, out)
     except ConfigError as exc:
