@@ -1,8 +1,9 @@
 # Two commands set up everything on a fresh machine:
-#   make demo   - a local simulation with a withdrawal and exact unlearning (digits, offline)
+#   make demo   - a local simulation with a withdrawal and exact unlearning (digits: no dataset download)
 #   make test   - the test suite
 #   make install - only the .venv (the deployment walkthrough in the README starts with it)
-# Both create .venv on first use. torch==2.13.0 is installed before the rest so
+# Both create .venv on first use, which needs a Python package index (PyPI, or the
+# index pip is configured for). torch==2.13.0 is installed before the rest so
 # that pip takes the CPU build instead of resolving a multi-GB CUDA build.
 
 PYTHON ?= python3
@@ -32,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/fedforget simulate --dataset digits --clients 10 --rounds 20 --backdoor 3 --withdraw 3@15 --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 bench: $(STAMP)
 	$(BIN)/fedforget bench overhead

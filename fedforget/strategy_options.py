@@ -25,9 +25,9 @@ NONE_WORDS = ("none",)
 """What a user types for a setting whose value may be None (e.g. ``--noise-epsilon none``)."""
 
 
-def _help(option: SettingOption) -> str:
-    defaults = ", ".join(f"{name}: {_shown(value)}" for name, value in option.defaults.items())
-    return f"{option.info.help} (default {defaults})"
+def _defaults(option: SettingOption) -> str:
+    """Each owning strategy's default, as ``--help`` shows it: which strategies have the setting, too."""
+    return ", ".join(f"{name}: {_shown(value)}" for name, value in option.defaults.items())
 
 
 def _shown(value: object) -> str:
@@ -43,7 +43,7 @@ def _parameter(option: SettingOption) -> inspect.Parameter:
     # Optional settings accept the word "none", so they are read as text and converted by the settings class.
     kind: type = str if info.optional or info.choices else info.kind
     annotation = Annotated[Optional[kind], typer.Option(
-        f"--{info.option}", help=_help(option), show_default=False, rich_help_panel="Strategy settings"
+        f"--{info.option}", help=info.help, show_default=_defaults(option), rich_help_panel="Strategy settings"
     )]
     return inspect.Parameter(
         info.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation

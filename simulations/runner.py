@@ -10,36 +10,45 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedforget.arrays import Arrays
 from fedforget.client.app import load_weights, make_client_app, model_arrays
 from fedforget.client.training import evaluate
-from fedforget.files import ensure_writable_dir, write_json_atomic
+from fedforget.files import write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.withdrawal.consent import RegistryConsent
 from fedforget.server.rounds.loop import RunObserver, RunOutcome, RunSettings, SilentObserver
 from fedforget.server.withdrawal.service import serve
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.simulations.config import ConfigError, SimulationConfig
+from fedforget.simulations.config import NUM_CLASSES, ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
+from fedforget.simulations.learning import training_problem
 from fedforget.simulations.models import build_model
 from fedforget.simulations.plots import write_plots
+from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
+from fedforget.simulations.run_dir import (
+    REPORT_FILE,
+    STORE_DIR,
+    VERIFICATION_FILE,
+    check_fresh,
+    record_settings,
+    run_dirs,
+    saved_config,
+    writable,
+)
 from fedforget.simulations.task import DataSettings, SimulationTask, test_dataset
 from fedforget.simulations.verification import aggregate_seeds, verify_run
 from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
 
 CONFIG_META = "simulation_config"
-STORE_DIR = "store"
-REPORT_FILE = "report.json"
 EVIDENCE_RETENTION = dt.timedelta(days=1)
 """How long a simulation keeps the old global models a withdrawn client trained, for its evidence.
 
@@ -47,8 +56,6 @@ The verification after the run compares the original model (of the history the
 client was removed from) with the unlearned one; the certificate and the
 ledger say they are kept until then, and they are shredded at the next run,
 round or unlearning after it."""
-SETTINGS_FILE = "simulation.json"
-VERIFICATION_FILE = "verification.json"
 
 
 @dataclass(frozen=True)
@@ -107,16 +114,6 @@ def make_evaluate_fn(dataset: str, model_seed: int, model: str | None = None):  
     return evaluate_global
 
 
-def _run_dirs(config: SimulationConfig, out: Path) -> list[tuple[SimulationConfig, Path]]:
-    """Each seed's settings and directory: ``OUT`` itself for one seed, ``OUT/seed-S`` for several."""
-    if config.seeds == 1:
-        return [(config, out)]
-    return [
-        (replace(config, seed=config.seed + i, seeds=1), out / f"seed-{config.seed + i}")
-        for i in range(config.seeds)
-    ]
-
-
 def _check_resumable(config: SimulationConfig, out: Path) -> None:
     """Refuse to resume a run written with other settings, for another federation or model."""
     saved = saved_config(out).to_json()
@@ -127,36 +124,44 @@ def _check_resumable(config: SimulationConfig, out: Path) -> None:
             + "; ".join(diffs)
             + "). Resume with the same settings, or start a new run with another --out."
         )
-    for seeded, run_dir in _run_dirs(config, out):
+    for seeded, run_dir in run_dirs(config, out):
         if (run_dir / STORE_DIR / "store.json").exists():
-            spec = ModelSpec.from_arrays(model_arrays(build_model(seeded.dataset, seed=seeded.seed)))
+            spec = ModelSpec.from_arrays(model_arrays(build_model(seeded.model_spec, seed=seeded.seed)))
             with HistoryStore.open(run_dir / STORE_DIR) as store:
                 store.check_compatible(federation_id=federation_id(seeded), model_spec=spec)
 
 
-def _prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
+def check_model_fits(config: SimulationConfig) -> None:
+    """Refuse your own model if it cannot classify the dataset's images, before anything is written."""
+    if config.model is None:
+        return  # the built-in models are made for their datasets
+    data = load_dataset(config.dataset)
+    try:
+        model = build_model(config.model_spec, seed=config.seed)
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.tensor(data.x_test[:2]))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"--model-factory {config.model}: cannot classify {config.dataset} images of shape "
+            f"{data.input_shape}: {exc}"
+        ) from exc
+    if tuple(logits.shape) != (2, data.num_classes):
+        raise ConfigError(
+            f"--model-factory {config.model}: for a batch of 2 {config.dataset} images it returned shape "
+            f"{tuple(logits.shape)}; it must return (batch, {data.num_classes}) class scores"
+        )
+
+
+def prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
     """Check ``OUT`` can take this run, then record its settings (the only write before training)."""
-    out = ensure_writable_dir(out)
+    out = writable(out)
     if resume:
         _check_resumable(config, out)
         return out
-    held = [d for _, d in _run_dirs(config, out) if (d / STORE_DIR).exists() and any((d / STORE_DIR).iterdir())]
-    if (out / SETTINGS_FILE).exists() or held:
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    write_json_atomic(out / SETTINGS_FILE, config.to_json())
+    check_fresh(config, out)
+    record_settings(config, out)
     return out
-
-
-def quiet_engines(verbose: bool = False) -> None:
-    """Quiet Flower, Ray and telemetry, and keep torch single-threaded on small machines."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def simulate(
@@ -167,28 +172,35 @@ def simulate(
     observer: RunObserver | None = None,
     verbose: bool = False,
     progress: Callable[[str], None] | None = None,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run the simulation described by ``config``, then verify every unlearning it did.
 
     Writes ``OUT/store`` and ``OUT/report.json`` (one ``OUT/seed-S/`` each with
     ``--seeds``), and with any unlearning ``OUT/verification.json``, the
     published models under ``OUT/models`` and plots under ``OUT/plots``.
+    ``ray_address`` names a Ray cluster to run on; by default a private Ray
+    listens on loopback only (see :mod:`fedforget.simulations.ray_engine`).
+    A model that did not learn is reported in ``report["training_problem"]``.
     """
     started = time.perf_counter()
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
-    out = _prepare_output(config, out, resume)
+    check_model_fits(config)
+    out = prepare_output(config, out, resume)
     quiet_engines(verbose)
     say = progress or (lambda message: None)
     reports: list[tuple[SimulationConfig, Path, dict[str, object]]] = []
-    for index, (seeded, run_dir) in enumerate(_run_dirs(config, out)):
+    for index, (seeded, run_dir) in enumerate(run_dirs(config, out)):
         if config.seeds > 1:
             say(f"seed {seeded.seed} ({index + 1} of {config.seeds})")
         if resume and (run_dir / REPORT_FILE).exists():
             report = json.loads((run_dir / REPORT_FILE).read_text())
         else:
             resumes = resume and (run_dir / STORE_DIR / "store.json").exists()
-            report = _run_federation(seeded, run_dir, resume=resumes, observer=observer, verbose=verbose)
+            report = _run_federation(
+                seeded, run_dir, resume=resumes, observer=observer, verbose=verbose, ray_address=ray_address, say=say
+            )
         reports.append((seeded, run_dir, report))
     verification = None
     if any(report["unlearning"] for _, _, report in reports):
@@ -197,11 +209,15 @@ def simulate(
     if config.seeds == 1:
         summary = dict(reports[0][2])
     else:
+        problems = {str(c.seed): r["training_problem"] for c, _, r in reports if r.get("training_problem")}
         summary = {
             "config": config.to_json(),
             "runs": [{"seed": c.seed, "report": str(d / REPORT_FILE)} for c, d, _ in reports],
             "final_test_accuracy": float(np.mean([r["final_test_accuracy"] for _, _, r in reports])),
             "final_test_accuracy_std": float(np.std([r["final_test_accuracy"] for _, _, r in reports], ddof=1)),
+            "training_problem": (
+                None if not problems else "; ".join(f"seed {seed}: {text}" for seed, text in problems.items())
+            ),
         }
     summary["wall_seconds_total"] = time.perf_counter() - started
     if verification is not None:
@@ -217,13 +233,13 @@ def _run_federation(
     resume: bool,
     observer: RunObserver | None,
     verbose: bool,
+    ray_address: str | None,
+    say: Callable[[str], None],
 ) -> dict[str, object]:
     """One federated run on the simulation engine; writes ``out/store`` and ``out/report.json``."""
-    from flwr.simulation import run_simulation  # heavy import: only when simulating
-
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    initial = model_arrays(build_model(config.dataset, seed=config.seed))
+    initial = model_arrays(build_model(config.model_spec, seed=config.seed))
     paths = FederationPaths(out)
     federation = federation_id(config)
     prepare_federation(paths, sorted({w.client_id for w in config.withdrawals}))
@@ -261,24 +277,22 @@ def _run_federation(
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
         resume=resume,
-        evaluate_fn=make_evaluate_fn(config.dataset, config.seed),
+        evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model),
         observer=observer,
         reference_retrain=config.strategy != "retrain",
         metadata={CONFIG_META: config.to_json()},
     )
     outcomes: list[RunOutcome] = []
     server_app = make_server_app(setup, on_finish=outcomes.append)
-    client_app = make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed))
+    client_app = make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed, model=config.model))
     try:
-        run_simulation(
+        run_on_ray(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=config.clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1},
-                "init_args": {"num_cpus": 2, "log_to_driver": verbose, "logging_level": "error"},
-            },
-            verbose_logging=verbose,
+            verbose=verbose,
+            address=ray_address,
+            say=say,
         )
     finally:
         if service is not None:
@@ -369,12 +383,5 @@ def build_report(
         "unlearning": unlearning,
         "resumed_from_round": outcome.resumed_from,
         "wall_seconds": wall_seconds,
+        "training_problem": training_problem(rounds, NUM_CLASSES),
     }
-
-
-def saved_config(out: Path) -> SimulationConfig:
-    """The settings of the run in ``OUT``, for ``--resume``."""
-    path = out / SETTINGS_FILE
-    if not path.exists():
-        raise ConfigError(f"--resume: {out} holds no fedforget simulation to resume ({path} is missing)")
-    return SimulationConfig.from_json(json.loads(path.read_text()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 FIGURES = (
@@ -16,6 +17,11 @@ FIGURES = (
     ("lira_auc", "LiRA AUC"),
 )
 
+LEGEND = (
+    "Good forgetting: 'unlearned' matches 'retrain' in every column. Accuracies: higher is better; "
+    "backdoor ASR: lower is better; MIA/LiRA AUC: 0.5 means members cannot be told apart."
+)
+
 
 def _cell(figures: dict[str, object], key: str) -> str:
     value, std = figures.get(key), figures.get(f"{key}_std")
@@ -25,12 +31,14 @@ def _cell(figures: dict[str, object], key: str) -> str:
 
 
 def print_verification(verification: dict[str, object], out: Path, console: Console) -> None:
-    """One table per unlearning: original vs unlearned vs exact retrain."""
+    """One table per unlearning: original vs unlearned vs exact retrain, with a legend and any warning."""
     seeds = verification["seeds"]
     for entry in verification["unlearning"]:  # type: ignore[union-attr]
+        meaningless = entry.get("meaningless")
         table = Table(
             title=f"Forgetting client {entry['client']} before round {entry['round']} "
             f"({entry['strategy']}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})"  # type: ignore[arg-type]
+            + (" [bold red]MEANINGLESS[/]" if meaningless else ""),
         )
         table.add_column("model")
         for _, title in FIGURES:
@@ -38,6 +46,9 @@ def print_verification(verification: dict[str, object], out: Path, console: Cons
         for role in ("original", "unlearned", "retrain"):
             table.add_row(role, *(_cell(entry[role], key) for key, _ in FIGURES))
         console.print(table)
+        console.print(LEGEND)
+        if meaningless:
+            console.print(f"[bold red]WARNING[/]: {escape(str(meaningless))}")
         distance = entry["distance_to_retrain"]
         console.print(
             f"distance to retrain: L2 {_cell(distance, 'l2')}, JS {_cell(distance, 'js')} "

@@ -98,6 +98,8 @@ class SimulationTask:
 
     data: DataSettings
     model_seed: int = 0
+    model: str | None = None
+    """Your own architecture (``package.module:function``); None: the dataset's built-in one."""
 
     def client_id(self, context: Context) -> str:
         return str(int(context.node_config[PARTITION_ID]))
@@ -106,7 +108,7 @@ class SimulationTask:
         # One thread per simulated client: two cores shared by several workers
         # run tiny models far slower with intra-op threading than without.
         torch.set_num_threads(1)
-        return build_model(self.data.dataset, seed=self.model_seed)
+        return build_model(self.model or self.data.dataset, seed=self.model_seed)
 
     def load_data(self, context: Context) -> ClientData:
         partition = int(context.node_config[PARTITION_ID])

@@ -29,8 +29,9 @@ from fedforget.evidence.membership import (
     train_shadow_models,
 )
 from fedforget.server.store.history_store import HistoryStore
-from fedforget.simulations.config import SimulationConfig
+from fedforget.simulations.config import NUM_CLASSES, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
+from fedforget.simulations.learning import evidence_problem
 from fedforget.simulations.models import build_model
 from fedforget.simulations.task import DataSettings, clean_client_arrays
 
@@ -49,9 +50,9 @@ class EvidenceData:
     test: tuple[np.ndarray, np.ndarray]
 
 
-def model_from_arrays(dataset: str, arrays: Arrays) -> nn.Module:
-    """The built-in model of ``dataset`` holding ``arrays``, in eval mode."""
-    model = build_model(dataset, seed=0)
+def model_from_arrays(spec: str, arrays: Arrays) -> nn.Module:
+    """The model ``spec`` names (a dataset's built-in one, or yours) holding ``arrays``, in eval mode."""
+    model = build_model(spec, seed=0)
     load_weights(model, arrays)
     model.eval()
     return model
@@ -147,23 +148,26 @@ def verify_run(
             curves[label] = {}
             for role, model_arrays in arrays.items():
                 figures[role], curves[label][role] = model_figures(
-                    model_from_arrays(config.dataset, model_arrays), data, trigger, shadows
+                    model_from_arrays(config.model_spec, model_arrays), data, trigger, shadows
                 )
-            unlearned_model = model_from_arrays(config.dataset, unlearned)
-            retrain_model = model_from_arrays(config.dataset, retrain)
+            unlearned_model = model_from_arrays(config.model_spec, unlearned)
+            retrain_model = model_from_arrays(config.model_spec, retrain)
             entry = {
                 "client": label,
                 "clients": forgotten,
                 "round": event["round"],
                 "strategy": event["strategy"],
                 "backdoored": [c for c in forgotten if c in config.backdoors],
+                "meaningless": evidence_problem(
+                    {role: figures[role]["test_accuracy"] for role in MODEL_ROLES}, NUM_CLASSES  # type: ignore[index]
+                ),
                 **figures,
                 "distance_to_retrain": {
                     "l2": parameter_l2(unlearned, retrain),
                     "js": mean_js_divergence(unlearned_model, retrain_model, data.test[0]),
                     "original_l2": parameter_l2(original, retrain),
                     "original_js": mean_js_divergence(
-                        model_from_arrays(config.dataset, original), retrain_model, data.test[0]
+                        model_from_arrays(config.model_spec, original), retrain_model, data.test[0]
                     ),
                 },
                 "evidence_seconds": time.perf_counter() - started,
@@ -211,7 +215,7 @@ def _shadows(config: SimulationConfig, data: EvidenceData) -> tuple[float, list[
         pick = np.random.default_rng(config.seed).choice(len(y), SHADOW_POOL_LIMIT, replace=False)
         x, y = x[pick], y[pick]
     shadows = train_shadow_models(
-        lambda: build_model(config.dataset, seed=None),
+        lambda: build_model(config.model_spec, seed=None),
         x,
         y,
         count=config.shadows,
@@ -232,6 +236,10 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
         combined: dict[str, object] = {
             key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored")
         }
+        flagged = [(doc["seed"], e["meaningless"]) for doc, e in zip(documents, per_seed) if e.get("meaningless")]
+        combined["meaningless"] = (
+            "; ".join(text if len(documents) == 1 else f"seed {seed}: {text}" for seed, text in flagged) or None
+        )
         for role in (*MODEL_ROLES, "distance_to_retrain"):
             combined[role] = _mean_std([seed_entry[role] for seed_entry in per_seed])
         for key in ("evidence_seconds", "shadow_training_seconds"):

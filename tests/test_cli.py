@@ -1,15 +1,25 @@
-"""The command line: every command has --help; bad input fails clearly and writes nothing."""
+"""The command line: every command has --help showing its defaults; bad input fails fast, clearly, with its own exit code."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import typer
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from fedforget.cli import app
+from fedforget.commands import simulate as simulate_module
+from fedforget.commands.consoles import console
+from fedforget.commands.exits import ExitCode, fail, run
 
 runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize(
@@ -47,8 +57,8 @@ def test_every_command_has_help(command):
 def test_bad_simulation_settings_fail_before_writing(tmp_path, args, message):
     out = tmp_path / "run"
     result = runner.invoke(app, ["simulate", "--out", str(out), *args])
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert result.exit_code == ExitCode.USAGE
+    assert message in result.output
     assert not out.exists()
 
 
@@ -56,14 +66,163 @@ def test_unwritable_output_directory_is_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = runner.invoke(app, ["simulate", "--out", str(blocker / "run"), "--rounds", "1"])
-    assert result.exit_code == 2
-    assert "is not writable" in result.output and str(blocker) in result.output.replace("\n", "")
+    assert result.exit_code == ExitCode.BAD_FILE
+    assert "is not writable" in result.output and str(blocker) in result.output
+    assert blocker.read_text() == "not a directory"
 
 
 def test_resume_without_a_run_is_refused(tmp_path):
     result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "nothing"), "--resume"])
-    assert result.exit_code == 2
-    assert "holds no fedforget simulation to resume" in " ".join(result.output.split())
+    assert result.exit_code == ExitCode.BAD_FILE
+    assert "holds no fedforget simulation to resume" in result.output
+
+
+def test_resume_needs_the_run_named():
+    result = runner.invoke(app, ["simulate", "--resume"])
+    assert result.exit_code == ExitCode.USAGE and "--resume continues the run in --out" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["simulate", "--dataset", "nope"],
+        ["simulate", "--withdraw", "99@3"],
+        ["simulate", "--lr", "-1"],
+        ["simulate", "--out", "{a_file}/run"],
+        ["export-data", "--out", "/tmp/x", "--partitions", "2", "--dataset", "nope"],
+        ["client", "verify", "--model", "m.npz", "--data", "d.npz", "--holdout", "h.npz"],
+    ],
+)
+def test_bad_input_is_refused_before_torch_or_flower_is_imported(tmp_path, args):
+    """The property behind sub-second rejection: nothing heavy is imported to say no."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    args = [arg.replace("{a_file}", str(a_file)) for arg in args]
+    probe = (
+        "import sys\n"
+        "from fedforget.cli import main\n"
+        f"sys.argv = ['fedforget', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'flwr', 'ray', 'grpc') if m in sys.modules)\n"
+        "print('EXIT', code, 'HEAVY', ','.join(heavy) or '-')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    exit_code, heavy = re.search(r"EXIT (\d+) HEAVY (\S+)", done.stdout).groups()  # type: ignore[union-attr]
+    assert exit_code in {str(ExitCode.USAGE.value), str(ExitCode.BAD_FILE.value)}, done.stdout + done.stderr
+    assert "error:" in done.stderr
+    assert heavy == "-", f"imported {heavy} before refusing {args}"
+
+
+def _options(command: list[str]) -> list[str]:
+    group = get_command(app)
+    for name in command:
+        group = group.commands[name]  # type: ignore[attr-defined]
+    return [p.opts[0] for p in group.params if p.opts[0].startswith("--") and not getattr(p, "required", False)]
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["bench", "overhead"], ["client", "verify"], ["export-data"]])
+def test_help_shows_every_default(command):
+    optional = _options(command)
+    shown = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    assert shown.count("[default:") == len(optional), shown
+
+
+def test_simulate_help_shows_each_dataset_s_training_defaults():
+    from fedforget.simulations.config import DATASET_TRAINING
+
+    shown = " ".join(runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output.split())
+    for dataset, defaults in DATASET_TRAINING.items():
+        assert dataset in shown
+        for value in (defaults.lr, defaults.batch_size, defaults.local_epochs):
+            assert f"{value:g}" in shown
+
+
+@pytest.fixture
+def planned_runs(monkeypatch):
+    """Calls to the simulation engine, recorded instead of run."""
+    calls = []
+    monkeypatch.setattr(simulate_module, "_run", lambda config, out, **kw: calls.append((config, out)))
+    return calls
+
+
+def test_the_default_output_is_a_new_directory_never_the_demo_s(tmp_path, monkeypatch, planned_runs):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert runner.invoke(app, ["simulate"]).exit_code == 0
+    (tmp_path / "runs" / "simulation-1").mkdir()  # as the run planned would have
+    assert runner.invoke(app, ["simulate"]).exit_code == 0
+    assert [out for _, out in planned_runs] == [
+        tmp_path / "runs" / "simulation-1", tmp_path / "runs" / "simulation-2"
+    ]
+
+
+def test_each_dataset_trains_with_its_own_defaults_unless_told_otherwise(tmp_path, planned_runs):
+    runner.invoke(app, ["simulate", "--dataset", "digits", "--out", str(tmp_path / "a")])
+    runner.invoke(app, ["simulate", "--dataset", "mnist", "--out", str(tmp_path / "b")])
+    runner.invoke(app, ["simulate", "--dataset", "mnist", "--lr", "0.07", "--out", str(tmp_path / "c")])
+    digits, mnist, told = (config for config, _ in planned_runs)
+    assert (digits.lr, digits.batch_size, digits.local_epochs) == (0.1, 16, 2.0)
+    assert (mnist.lr, mnist.batch_size, mnist.local_epochs) == (0.02, 32, 1.0)
+    assert (told.lr, told.batch_size) == (0.07, 32)
+
+
+def test_a_model_factory_s_training_defaults_replace_the_dataset_s(tmp_path, planned_runs):
+    result = runner.invoke(app, ["simulate", "--model-factory", "toy_models:linear_digits", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    (config, _), = planned_runs
+    assert (config.model, config.lr, config.batch_size, config.local_epochs) == ("toy_models:linear_digits", 0.3, 8, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("toy_models:negative_lr", "training_defaults['lr'] must be a positive number"),
+        ("toy_models:nothing_here", "cannot be loaded"),
+        ("digits", "must be package.module:function"),
+    ],
+)
+def test_an_unusable_model_factory_is_a_usage_error(tmp_path, planned_runs, spec, message):
+    result = runner.invoke(app, ["simulate", "--model-factory", spec, "--out", str(tmp_path / "run")])
+    assert result.exit_code == ExitCode.USAGE and message in result.output
+    assert not planned_runs
+
+
+def test_exit_codes_are_distinct_and_documented_in_the_readme():
+    values = [code.value for code in ExitCode]
+    assert len(set(values)) == len(values)
+    section = README.read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| `(\d+)` \|", section, flags=re.MULTILINE)}
+    assert documented == set(values)
+
+
+def test_an_unhandled_exception_is_reported_as_a_bug_with_its_own_code(capsys):
+    broken = typer.Typer()
+
+    @broken.command()
+    def explode() -> None:
+        raise KeyError("no such thing")
+
+    with pytest.raises(SystemExit) as stopped:
+        run(broken, prog_name="broken", args=[])
+    assert stopped.value.code == ExitCode.INTERNAL
+    assert "KeyError" in capsys.readouterr().err
+
+
+def test_piped_output_is_never_wrapped():
+    sentence = "word " * 60
+    shown = CliRunner().invoke(_failing_app(sentence), []).output
+    assert sentence.strip() in shown
+    assert console().width >= 200  # CliRunner's output is no terminal
+
+
+def _failing_app(message: str) -> typer.Typer:
+    failing = typer.Typer()
+
+    @failing.command()
+    def refuse() -> None:
+        fail(message, ExitCode.USAGE)
+
+    return failing
 
 
 def _store_of(out, config, *, federation_id=None, model=None):
@@ -89,7 +248,7 @@ def test_resume_with_other_settings_names_the_differences(tmp_path):
 
     _store_of(tmp_path / "run", SimulationConfig(clients=3, rounds=4))
     result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "run"), "--clients", "5"])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.USAGE
     assert "clients: 3 -> 5" in result.output
 
 
@@ -101,12 +260,12 @@ def test_resume_of_a_store_from_another_federation_or_model_is_refused(tmp_path)
     config = SimulationConfig(clients=3, rounds=4)
     _store_of(tmp_path / "other-federation", config, federation_id="hospital-consortium")
     result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "other-federation")])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.BAD_FILE
     assert "hospital-consortium" in result.output
 
     _store_of(tmp_path / "other-model", config, model={"w": np.zeros((3, 3), np.float32)})
     result = runner.invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "other-model")])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.BAD_FILE
     assert "model" in result.output.lower()
 
 
@@ -138,7 +297,7 @@ def test_certs_writes_a_federation_s_credentials_and_never_overwrites(tmp_path):
     load_private_key(out / "orgs" / "org-b.key")
     load_public_key(out / "federation.pub")
     again = runner.invoke(app, ["certs", "--out", str(out), "--host", "127.0.0.1", "--org", "org-a"])
-    assert again.exit_code == 2 and "refusing to overwrite" in " ".join(again.output.split())
+    assert again.exit_code == ExitCode.USAGE and "refusing to overwrite" in again.output
 
 
 # -- strategy settings as options ---------------------------------------------------
@@ -157,13 +316,13 @@ def test_simulate_offers_every_strategy_setting_with_each_owners_default():
     for option in setting_options():
         assert any(line.startswith(f"--{option} ") for line in lines), option
     expected = {
-        "--recovery-rounds": "(default subtract: 3, fedrecovery: 0, gradient-ascent: 2)",
-        "--calibration-ratio": "(default calibrated: 1)",
-        "--calibration-interval": "(default calibrated: none)",
-        "--abnormality-threshold": "(default replay: 10)",
-        "--estimate": "(default replay: stored)",
-        "--noise-delta": "(default fedrecovery: 1e-05)",
-        "--ascent-accuracy-floor": "(default gradient-ascent: 0.3)",
+        "--recovery-rounds": "[default: (subtract: 3, fedrecovery: 0, gradient-ascent: 2)]",
+        "--calibration-ratio": "[default: (calibrated: 1)]",
+        "--calibration-interval": "[default: (calibrated: none)]",
+        "--abnormality-threshold": "[default: (replay: 10)]",
+        "--estimate": "[default: (replay: stored)]",
+        "--noise-delta": "[default: (fedrecovery: 1e-05)]",
+        "--ascent-accuracy-floor": "[default: (gradient-ascent: 0.3)]",
     }
     for option, default in expected.items():
         (line,) = [line for line in lines if line.startswith(f"{option} ")]

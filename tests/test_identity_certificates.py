@@ -28,7 +28,8 @@ from fedforget.identity import (
     sign_document,
     verify_document,
 )
-from fedforget.keys_cli import keys_app, verify_certificate_command
+from fedforget.commands.client import verify_certificate_command
+from fedforget.commands.credentials import keys_app
 from fedforget.server.ledger import certificates
 from fedforget.server.ledger.certificates import CertificateError, issue_certificate, write_certificate
 
@@ -463,9 +464,9 @@ def test_cli_verify_certificate(keys: dict[str, Path], tmp_path: Path) -> None:
     assert wrong_key.exit_code == 1
 
     missing = runner.invoke(app, [str(tmp_path / "nope.json"), "--server-key", server])
-    assert missing.exit_code == 2 and "error:" in missing.output
+    assert missing.exit_code == 3 and "error:" in missing.output
     no_key = runner.invoke(app, [str(path), "--server-key", str(tmp_path / "nope.pub")])
-    assert no_key.exit_code == 2 and "error:" in no_key.output
+    assert no_key.exit_code == 3 and "error:" in no_key.output
 
     help_text = runner.invoke(app, ["--help"])
     assert help_text.exit_code == 0 and "--server-key" in help_text.output

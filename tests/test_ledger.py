@@ -20,7 +20,7 @@ from fedforget.arrays import model_hash
 from fedforget.errors import FedforgetError
 from fedforget.identity import generate_keypair, load_private_key, load_public_key
 from fedforget.server.ledger.audit import audit
-from fedforget.server.ledger.audit_cli import audit_app
+from fedforget.commands.audit import audit_app
 from fedforget.server.ledger.entries import GENESIS_HASH, LedgerBrokenError, LedgerEntry, LedgerError
 from fedforget.server.ledger.heads import HeadsFile, sign_ledger
 from fedforget.server.ledger.log import Ledger
@@ -520,7 +520,7 @@ def test_cli_verify_ok_and_broken(six: Path, signing_key: Path) -> None:
     assert "entry 3 (round)" in _out(result) and "hash mismatch" in _out(result)
 
     missing = runner.invoke(audit_app, ["verify", "--ledger", str(six.parent / "nope.jsonl"), "--server-key", str(signing_key.with_suffix(".pub"))])
-    assert missing.exit_code == 2 and "no ledger" in _out(missing)
+    assert missing.exit_code == 3 and "no ledger" in _out(missing)
     assert not (six.parent / "nope.jsonl").exists()
     no_key = runner.invoke(audit_app, ["verify", "--ledger", str(six)])
     assert no_key.exit_code == 2 and "--server-key" in _out(no_key)
@@ -606,7 +606,7 @@ def test_cli_client(tmp_path: Path) -> None:
     unknown = runner.invoke(audit_app, ["client", "zed", "--ledger", str(path)])
     assert unknown.exit_code == 0 and "appears in no entry" in _out(unknown)
     missing = runner.invoke(audit_app, ["client", "c", "--ledger", str(tmp_path / "nope")])
-    assert missing.exit_code == 2 and "error:" in missing.output
+    assert missing.exit_code == 3 and "error:" in missing.output  # a file that cannot be used
 
 
 def test_cli_repair(six: Path, signing_key: Path) -> None:

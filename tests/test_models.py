@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -93,7 +92,6 @@ def test_digits_central_training_reaches_95_percent(one_thread: None) -> None:
     model = build_model("digits", seed=0)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
     model.train()
     for _ in range(10):
         order = torch.randperm(len(x_train), generator=generator)
@@ -102,9 +100,7 @@ def test_digits_central_training_reaches_95_percent(one_thread: None) -> None:
             optimiser.zero_grad()
             nn.functional.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
             optimiser.step()
-    elapsed = time.perf_counter() - started
     model.eval()
     with torch.no_grad():
         accuracy = float(np.mean(model(x_test).argmax(dim=1).numpy() == data.y_test))
     assert accuracy >= 0.95, f"test accuracy {accuracy:.3f} after 10 epochs"
-    assert elapsed < 10.0, f"10 epochs on 1437 digits took {elapsed:.1f} s"

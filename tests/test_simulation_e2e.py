@@ -7,30 +7,98 @@ report, and a run killed with SIGKILL and resumed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedforget.client.certificate_check import verify_certificate
-from fedforget.server.rounds.loop import Withdrawal
+from fedforget.server.rounds.loop import SilentObserver
 from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.runner import simulate
 
 pytestmark = pytest.mark.simulation
 
+RAY_DASHBOARD_PORT = 8265
 
-def test_simulation_with_withdrawal_writes_store_and_report(tmp_path):
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _listening_sockets(pids: set[int]) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of ``pids`` holds."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            columns = line.split()
+            if columns[3] != "0A" or columns[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = columns[1].split(":")
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            ordered = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(ordered)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            listening.add((ip, int(port, 16)))
+    return listening
+
+
+class _SocketsDuringFirstRound(SilentObserver):
+    """Notes what this process and its children (Ray's) listen on while round 1 is done and Ray is up."""
+
+    def __init__(self) -> None:
+        self.sockets: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = set()
+
+    def round_finished(self, entry: dict[str, object]) -> None:
+        if entry["round"] == 1:
+            self.sockets = _listening_sockets(_descendants(os.getpid()))
+
+
+def test_simulation_with_withdrawal_writes_store_and_report_on_a_loopback_only_ray(tmp_path):
     config = SimulationConfig(
         dataset="digits", clients=4, rounds=3, withdrawals=(Withdrawal("1", 3),), backdoors=("1",), shadows=2
     )
-    report = simulate(config, tmp_path / "run").report
+    listening = _SocketsDuringFirstRound()
+    report = simulate(config, tmp_path / "run", observer=listening).report
+
+    # Ray (and the simulation's withdrawal service) listened on loopback only, with no dashboard.
+    assert listening.sockets, "nothing listened during the run: this check would prove nothing"
+    assert all(ip.is_loopback for ip, _ in listening.sockets), sorted(map(str, listening.sockets))
+    assert RAY_DASHBOARD_PORT not in {port for _, port in listening.sockets}
 
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
@@ -87,14 +155,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _rounds_in_ledger(ledger: Path) -> set[int]:
+    """Rounds the ledger records: the loop writes a round's entry only after the store has committed it."""
+    rounds = set()
+    for line in ledger.read_text().splitlines() if ledger.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if entry.get("kind") == "round":
+            rounds.add(int(entry["body"]["round"]))
+    return rounds
+
+
 def test_killed_run_resumes_from_last_completed_round(tmp_path):
     out = tmp_path / "run"
-    args = ["--dataset", "digits", "--clients", "3", "--rounds", "5", "--withdraw", "0@4", "--out", str(out)]
+    args = ["--dataset", "digits", "--clients", "3", "--rounds", "5", "--withdraw", "0@4", "--shadows", "0", "--out", str(out)]
     command = [sys.executable, "-m", "fedforget.cli", "simulate", *args]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: "round   2/5" in (tmp_path / "first.log").read_text(), 240, "round 2 to finish")
+        # Printing "round 2/5" comes before the background writer commits round 2; the ledger comes after.
+        _wait_for(lambda: 2 in _rounds_in_ledger(out / "state" / "ledger.jsonl"), 300, "round 2 to be committed")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and every Ray process it started
         first.wait(timeout=30)

@@ -23,7 +23,7 @@ import pytest
 from finished_run import FinishedRun, make_finished_run
 from typer.testing import CliRunner
 
-from fedforget.server.ledger.audit_cli import audit_app
+from fedforget.commands.audit import audit_app
 from fedforget.server.ledger.entries import entry_hash_of
 from fedforget.tree_head import ledger_json
 

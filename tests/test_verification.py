@@ -124,7 +124,7 @@ def test_client_verify_rejects_a_bad_data_file(verified_run, tmp_path):
          "--dataset", "digits", "--data", str(tmp_path / "bad.npz"),
          "--holdout", str(out / "clients" / "1" / "holdout.npz")],
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # an unusable data file
     assert "it must hold x (inputs) and y (labels)" in " ".join(result.output.split())
 
 

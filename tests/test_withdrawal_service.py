@@ -613,7 +613,7 @@ def test_registry_is_shared_safely_between_processes(tmp_path: Path, keys: dict[
 def _start_service_process(registry: Path, pki: Pki) -> tuple[subprocess.Popen, str]:
     """The real command in a child process; returns it and the address it announced."""
     code = (
-        "import typer; from fedforget.withdraw_cli import serve_command; "
+        "import typer; from fedforget.commands.withdrawal import serve_command; "
         "typer.run(serve_command)"
     )
     proc = subprocess.Popen(
@@ -799,7 +799,7 @@ def test_burst_of_a_thousand_mixed_requests(service: Service, keys: dict[str, Pa
 def _cli():
     import typer
 
-    from fedforget.withdraw_cli import enroll_command, serve_command, withdraw_app
+    from fedforget.commands.withdrawal import enroll_command, serve_command, withdraw_app
 
     app = typer.Typer()
     app.add_typer(withdraw_app, name="withdraw")
@@ -841,10 +841,10 @@ def test_cli_enroll_request_status(tmp_path: Path, pki: Pki, keys: dict[str, Pat
             ["withdraw", "request", *common, "--key", str(keys["org-a"]), "--client", "org-a",
              "--federation", "fed-other"],
         )
-        assert result.exit_code == 2
+        assert result.exit_code == 1  # the service said no
         assert "error: WRONG_FEDERATION:" in result.output
         result = runner.invoke(app, ["withdraw", "status", "wr-unknown", *common])
-        assert result.exit_code == 2 and "unknown" in result.output
+        assert result.exit_code == 1 and "unknown" in result.output
     finally:
         running.stop(grace=1.0)
     for command in (
@@ -862,7 +862,7 @@ def test_cli_enroll_request_status(tmp_path: Path, pki: Pki, keys: dict[str, Pat
         ["withdrawal-service", "--federation", FEDERATION, "--registry", str(registry),
          "--cert", str(pki.ca), "--key", str(tmp_path / "missing.key"), "--address", "127.0.0.1:0"],
     )
-    assert result.exit_code == 2 and "cannot read the TLS private key" in result.output
+    assert result.exit_code == 3 and "cannot read the TLS private key" in result.output
 
 
 # ------------------------------------------------------------------- raw messages, repeated withdrawals

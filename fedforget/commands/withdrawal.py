@@ -1,21 +1,26 @@
-"""Commands for withdrawing consent and for running the withdrawal service.
+"""``fedforget withdraw``, ``fedforget withdrawal-service`` and ``fedforget enroll``.
 
 ``withdraw_app`` is a sub-application (``fedforget withdraw request|status``);
 ``serve_command`` and ``enroll_command`` are plain commands for the main
-application (``fedforget withdrawal-service``, ``fedforget enroll``). Heavy
-imports (grpc, the server package) happen inside the commands so ``--help``
-stays fast.
+application. Heavy imports (grpc, the server package) happen inside the
+commands so ``--help`` and bad input stay fast.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from fedforget.commands.consoles import console
+from fedforget.commands.exits import ExitCode, fail
+
+if TYPE_CHECKING:
+    from fedforget.client.withdraw import WithdrawalError
 
 __all__ = ["enroll_command", "serve_command", "withdraw_app"]
 
@@ -24,12 +29,17 @@ withdraw_app = typer.Typer(
     invoke_without_command=True,
 )
 
-_err = Console(stderr=True)
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$")
+_UNREACHABLE = {"UNAVAILABLE", "TIMEOUT", "BUSY", "INTERNAL"}
 
 
-def _fail(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
+def _withdrawal_exit(exc: WithdrawalError) -> ExitCode:
+    """Unreachable service: 4; our own CA or key file unusable: 3; the service said no: 1."""
+    if exc.code in _UNREACHABLE:
+        return ExitCode.UNAVAILABLE
+    if exc.code == "BAD_INPUT":
+        return ExitCode.BAD_FILE
+    return ExitCode.CHECK_FAILED
 
 
 @withdraw_app.callback()
@@ -52,7 +62,7 @@ def withdraw_callback(
         if len(missing) == 5:
             typer.echo(ctx.get_help())
             raise typer.Exit(code=0)
-        _fail(f"withdrawing needs {', '.join(missing)}")
+        fail(f"withdrawing needs {', '.join(missing)}", ExitCode.USAGE)
     request_command(server, ca, key, client, federation, reason)  # type: ignore[arg-type]
 
 
@@ -67,20 +77,19 @@ def request_command(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each attempt.")] = 10.0,
 ) -> None:
     """Withdraw consent: sign a request, send it over TLS, print the request id."""
-    from fedforget.client.withdraw import submit_withdrawal
-    from fedforget.errors import FedforgetError
+    from fedforget.client.withdraw import WithdrawalError, submit_withdrawal
+    from fedforget.identity import IdentityError
 
     try:
         request_id = submit_withdrawal(server, ca, key, client, federation, reason, timeout=timeout)
-    except FedforgetError as exc:
-        _fail(str(exc))
-        return
+    except WithdrawalError as exc:
+        fail(str(exc), _withdrawal_exit(exc))
+    except IdentityError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
     typer.echo(request_id)
-    _err.print(
+    console(stderr=True).print(
         f"withdrawal of {escape(client)} from {escape(federation)} accepted. Follow it with: "
-        f"fedforget withdraw status {request_id} --server {escape(server)} --ca {escape(str(ca))}",
-        soft_wrap=True,
-        highlight=False,
+        f"fedforget withdraw status {request_id} --server {escape(server)} --ca {escape(str(ca))}"
     )
 
 
@@ -93,33 +102,29 @@ def status_command(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
 ) -> None:
     """Show where withdrawal requests stand: received, unlearning, done (with certificate) or failed."""
-    from fedforget.client.withdraw import query_status
-    from fedforget.errors import FedforgetError
+    from fedforget.client.withdraw import WithdrawalError, query_status
 
     try:
         answers = query_status(server, ca, request_ids, timeout=timeout)
-    except FedforgetError as exc:
-        _fail(str(exc))
-        return
+    except WithdrawalError as exc:
+        fail(str(exc), _withdrawal_exit(exc))
     if as_json:
         typer.echo(json.dumps(answers, indent=2))
     else:
-        console = Console()
+        out = console()
         for answer in answers:
             if not answer["found"]:
-                console.print(f"{escape(answer['request_id'])}  [red]unknown[/]", highlight=False)
+                out.print(f"{escape(answer['request_id'])}  [red]unknown[/]")
                 continue
             detail = answer["certificate"] or answer["reason"] or ""
-            console.print(
+            out.print(
                 f"{escape(answer['request_id'])}  [bold]{answer['status']}[/]  client {escape(answer['client_id'])}  "
                 f"received {answer['received_at']}  updated {answer['updated_at']}"
-                + (f"  {escape(detail)}" if detail else ""),
-                highlight=False,
-                soft_wrap=True,
+                + (f"  {escape(detail)}" if detail else "")
             )
     unknown = [a["request_id"] for a in answers if not a["found"]]
     if unknown:
-        _fail(f"the service knows no request with id {', '.join(unknown)}")
+        fail(f"the service knows no request with id {', '.join(unknown)}", ExitCode.CHECK_FAILED)
 
 
 def serve_command(
@@ -133,15 +138,17 @@ def serve_command(
     skew: Annotated[float, typer.Option(help="Allowed clock difference for request timestamps, seconds.")] = 300.0,
 ) -> None:
     """Run the withdrawal service (TLS only) beside the SuperLink, until Ctrl-C or SIGTERM."""
-    from fedforget.errors import FedforgetError
-    from fedforget.server.withdrawal.service import main
-
+    if not _ADDRESS.match(address):
+        fail(f"--address {address!r} must be HOST:PORT (PORT 0 picks a free one)", ExitCode.USAGE)
     if not federation:
-        _fail("give the federation id with --federation")
+        fail("give the federation id with --federation", ExitCode.USAGE)
     if cert is None or key is None:
-        _fail("the withdrawal service only runs over TLS: give --cert and --key")
+        fail("the withdrawal service only runs over TLS: give --cert and --key", ExitCode.USAGE)
     if skew <= 0:
-        _fail(f"--skew must be positive, got {skew}")
+        fail(f"--skew must be positive, got {skew}", ExitCode.USAGE)
+    from fedforget.server.withdrawal.registry import ConsentRegistryError
+    from fedforget.server.withdrawal.service import WithdrawalServiceError, main
+
     try:
         main(
             address,
@@ -152,8 +159,8 @@ def serve_command(
             skew=skew,
             announce=typer.echo,
         )
-    except FedforgetError as exc:
-        _fail(str(exc))
+    except (ConsentRegistryError, WithdrawalServiceError) as exc:  # a certificate, key, registry or address
+        fail(str(exc), ExitCode.BAD_FILE)
 
 
 def enroll_command(
@@ -165,16 +172,16 @@ def enroll_command(
     replace: Annotated[bool, typer.Option(help="Replace the key of an already enrolled client.")] = False,
 ) -> None:
     """Enrol a client with its public key so the withdrawal service accepts its signed requests."""
-    from fedforget.errors import FedforgetError
-    from fedforget.identity import fingerprint, load_public_key, public_key_openssh
-    from fedforget.server.withdrawal.registry import ConsentRegistry
+    from fedforget.identity import IdentityError, fingerprint, load_public_key, public_key_openssh
+    from fedforget.server.withdrawal.registry import ConsentRegistry, ConsentRegistryError, EnrollmentConflictError
 
     try:
         key = load_public_key(public_key)
         with ConsentRegistry.open(registry) as consent:
             changed = consent.enroll(name, public_key_openssh(key), replace=replace)
-    except FedforgetError as exc:
-        _fail(str(exc))
-        return
+    except EnrollmentConflictError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (IdentityError, ConsentRegistryError) as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
     what = "enrolled" if changed else "already enrolled with this key:"
     typer.echo(f"{what} {name} ({fingerprint(key)}) in {registry}")

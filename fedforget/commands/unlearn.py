@@ -6,19 +6,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from fedforget.commands.consoles import console
+from fedforget.commands.exits import ExitCode, fail
 from fedforget.server.state_dir import StateDir
 from fedforget.strategy_options import with_strategy_options
 
+__all__ = ["unlearn_command"]
+
 SIMULATION_SIGNING_KEY = Path("keys") / "server.key"
 """Where ``fedforget simulate`` keeps the federation's signing key, under its output directory."""
-
-
-def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
 
 
 @with_strategy_options
@@ -53,18 +50,17 @@ def unlearn_command(
     is needed, and the ledger and certificate record it as operator-initiated.
     """
     from fedforget.errors import FedforgetError
-    from fedforget.server.unlearning.offline import erase, unlearn_requested
+    from fedforget.server.unlearning.coordinator import UnlearningError
+    from fedforget.server.unlearning.offline import OfflineUnlearningError, erase, unlearn_requested
     from fedforget.strategies.registry import StrategyChoice
+    from fedforget.strategies.settings import SettingsError
 
     if (state is None) == (store is None):
-        _fail("give --state (a client's withdrawal request) or --store with --reason (an operator's erasure)")
-        return
+        fail("give --state (a client's withdrawal request) or --store with --reason (an operator's erasure)", ExitCode.USAGE)
     if store is not None and reason is None:
-        _fail("--store erases a client on the operator's word: say why with --reason \"...\"")
-        return
+        fail("--store erases a client on the operator's word: say why with --reason \"...\"", ExitCode.USAGE)
     if state is not None and reason is not None:
-        _fail("--reason goes with --store: a client's request carries its own reason")
-        return
+        fail("--reason goes with --store: a client's request carries its own reason", ExitCode.USAGE)
     root = state if state is not None else Path(store).resolve().parent  # type: ignore[arg-type]
     key = signing_key
     if key is None and (root / SIMULATION_SIGNING_KEY).is_file():
@@ -73,19 +69,22 @@ def unlearn_command(
         choice = StrategyChoice(strategy, dict(strategy_settings or {}))
         if state is not None:
             if key is None:
-                _fail(f"give the federation's signing key with --signing-key (none at {root / SIMULATION_SIGNING_KEY})")
-                return
+                fail(
+                    f"give the federation's signing key with --signing-key (none at {root / SIMULATION_SIGNING_KEY})",
+                    ExitCode.USAGE,
+                )
             event = unlearn_requested(state=StateDir(state), client=client, strategy=choice, signing_key=key)
             origin = "at its request"
         else:
             event = erase(store_dir=store, client=client, strategy=choice, reason=reason or "", signing_key=key)
             origin = "on the operator's word (operator-initiated)"
-    except (FedforgetError, ValueError) as exc:
-        _fail(str(exc))
-        return
+    except (OfflineUnlearningError, UnlearningError, SettingsError, ValueError) as exc:  # a strategy, client or input that cannot be used so
+        fail(str(exc), ExitCode.USAGE)
+    except FedforgetError as exc:  # a broken store, ledger or key
+        fail(str(exc), ExitCode.BAD_FILE)
     certificate = dict(event.get("certificates", {})).get(client)
     proof = f"certificate: {certificate}" if certificate else "no signing key: no ledger entry and no certificate"
-    Console(soft_wrap=True).print(
+    console().print(
         f"client {client} unlearned {origin} by {event['strategy']} in {float(event['seconds']):.2f} s; "
         f"data key destroyed; {proof}"
     )

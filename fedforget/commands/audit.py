@@ -1,9 +1,10 @@
 """``fedforget audit``: verify the ledger and the history store, save checkpoints, and ask which models hold a client.
 
 Registered by ``fedforget/cli.py`` as ``app.add_typer(audit_app, name="audit")``.
-Exit codes: 0 when the check passed, 1 when it found a problem (tampering,
-a rewritten or truncated ledger, a store that disagrees with it), 2 for a
-usage error (a missing option, an unreadable key or file to check with).
+Exit codes (``fedforget.commands.exits``): 0 when the check passed, 1 when it
+found a problem (tampering, a rewritten or truncated ledger, a store that
+disagrees with it), 2 for a wrong command line, 3 for a key or file to check
+with that cannot be read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from fedforget.commands.exits import ExitCode, fail
 
 from fedforget.errors import FedforgetError
 from fedforget.server.ledger.entries import LedgerBrokenError
@@ -32,11 +35,6 @@ audit_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_err = Console(stderr=True)
-
-CHECK_FAILED = 1
-USAGE_ERROR = 2
-
 LedgerOption = Annotated[Path, typer.Option("--ledger", help="The ledger file (JSON lines).")]
 ServerKeyOption = Annotated[
     Path,
@@ -45,11 +43,6 @@ ServerKeyOption = Annotated[
         help="The federation's public signing key (OpenSSH .pub), obtained independently of the files checked.",
     ),
 ]
-
-
-def _fail(message: str, code: int = USAGE_ERROR) -> None:
-    _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=code)
 
 
 def _parse_anchor(text: str) -> tuple[int, str]:
@@ -65,7 +58,7 @@ def _public_key(path: Path):  # type: ignore[no-untyped-def]
     try:
         return load_public_key(path)
     except IdentityError as exc:
-        _fail(f"cannot use the federation's public key: {exc}")
+        fail(f"cannot use the federation's public key: {exc}", ExitCode.BAD_FILE)
 
 
 @audit_app.command("verify")
@@ -102,15 +95,14 @@ def verify(
     try:
         expected = None if anchor is None else _parse_anchor(anchor)
     except ValueError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc), ExitCode.USAGE)
     if not ledger.is_file():
-        _fail(f"no ledger at {ledger}")
+        fail(f"no ledger at {ledger}", ExitCode.BAD_FILE)
     for path in [*(checkpoint or []), *(certificate or [])]:
         if not path.is_file():
-            _fail(f"no file at {path}")
+            fail(f"no file at {path}", ExitCode.BAD_FILE)
     if store is not None and not store.is_dir():
-        _fail(f"no history store at {store} (not a directory)")
+        fail(f"no history store at {store} (not a directory)", ExitCode.BAD_FILE)
     report = audit(
         ledger, key, store=store, key_file=key_file, checkpoints=checkpoint or [], certificates=certificate or [],
         anchor=expected,
@@ -119,7 +111,7 @@ def verify(
         typer.echo(str(finding))
     if not report.ok:
         typer.echo(f"FAILED: {len(report.findings.errors)} problem(s) found in {ledger}" + (f" and {store}" if store else ""))
-        raise typer.Exit(code=CHECK_FAILED)
+        raise typer.Exit(code=int(ExitCode.CHECK_FAILED))
     head = report.head.head if report.head else None
     line = f"OK: {report.entries} entries, hash chain intact"
     if head is not None:
@@ -147,17 +139,16 @@ def checkpoint_command(
 
     key = _public_key(server_key)
     if not ledger.is_file():
-        _fail(f"no ledger at {ledger}")
+        fail(f"no ledger at {ledger}", ExitCode.BAD_FILE)
     report = audit(ledger, key)
     for finding in report.findings.items:
         typer.echo(str(finding))
     if not report.ok or report.head is None:
-        _fail(f"the ledger {ledger} does not verify; no checkpoint written", code=CHECK_FAILED)
-        return
+        fail(f"the ledger {ledger} does not verify; no checkpoint written", ExitCode.CHECK_FAILED)
     try:
         write_checkpoint(out, report.head)
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror or exc}")
+        fail(f"cannot write {out}: {exc.strerror or exc}", ExitCode.BAD_FILE)
     head = report.head.head
     typer.echo(f"checkpoint of {head.tree_size} entries (root {head.root_hash}, signed {head.timestamp}) saved to {out}")
 
@@ -229,11 +220,11 @@ def client(
         with Ledger.open(ledger, readonly=True) as led:
             audit = client_history(led, name)
     except LedgerBrokenError as exc:
-        _fail(str(exc), code=CHECK_FAILED)
-        return
-    except (FedforgetError, ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc), ExitCode.CHECK_FAILED)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (FedforgetError, OSError) as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
     if as_json:
         typer.echo(json.dumps(audit.to_dict(), indent=2))
     else:
@@ -260,9 +251,10 @@ def repair(
             from fedforget.server.ledger.heads import sign_latest
 
             sign_latest(ledger, signing_key)
-    except (FedforgetError, ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (FedforgetError, OSError) as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
     if entry is None:
         typer.echo(f"nothing to repair: {ledger} ends with a complete entry")
     else:

@@ -1,0 +1,131 @@
+"""``fedforget bench``: benchmarks that measure ratios side by side in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedforget.commands.data import require_dataset
+from fedforget.commands.exits import ExitCode, fail
+
+__all__ = ["bench_app"]
+
+bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
+
+
+@bench_app.command("unlearning")
+def bench_unlearning(
+    out: Annotated[Path, typer.Option(help="Directory for bench.json, the plot and the runs.")] = Path(
+        "runs/bench-unlearning"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="Digits (IID), 15 rounds, plus FedEraser's Δt × r grid: where settings are chosen.")
+    ] = False,
+    full: Annotated[
+        bool,
+        typer.Option(help="Digits, MNIST and Fashion-MNIST (held out), each IID and Dirichlet α=0.3: hours."),
+    ] = False,
+    dataset: Annotated[
+        Optional[list[str]], typer.Option(help="With --full: only these datasets (repeatable).", show_default="all three")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds to average over (at least 3 for a band).")] = 3,
+    round_cost: Annotated[
+        float, typer.Option(help="Seconds a deployed round trip costs, for the modelled deployment speed-up.")
+    ] = 9.7,
+) -> None:
+    """Every unlearning strategy against exact retraining: forgetting, accuracy, and cost in client work."""
+    from dataclasses import replace
+
+    if quick == full:
+        fail("choose one of --quick (digits, minutes) or --full (three datasets, two partitions, hours)", ExitCode.USAGE)
+    if dataset and not full:
+        fail("--dataset goes with --full", ExitCode.USAGE)
+    datasets = tuple(dataset or ("digits", "mnist", "fashion-mnist"))
+    for name in datasets:
+        require_dataset(name)
+
+    from fedforget.simulations.ray_engine import SimulationEngineError, keep_ray_on_loopback
+
+    keep_ray_on_loopback()
+    from fedforget.simulations.bench_unlearning import BenchPlan, run_unlearning_benchmark
+    from fedforget.simulations.datasets import DatasetUnavailableError
+
+    plan = BenchPlan.quick(seeds) if quick else BenchPlan.full_plan(seeds, datasets)
+    try:
+        run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
+    except PermissionError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (DatasetUnavailableError, SimulationEngineError) as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
+
+
+@bench_app.command("estimation")
+def bench_estimation(
+    store: Annotated[Path, typer.Argument(help="A history store holding a history and its exact retrain.")],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Also write bench-estimation.json here.", show_default="not written")
+    ] = None,
+) -> None:
+    """How far a stored update is from the client's real update on the retrain's models (FedRecover's premise)."""
+    from fedforget.errors import FedforgetError
+    from fedforget.simulations.bench_estimation import run_estimation_benchmark
+
+    try:
+        run_estimation_benchmark(store, out)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (FedforgetError, PermissionError) as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
+    clients: Annotated[int, typer.Option(help="Simulated clients.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Rounds per configuration.")] = 10,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Also write the figures as JSON here.", show_default="not written")
+    ] = None,
+) -> None:
+    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
+    require_dataset(dataset)
+    from fedforget.simulations.bench_overhead import run_overhead_benchmark
+    from fedforget.simulations.ray_engine import SimulationEngineError
+
+    try:
+        result = run_overhead_benchmark(dataset=dataset, clients=clients, rounds=rounds)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except PermissionError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+    except SimulationEngineError as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+@bench_app.command("deployment")
+def bench_deployment(
+    out: Annotated[Path, typer.Option(help="Directory for the federation's files and bench-deployment.json.")] = Path(
+        "runs/bench-deployment"
+    ),
+    organisations: Annotated[int, typer.Option(help="Organisations (SuperNodes).")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds to run (round 1 is not counted).")] = 4,
+) -> None:
+    """A real loopback TLS federation: the deployed round time against one ClientApp's own work."""
+    from fedforget.simulations.bench_deployment import run_deployment_benchmark
+
+    try:
+        run_deployment_benchmark(out, organisations=organisations, rounds=rounds)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except FileNotFoundError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+    except RuntimeError as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
