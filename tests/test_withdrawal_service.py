@@ -912,6 +912,22 @@ def test_a_client_already_unlearned_is_told_so_and_pointed_to_its_certificate(
         assert registry.pending() == []  # nothing for the server to act on
 
 
+def test_the_withdraw_command_says_a_client_was_already_unlearned(
+    service: Service, client: WithdrawalClient, keys: dict[str, Path]
+) -> None:
+    first = client.submit(build_request(_key(keys, "org-a"), "org-a", FEDERATION, "first"))
+    with ConsentRegistry.open(service.registry) as registry:
+        registry.mark(first.request_id, "unlearning")
+        registry.mark(first.request_id, "done", certificate="/srv/certs/first.json")
+    result = CliRunner().invoke(app, [
+        "withdraw", "--server", service.address, "--ca", str(service.ca), "--key", str(keys["org-a"]),
+        "--client", "org-a", "--federation", FEDERATION,
+    ])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "already unlearned" in said and "nothing more will be done" in said
+    assert "accepted" not in said
+
+
 def test_a_second_request_accepted_before_the_first_was_done_is_closed_not_acted_on(
     tmp_path: Path, keys: dict[str, Path]
 ) -> None:

@@ -77,20 +77,28 @@ def request_command(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each attempt.")] = 10.0,
 ) -> None:
     """Withdraw consent: sign a request, send it over TLS, print the request id."""
-    from fedforget.client.withdraw import WithdrawalError, submit_withdrawal
-    from fedforget.identity import IdentityError
+    from fedforget.client.withdraw import WithdrawalClient, WithdrawalError, build_request
+    from fedforget.identity import IdentityError, load_private_key
 
     try:
-        request_id = submit_withdrawal(server, ca, key, client, federation, reason, timeout=timeout)
+        signed = build_request(load_private_key(key), client, federation, reason)
+        with WithdrawalClient(server, ca, timeout=timeout) as service:
+            reply = service.submit(signed)
     except WithdrawalError as exc:
         fail(str(exc), _withdrawal_exit(exc))
     except IdentityError as exc:
         fail(str(exc), ExitCode.BAD_FILE)
-    typer.echo(request_id)
-    console(stderr=True).print(
-        f"withdrawal of {escape(client)} from {escape(federation)} accepted. Follow it with: "
-        f"fedforget withdraw status {request_id} --server {escape(server)} --ca {escape(str(ca))}"
-    )
+    typer.echo(reply.request_id)
+    follow = f"fedforget withdraw status {reply.request_id} --server {escape(server)} --ca {escape(str(ca))}"
+    if reply.status == "already-withdrawn":
+        console(stderr=True).print(
+            f"{escape(client)} was already unlearned from {escape(federation)}: nothing more will be done. "
+            f"Its original certificate is named by: {follow}"
+        )
+    else:
+        console(stderr=True).print(
+            f"withdrawal of {escape(client)} from {escape(federation)} accepted. Follow it with: {follow}"
+        )
 
 
 @withdraw_app.command("status")
