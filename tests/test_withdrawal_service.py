@@ -919,7 +919,7 @@ def test_the_withdraw_command_says_a_client_was_already_unlearned(
     with ConsentRegistry.open(service.registry) as registry:
         registry.mark(first.request_id, "unlearning")
         registry.mark(first.request_id, "done", certificate="/srv/certs/first.json")
-    result = CliRunner().invoke(app, [
+    result = CliRunner().invoke(_cli(), [
         "withdraw", "--server", service.address, "--ca", str(service.ca), "--key", str(keys["org-a"]),
         "--client", "org-a", "--federation", FEDERATION,
     ])
