@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-import numpy as np
 
 from fedforget.arrays import Arrays
 from fedforget.strategies.settings import StrategySettings, UnlearningContext
@@ -243,6 +242,10 @@ class Unlearner(ABC):
     def hyperparameters(self) -> dict[str, object]:
         """Settings that determine the result, recorded with every unlearning."""
         return self.settings.to_json()
+
+    def trajectory_info(self, request: UnlearningRequest) -> dict[str, object]:
+        """What the new trajectory records about the unlearning that made it."""
+        return {"strategy": self.name, "clients": sorted(request.clients), **self.hyperparameters()}
 
 
 class MeteredFederation(Federation):

@@ -37,7 +37,7 @@ from fedforget.strategies.base import (
     Unlearner,
 )
 from fedforget.strategies.settings import StrategySettings, setting
-from fedforget.strategies.toolkit import add, earliest_participation, fedavg_step, is_float, nothing_to_unlearn, walk
+from fedforget.strategies.toolkit import add, fedavg_step, first_contribution, is_float, nothing_to_unlearn, walk
 
 NORMS: tuple[str, ...] = ("layer", "global")
 """How ‖·‖ is taken: per named array (as FedEraser's reference code does) or over the whole flattened update."""
@@ -199,9 +199,9 @@ class Calibrated(Unlearner):
         # reference retrain produces.
         withdrawn = frozenset(request.clients | request.residual_clients)
         completed = request.completed_rounds
-        first = earliest_participation(history, sorted(withdrawn))
-        info = {"strategy": self.name, "clients": sorted(request.clients), **self.hyperparameters()}
-        if first is None or first > completed:
+        first = first_contribution(history, withdrawn, completed)
+        info = self.trajectory_info(request)
+        if first is None:
             return nothing_to_unlearn(history, federation, completed, info, **self._details([], [], {}))
 
         base = first - 1

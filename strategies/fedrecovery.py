@@ -93,14 +93,13 @@ from fedforget.arrays import Arrays
 from fedforget.strategies.base import (
     Federation,
     HistoryView,
-    RoundRecord,
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
 )
 from fedforget.strategies.settings import SettingsError, StrategySettings, setting
 from fedforget.strategies.toolkit import (
-    earliest_participation,
+    first_contribution,
     is_float,
     nothing_to_unlearn,
     recover_and_record,
@@ -200,9 +199,8 @@ class FedRecovery(Unlearner):
     ) -> UnlearningOutcome:
         withdrawn = frozenset(request.clients)
         completed = request.completed_rounds
-        info = {"strategy": self.name, "clients": sorted(withdrawn), **self.hyperparameters()}
-        first = earliest_participation(history, sorted(withdrawn))
-        if completed == 0 or first is None or first > completed:
+        info = self.trajectory_info(request)
+        if first_contribution(history, withdrawn, completed) is None:
             return nothing_to_unlearn(history, federation, completed, info)
 
         current = history.model(completed)

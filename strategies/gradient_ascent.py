@@ -81,7 +81,7 @@ from fedforget.strategies.base import (
     Unlearner,
 )
 from fedforget.strategies.settings import StrategySettings, setting
-from fedforget.strategies.toolkit import is_float, nothing_to_unlearn, recover_and_record
+from fedforget.strategies.toolkit import first_contribution, is_float, nothing_to_unlearn, recover_and_record
 
 REFERENCE_WEIGHTS: tuple[str, ...] = ("recorded", "uniform")
 
@@ -227,9 +227,9 @@ class GradientAscent(Unlearner):
             )
         (client,) = request.clients
         completed = request.completed_rounds
-        info = {"strategy": self.name, "clients": [client], **self.hyperparameters()}
-        first = history.first_participation(client)
-        if completed == 0 or first is None or first > completed:
+        info = self.trajectory_info(request)
+        first = first_contribution(history, [client], completed)
+        if first is None:
             return nothing_to_unlearn(history, federation, completed, info)
 
         current = history.model(completed)

@@ -75,7 +75,7 @@ from fedforget.strategies.settings import SettingsError, StrategySettings, setti
 from fedforget.strategies.toolkit import (
     add,
     difference,
-    earliest_participation,
+    first_contribution,
     fedavg_step,
     flatten,
     float_names,
@@ -155,9 +155,9 @@ class Replay(Unlearner):
     ) -> UnlearningOutcome:
         withdrawn = frozenset(request.clients | request.residual_clients)
         completed = request.completed_rounds
-        info = {"strategy": self.name, "clients": sorted(request.clients), **self.hyperparameters()}
-        first = earliest_participation(history, sorted(withdrawn))
-        if first is None or first > completed:
+        info = self.trajectory_info(request)
+        first = first_contribution(history, withdrawn, completed)
+        if first is None:
             return nothing_to_unlearn(history, federation, completed, info)
 
         base, influence = self._base(history, withdrawn, first, completed)

@@ -57,7 +57,7 @@ from fedforget.strategies.base import (
 from fedforget.strategies.settings import StrategySettings, setting
 from fedforget.strategies.toolkit import (
     add,
-    earliest_participation,
+    first_contribution,
     fedavg_rounds,
     norm,
     nothing_to_unlearn,
@@ -102,9 +102,9 @@ class Subtract(Unlearner):
     ) -> UnlearningOutcome:
         withdrawn = frozenset(request.clients)
         completed = request.completed_rounds
-        info = {"strategy": self.name, "clients": sorted(withdrawn), **self.hyperparameters()}
-        first = earliest_participation(history, sorted(withdrawn))
-        if completed == 0 or first is None or first > completed:
+        info = self.trajectory_info(request)
+        first = first_contribution(history, withdrawn, completed)
+        if first is None:
             return nothing_to_unlearn(history, federation, completed, info)
 
         contribution, details = self._contribution(

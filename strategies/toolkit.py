@@ -17,7 +17,7 @@ bookkeeping. So the bookkeeping lives here, once:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -216,10 +216,16 @@ def walk(history: HistoryView, first: int, last: int) -> Iterator[RoundRecord]:
         )
 
 
-def earliest_participation(history: HistoryView, clients: Sequence[str]) -> int | None:
+def earliest_participation(history: HistoryView, clients: Collection[str]) -> int | None:
     """First round in which any of ``clients`` contributed, or ``None`` if none did."""
-    rounds = [r for r in (history.first_participation(c) for c in clients) if r is not None]
+    rounds = [r for r in (history.first_participation(c) for c in sorted(clients)) if r is not None]
     return min(rounds) if rounds else None
+
+
+def first_contribution(history: HistoryView, clients: Collection[str], completed: int) -> int | None:
+    """The first of the completed rounds ``clients`` contributed to; ``None`` if there is nothing to undo."""
+    first = earliest_participation(history, clients)
+    return first if first is not None and 1 <= first <= completed else None
 
 
 # --------------------------------------------------------------------------- endings
