@@ -90,7 +90,7 @@ def test_the_readme_dropin_walkthrough_works_when_pasted(tmp_path: Path) -> None
         events = [t.info for t in store.trajectories() if t.status == "complete"]
         first, second = events
         assert (first["clients"], first["strategy"], first["round"]) == (["1"], "retrain", 4)
-        assert (second["clients"], second["strategy"], second["round"]) == (["0"], "subtract", 6)
+        assert (second["clients"], second["strategy"], second["round"]) == (["0"], "fedrecovery", 6)
         assert first["client_epochs"] == 2 * 3 * 1.0  # 3 rounds replayed, 2 clients, local-epochs 1
         trained_on = store.reader(int(first["trajectory"]))  # type: ignore[call-overload]
         assert sorted(store.reader(1).clients()) == ["0", "1", "2"]
