@@ -161,6 +161,15 @@ class BenchPlan:
         )
         return cls(runs=runs, seeds=seeds, full=True)
 
+    def only(self, labels: Sequence[str]) -> BenchPlan:
+        """The same plan with only the named variants (and retrain, the yardstick), in the plan's order."""
+        known = [v.label for v in self.variants]
+        unknown = [label for label in labels if label not in known]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; this plan has: {', '.join(known)}")
+        wanted = {"retrain", *labels}
+        return replace(self, variants=tuple(v for v in self.variants if v.label in wanted))
+
     def check(self) -> None:
         labels = [v.label for v in self.variants]
         if "retrain" not in labels:
@@ -334,7 +343,21 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
         result = RunResult(run, {label: _mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed)
         results.append(result)
         print_table(console, result, plan.seeds)
+        if plan.full and number < len(plan.runs):  # hours of work: keep what is measured if the run stops
+            write_json_atomic(out / "bench.json", _document(plan, results, complete=False))
+            console.print(f"bench so far ({number} of {len(plan.runs)} federations): {out / 'bench.json'}")
+    document = _document(plan, results, complete=True)
+    write_json_atomic(out / "bench.json", document)
+    plot_path = out / ("pareto.png" if plan.full else "bench.png")
+    plot_pareto(plot_path, results)
+    console.print(f"bench: {out / 'bench.json'}, plot: {plot_path}")
+    return document
+
+
+def _document(plan: BenchPlan, results: list[RunResult], complete: bool) -> dict[str, object]:
+    """``bench.json``: the plan and every federation measured so far (``complete`` once all are)."""
     document: dict[str, object] = {
+        "complete": complete,
         "seeds": plan.seeds,
         "round_cost_seconds": plan.round_cost,
         "variants": {v.label: v.choice.to_json() for v in plan.variants},
@@ -346,10 +369,6 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
     else:
         (only,) = results
         document.update(only.to_json())
-    write_json_atomic(out / "bench.json", document)
-    plot_path = out / ("pareto.png" if plan.full else "bench.png")
-    plot_pareto(plot_path, results)
-    console.print(f"bench: {out / 'bench.json'}, plot: {plot_path}")
     return document
 
 

@@ -31,6 +31,10 @@ def bench_unlearning(
     dataset: Annotated[
         Optional[list[str]], typer.Option(help="With --full: only these datasets (repeatable).", show_default="all three")
     ] = None,
+    variant: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Only these variants, by label (repeatable); retrain always runs.", show_default="all"),
+    ] = None,
     seeds: Annotated[int, typer.Option(help="Seeds to average over (at least 3 for a band).")] = 3,
     round_cost: Annotated[
         float, typer.Option(help="Seconds a deployed round trip costs, for the modelled deployment speed-up.")
@@ -55,6 +59,8 @@ def bench_unlearning(
 
     plan = BenchPlan.quick(seeds) if quick else BenchPlan.full_plan(seeds, datasets)
     try:
+        if variant:
+            plan = plan.only(variant)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
     except PermissionError as exc:
         fail(str(exc), ExitCode.BAD_FILE)

@@ -1,0 +1,29 @@
+"""The unlearning bench's plan: which variants run, and what a bad choice says."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fedforget.cli import app
+from fedforget.simulations.bench_unlearning import BenchPlan
+
+
+def test_a_plan_narrowed_to_some_variants_keeps_retrain_and_the_plan_order() -> None:
+    plan = BenchPlan.full_plan(seeds=3).only(["replay", "subtract"])
+    assert [v.label for v in plan.variants] == ["retrain", "subtract", "replay"]
+    assert plan.runs == BenchPlan.full_plan(seeds=3).runs
+
+
+def test_an_unknown_variant_is_named_with_the_ones_the_plan_has() -> None:
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['subtrakt'\].*subtract-2"):
+        BenchPlan.quick().only(["subtrakt"])
+
+
+def test_the_cli_rejects_an_unknown_variant_as_a_usage_error(tmp_path) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "unlearning", "--quick", "--variant", "nope", "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "unknown variant" in result.output
+    assert not (tmp_path / "b" / "bench.json").exists()
