@@ -1,7 +1,9 @@
 """The README's deployment walkthrough, pasted block by block into one bash shell.
 
 The blocks marked ``<!-- deployment: NAME -->`` are run unchanged, in order,
-except that ``FED`` points into the test's temporary directory. The test only
+except that ``FED`` points into the test's temporary directory and free
+loopback ports replace the README's fixed ones, so that two copies of the
+suite on one machine do not collide. The test only
 waits where a person would (for two rounds before withdrawing) and checks
 what the walkthrough promises: a TLS federation of three organisations, a
 withdrawal that ends with a valid certificate, a ledger that matches the
@@ -12,18 +14,48 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from fedforget.simulations.local_federation import SOURCE_TREE, wait_until
+from fedforget.simulations.local_federation import SOURCE_TREE, free_port, wait_until
 from fedforget.simulations.processes import ProcessGroup
 
 pytestmark = pytest.mark.e2e
 
 README = SOURCE_TREE / "README.md"
 FED_LINE = "export FED=$PWD/runs/federation"
+README_PORTS = ("9093", "9094")  # the SuperLink, the withdrawal service
+SUPERNODE_BASE_PORT = "9201"  # the SuperNodes listen on $((9201 + i)), i = 0, 1, 2
+
+
+def _free_consecutive_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that are free now."""
+    for _ in range(50):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free loopback ports found")
+
+
+def with_free_ports(block: str, ports: dict[str, str]) -> str:
+    for readme_port, port in ports.items():
+        block = re.sub(rf"\b{readme_port}\b", port, block)
+    return block
 
 
 def deployment_blocks() -> list[tuple[str, str]]:
@@ -65,7 +97,11 @@ def test_the_readme_deployment_walkthrough_works_when_pasted(tmp_path: Path) -> 
     processes = ProcessGroup(tmp_path / "logs", env={k: v for k, v in __import__("os").environ.items()})
     try:
         shell = Shell(processes)
+        ports = {port: str(free_port()) for port in README_PORTS}
+        ports[SUPERNODE_BASE_PORT] = str(_free_consecutive_ports(3))
+        assert len(set(ports.values())) == len(ports)
         for name, block in deployment_blocks():
+            block = with_free_ports(block, ports)
             if name == "setup":
                 assert FED_LINE in block
                 block = block.replace(FED_LINE, f"export FED={fed}")
