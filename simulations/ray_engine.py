@@ -11,7 +11,13 @@ instead, and Flower uses the running instance:
 - one retry: Ray waits a hard-coded 30 s for its raylet to register, which a
   2-core machine under load sometimes misses ("The current node timed out
   during startup"). A failed start is shut down and tried once more, with a
-  message saying so; the second failure is reported with what to do.
+  message saying so; the second failure is reported with what to do;
+- workers at the driver's own priority: Ray starts its workers at nice 15,
+  so on a machine with any other busy process the clients' training (the
+  whole of a simulation's work) got a small fraction of a core. fedforget
+  adds nothing, so workers run at the niceness of the command the user
+  started: ``nice fedforget simulate`` still yields, and a plain run
+  competes fairly.
 
 A user who wants a real Ray cluster names it (``--ray-address``); fedforget
 then connects to it and changes none of its settings.
@@ -32,6 +38,9 @@ LOOPBACK_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STA
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
 
 START_ATTEMPTS = 2
+
+WORKER_NICENESS_INCREMENT = 0
+"""Added to the driver's niceness for Ray's workers (Ray's default adds 15)."""
 
 WORKER_REGISTER_TIMEOUT_S = 180
 """Ray's default is 60 s; a worker importing torch on a loaded 2-core machine can take longer."""
@@ -75,7 +84,8 @@ def start_ray(*, num_cpus: int, verbose: bool, address: str | None = None,
         settings.update(
             num_cpus=num_cpus,
             include_dashboard=False,
-            _system_config={"worker_register_timeout_seconds": WORKER_REGISTER_TIMEOUT_S},
+            _system_config={"worker_register_timeout_seconds": WORKER_REGISTER_TIMEOUT_S,
+                            "worker_niceness": WORKER_NICENESS_INCREMENT},
         )
     else:
         settings["address"] = address

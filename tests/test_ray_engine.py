@@ -38,7 +38,22 @@ def test_a_start_that_times_out_is_retried_once_with_a_message(fake_ray):
     assert len(calls) == 2
     assert said == [f"Ray did not start ({TIMED_OUT}); trying once more ..."]
     assert calls[0]["include_dashboard"] is False
-    assert calls[0]["_system_config"] == {"worker_register_timeout_seconds": ray_engine.WORKER_REGISTER_TIMEOUT_S}
+    assert calls[0]["_system_config"] == {
+        "worker_register_timeout_seconds": ray_engine.WORKER_REGISTER_TIMEOUT_S, "worker_niceness": 0,
+    }
+
+
+@pytest.mark.simulation
+def test_the_clients_train_at_the_priority_of_the_command_that_started_them():
+    """Ray's own default starts workers 15 nice levels below the driver, starving them beside any busy process."""
+    import os
+
+    start_ray(num_cpus=1, verbose=False)
+    try:
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote(), timeout=120)
+    finally:
+        ray_engine.stop_ray()
+    assert niceness == os.nice(0)
 
 
 def test_a_second_failure_says_what_to_do(fake_ray):
