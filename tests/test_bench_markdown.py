@@ -1,0 +1,41 @@
+"""The bench's markdown tables judge each variant against the issue's targets from its own figures."""
+
+from __future__ import annotations
+
+from fedforget.simulations.bench_markdown import bench_markdown, missed_targets
+
+MEETS = {
+    "round_trips_ratio": 0.2, "client_epochs_ratio": 0.2, "modelled_deployment_speedup": 5.0,
+    "accuracy_gap_pts": 0.9, "backdoor_asr": 0.03, "retrain_backdoor_asr": 0.01, "mia_auc_gap": -0.029,
+    "round_trips": 3.0, "mia_auc": 0.5,
+}
+
+
+def _with_std(figures: dict[str, float]) -> dict[str, float]:
+    return {**figures, **{f"{k}_std": 0.0 for k in figures}}
+
+
+def test_figures_inside_every_target_miss_none() -> None:
+    assert missed_targets(MEETS) == []
+
+
+def test_each_missed_target_is_named_with_its_margin() -> None:
+    figures = {**MEETS, "accuracy_gap_pts": 2.5, "backdoor_asr": 0.5, "mia_auc_gap": 0.05, "round_trips_ratio": 0.27}
+    assert missed_targets(figures) == ["accuracy by 1.50 pts", "ASR by 0.470", "MIA by 0.020", "cost"]
+
+
+def test_client_epochs_alone_over_the_budget_is_a_cost_miss() -> None:
+    assert missed_targets({**MEETS, "client_epochs_ratio": 0.21}) == ["cost"]
+
+
+def test_a_full_document_gives_one_table_per_federation_without_a_retrain_row() -> None:
+    retrain = _with_std({**MEETS, "accuracy_gap_pts": 0.0, "round_trips": 15.0})
+    run = {"partition": "dirichlet", "alpha": 0.3, "strategies": {"retrain": retrain, "subtract": _with_std(MEETS)}}
+    document = {
+        "seeds": 3, "chosen_on": "digits", "held_out": ["mnist"],
+        "runs": [{**run, "dataset": "digits"}, {**run, "dataset": "mnist"}],
+    }
+    text = bench_markdown(document)
+    assert "**digits, Dirichlet α=0.3**" in text and "**mnist, Dirichlet α=0.3**" in text
+    assert text.count("| `subtract` |") == 2 and "| `retrain` |" not in text
+    assert "held out: mnist" in text and "all met" in text
