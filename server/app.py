@@ -21,6 +21,8 @@ from fedforget.server.rounds.loop import (
     Withdrawal,
 )
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.client_identity import ClientIdResolver
+from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.strategies.registry import StrategyChoice
 from fedforget.strategies.settings import UnlearningContext
@@ -53,6 +55,8 @@ class ServerSetup:
     """After an approximate unlearning, also retrain exactly (in a side trajectory) as its yardstick."""
     metadata: dict[str, object] = field(default_factory=dict)
     """Stored in the history store when it is created (e.g. the settings a resume must match)."""
+    clients: frozenset[str] | None = None
+    """Only these clients take part (one shard of a sharded federation); None: every connected client."""
 
 
 def open_history_store(setup: ServerSetup) -> HistoryStore:
@@ -89,8 +93,11 @@ def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
         "min_available_nodes": 1,
     }
     options.update(setup.fedavg_options)
+    identities = ClientIdResolver()
+    if setup.clients is not None:
+        grid = ShardGrid(grid, identities, setup.clients)
     with open_history_store(setup) as store:
-        strategy = RecordingFedAvg(store, **options)
+        strategy = RecordingFedAvg(store, identities=identities, **options)
         run = FederatedRun(
             grid,
             store,
