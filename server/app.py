@@ -95,6 +95,12 @@ def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
     options.update(setup.fedavg_options)
     identities = ClientIdResolver()
     if setup.clients is not None:
+        outside = sorted({w.client_id for w in setup.withdrawals} - setup.clients)
+        if outside:
+            raise ValueError(
+                f"withdrawal(s) of client(s) {', '.join(outside)} given to the run of clients "
+                f"{', '.join(sorted(setup.clients))}: give each shard only its own clients' withdrawals"
+            )
         grid = ShardGrid(grid, identities, setup.clients)
     with open_history_store(setup) as store:
         strategy = RecordingFedAvg(store, identities=identities, **options)
