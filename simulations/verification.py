@@ -248,7 +248,7 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
     for index, entry in enumerate(first["unlearning"]):  # type: ignore[arg-type]
         per_seed = [doc["unlearning"][index] for doc in documents]  # type: ignore[index]
         combined: dict[str, object] = {
-            key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored")
+            key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored", "shard") if key in entry
         }
         flagged = [(doc["seed"], e["meaningless"]) for doc, e in zip(documents, per_seed) if e.get("meaningless")]
         combined["meaningless"] = (
