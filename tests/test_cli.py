@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.mark.parametrize(
     "command",
     [
-        [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["client"], ["client", "verify"],
+        [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["bench", "shards"], ["client"], ["client", "verify"],
         ["client", "verify-certificate"], ["keys"], ["keys", "generate"], ["audit"], ["audit", "verify"],
         ["audit", "client"], ["withdraw"], ["withdraw", "request"], ["withdraw", "status"], ["withdrawal-service"],
         ["enroll"], ["unlearn"], ["certs"], ["export-data"], ["bench", "deployment"],
