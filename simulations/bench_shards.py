@@ -44,7 +44,7 @@ from fedforget.server.rounds.loop import FederatedRun, RunSettings
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.sharding import ShardAssignment, check_shard_count
-from fedforget.simulations.bench_unlearning import BenchRun, held_out_run, quick_run
+from fedforget.simulations.bench_unlearning import BenchRun, held_out_run, mean_std, quick_run
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.models import build_model
 from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
@@ -261,7 +261,7 @@ def run_shards_benchmark(plan: ShardsPlan, out: Path, console: Console | None = 
             trainings = _train_and_unlearn(seeded, plan.shard_counts, workdir)
             per_seed.append(_figures(seeded, trainings))
             console.print(f"  measured in {time.perf_counter() - started:.0f} s")
-        summary = {count: _mean_std([seed[count] for seed in per_seed]) for count in plan.shard_counts}
+        summary = {count: mean_std([seed[count] for seed in per_seed]) for count in plan.shard_counts}
         result = {
             "dataset": run.config.dataset,
             "partition": run.config.partition,
@@ -289,15 +289,6 @@ def _document(plan: ShardsPlan, results: list[dict[str, object]], complete: bool
                     "at": "K=4 on MNIST"},
         "runs": results,
     }
-
-
-def _mean_std(values: list[dict[str, float]]) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for key in values[0]:
-        array = np.asarray([v[key] for v in values], dtype=float)
-        result[key] = float(array.mean())
-        result[f"{key}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-    return result
 
 
 _COLUMNS = (

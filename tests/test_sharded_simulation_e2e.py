@@ -75,3 +75,14 @@ def test_a_sharded_simulation_serves_and_measures_the_ensemble_and_unlearns_one_
     assert entry["shard"] == own
     assert entry["unlearned"]["backdoor_asr"] == entry["retrain"]["backdoor_asr"]  # exact: one and the same ensemble
     assert entry["distance_to_retrain"]["l2"] == 0.0 and entry["distance_to_retrain"]["original_l2"] > 0
+
+    # A resume keeps the assignment and the finished shard, and finishes the other from its store.
+    saved_assignment = (out / "shards.json").read_text()
+    (out / "report.json").unlink()
+    (out / "shards" / f"shard-{other}" / "report.json").unlink()
+    resumed = simulate(config, out, resume=True).report
+    assert (out / "shards.json").read_text() == saved_assignment
+    assert resumed["final_test_accuracy"] == report["final_test_accuracy"]
+    assert resumed["shards"] == report["shards"][:other] + [resumed["shards"][other]] + report["shards"][other + 1:]
+    with store(other) as rest:
+        assert rest.last_completed_round() == 3 and [t.id for t in rest.trajectories()] == [1]
