@@ -6,13 +6,14 @@ directory layout every fedforget command reads (history store, consent
 registry, ledger, certificates, report): its rounds involve only its clients
 (:class:`~fedforget.server.rounds.grids.ShardGrid`), and a withdrawal is
 unlearned in the withdrawing client's shard alone, by the run's strategy,
-through the same coordinator as an unsharded run. The other shards' stores
-are never opened for writing by it. An exact strategy (``retrain``) thus
+through the same coordinator as an unsharded run; it never touches the other
+shards. An exact strategy (``retrain``) thus
 retrains one shard, from its model before the client's first round, with the
 shard's remaining clients.
 
-The shards run one after another in one simulation session (each for all its
-rounds: they share nothing, so the order changes no result). The served model
+The shards train in lockstep in one simulation session
+(:class:`~fedforget.server.rounds.shards.ShardedRun`: round t of every shard
+before round t+1 of any), each over its own clients. The served model
 is the prediction ensemble of the shard models (:mod:`fedforget.ensemble`);
 ``OUT/report.json`` gives its accuracy per round, and the evidence of every
 unlearning is measured on the ensemble, with the other shards' models the
@@ -33,7 +34,7 @@ from fedforget.arrays import Arrays
 from fedforget.client.training import evaluate
 from fedforget.ensemble import ensemble_arrays
 from fedforget.evidence.membership import AttackResult
-from fedforget.server.app import run_federation
+from fedforget.server.app import run_sharded_federation
 from fedforget.server.rounds.loop import RunObserver, RunOutcome
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.sharding import SHARDS_FILE, ShardAssignment, assign_shards, settle_assignment
@@ -117,7 +118,7 @@ def _train_shards(
     ray_address: str | None,
     say: Callable[[str], None],
 ) -> dict[int, tuple[RunOutcome, float]]:
-    """Run the pending shards one after another in one simulation session."""
+    """Run the pending shards in lockstep in one simulation session (wall time: the session's, for each)."""
     outcomes: dict[int, tuple[RunOutcome, float]] = {}
     if not pending:
         return outcomes
@@ -125,12 +126,14 @@ def _train_shards(
 
     @app.main()
     def main(grid: Grid, _: Context) -> None:
-        for index, prepared in pending:
-            members = assignment.shards[index]
-            say(f"shard {index} of {assignment.count} (0-based): clients {', '.join(members)}")
-            started = time.perf_counter()
-            outcome = run_federation(grid, prepared.setup)
-            outcomes[index] = (outcome, time.perf_counter() - started)
+        say(
+            f"{len(pending)} shard(s) in lockstep, each round printed once per shard in this order: "
+            + "; ".join(f"shard {index}: clients {', '.join(assignment.shards[index])}" for index, _ in pending)
+        )
+        started = time.perf_counter()
+        finished = run_sharded_federation(grid, [prepared.setup for _, prepared in pending])
+        seconds = time.perf_counter() - started
+        outcomes.update({index: (outcome, seconds) for (index, _), outcome in zip(pending, finished)})
 
     run_on_ray(
         server_app=app, client_app=simulation_client_app(config), num_supernodes=config.clients,

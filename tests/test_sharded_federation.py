@@ -8,6 +8,7 @@ for bit what training the shard without the client produces.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from flower_fixtures import TRAIN_CONFIG, initial_model
 from local_grid import LocalGrid
 
 from fedforget.client.app import make_client_app
-from fedforget.server.app import ServerSetup, run_federation
-from fedforget.server.rounds.loop import RunOutcome, RunSettings, Withdrawal
+from fedforget.server.app import ServerSetup, run_federation, run_sharded_federation
+from fedforget.server.rounds.loop import RunOutcome, RunSettings, SilentObserver, Withdrawal
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.sharding import ShardAssignment, assign_shards
 from fedforget.simulations.task import DataSettings, SimulationTask
@@ -46,27 +47,24 @@ def make_grid(seed: int = 0) -> LocalGrid:
     return ShufflingGrid(make_client_app(task), CLIENTS, seed=seed)
 
 
-def run_shard(
-    grid: LocalGrid,
-    store_dir: Path,
-    clients: Iterable[str],
-    *,
-    withdrawals: Sequence[Withdrawal] = (),
-    strategy: str = "retrain",
-) -> RunOutcome:
+def shard_setup(
+    store_dir: Path, clients: Iterable[str], *, withdrawals: Sequence[Withdrawal] = (), strategy: str = "retrain"
+) -> ServerSetup:
     members = frozenset(clients)
-    return run_federation(
-        grid,
-        ServerSetup(
-            store_dir=store_dir,
-            federation_id=f"shard-of-{'-'.join(sorted(members))}",
-            initial_model=initial_model(),
-            settings=RunSettings(num_rounds=ROUNDS, train_config=dict(TRAIN_CONFIG), expected_clients=len(members)),
-            strategy=StrategyChoice(strategy),
-            withdrawals=withdrawals,
-            clients=members,
-        ),
+    return ServerSetup(
+        store_dir=store_dir,
+        federation_id=f"shard-of-{'-'.join(sorted(members))}",
+        initial_model=initial_model(),
+        settings=RunSettings(num_rounds=ROUNDS, train_config=dict(TRAIN_CONFIG), expected_clients=len(members)),
+        strategy=StrategyChoice(strategy),
+        withdrawals=withdrawals,
+        clients=members,
     )
+
+
+def run_shard(grid: LocalGrid, store_dir: Path, clients: Iterable[str], **kwargs: object) -> RunOutcome:
+    """One shard on its own (the independent trainings the sharded run is compared with)."""
+    return run_federation(grid, shard_setup(store_dir, clients, **kwargs))  # type: ignore[arg-type]
 
 
 def assignment() -> ShardAssignment:
@@ -74,13 +72,37 @@ def assignment() -> ShardAssignment:
 
 
 def run_sharded(tmp_path: Path, grid: LocalGrid, withdrawn: str, strategy: str) -> list[Path]:
-    """Both shards, the withdrawing client's before round 3; returns each shard's store directory."""
-    stores = []
-    for index, members in enumerate(assignment().shards):
-        schedule = [Withdrawal(withdrawn, 3)] if withdrawn in members else []
-        stores.append(tmp_path / f"shard-{index}")
-        run_shard(grid, stores[-1], members, withdrawals=schedule, strategy=strategy)
-    return stores
+    """Both shards in lockstep, the withdrawing client's before round 3; returns each shard's store directory."""
+    setups = [
+        shard_setup(
+            tmp_path / f"shard-{index}", members, strategy=strategy,
+            withdrawals=[Withdrawal(withdrawn, 3)] if withdrawn in members else [],
+        )
+        for index, members in enumerate(assignment().shards)
+    ]
+    outcomes = run_sharded_federation(grid, setups)
+    assert [len(o.timeline) for o in outcomes] == [ROUNDS, ROUNDS]
+    return [setup.store_dir for setup in setups]
+
+
+class RoundOrder(SilentObserver):
+    """Records which shard starts which round, in order."""
+
+    def __init__(self, shard: int, log: list[tuple[int, int]]) -> None:
+        self.shard, self.log = shard, log
+
+    def round_starting(self, server_round: int) -> None:
+        self.log.append((server_round, self.shard))
+
+
+def test_shards_advance_in_lockstep(tmp_path):
+    order: list[tuple[int, int]] = []
+    setups = [
+        replace(shard_setup(tmp_path / f"shard-{index}", members), observer=RoundOrder(index, order))
+        for index, members in enumerate(assignment().shards)
+    ]
+    run_sharded_federation(make_grid(), setups)
+    assert order == [(r, shard) for r in range(1, ROUNDS + 1) for shard in (0, 1)]
 
 
 def participants(store_dir: Path) -> dict[int, set[str]]:
