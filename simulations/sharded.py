@@ -157,10 +157,10 @@ def served_models(out: Path, shards: int, version: int) -> list[Arrays]:
     return models
 
 
-def ensemble_accuracy(config: SimulationConfig, shard_models: Sequence[Arrays]) -> dict[str, float]:
+def ensemble_accuracy(model_spec: str, dataset: str, shard_models: Sequence[Arrays]) -> dict[str, float]:
     """Test accuracy and loss of the prediction ensemble of ``shard_models``, as the server evaluates a model."""
-    ensemble = model_from_arrays(config.model_spec, ensemble_arrays(shard_models))
-    result = evaluate(ensemble, test_dataset(config.dataset))
+    ensemble = model_from_arrays(model_spec, ensemble_arrays(shard_models))
+    result = evaluate(ensemble, test_dataset(dataset))
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}
 
 
@@ -174,7 +174,7 @@ def ensemble_report(
 ) -> dict[str, object]:
     """``OUT/report.json`` of a sharded run: the ensemble per round, the shards, and every unlearning."""
     rounds = [
-        {"round": version, **ensemble_accuracy(config, served_models(out, assignment.count, version))}
+        {"round": version, **ensemble_accuracy(config.model_spec, config.dataset, served_models(out, assignment.count, version))}
         for version in range(1, config.rounds + 1)
     ]
     unlearning = [
