@@ -174,8 +174,9 @@ def ensemble_report(
 ) -> dict[str, object]:
     """``OUT/report.json`` of a sharded run: the ensemble per round, the shards, and every unlearning."""
     rounds = [
-        {"round": version, **ensemble_accuracy(config.model_spec, config.dataset, served_models(out, assignment.count, version))}
+        {"round": version, **ensemble_accuracy(config.model_spec, config.dataset, served)}
         for version in range(1, config.rounds + 1)
+        for served in [served_models(out, assignment.count, version)]
     ]
     unlearning = [
         {**entry, "shard": index, "shard_dir": str(shard_dir(out, index))}
@@ -240,9 +241,9 @@ def verify_sharded(
 
 def _renumbered(entries: list[dict[str, object]]) -> list[dict[str, object]]:
     """Report entries with unlearning indices unique across shards (each counts from 0), in round order."""
-    keys = sorted({(int(e["round"]), int(e["shard"]), int(e["unlearning_index"])) for e in entries})  # type: ignore[call-overload]
-    number = {key: i for i, key in enumerate(keys)}
-    return [
-        {**e, "unlearning_index": number[(int(e["round"]), int(e["shard"]), int(e["unlearning_index"]))]}  # type: ignore[call-overload]
-        for e in entries
-    ]
+
+    def key(entry: dict[str, object]) -> tuple[int, int, int]:
+        return int(entry["round"]), int(entry["shard"]), int(entry["unlearning_index"])  # type: ignore[call-overload]
+
+    number = {k: i for i, k in enumerate(sorted({key(e) for e in entries}))}
+    return [{**e, "unlearning_index": number[key(e)]} for e in entries]
