@@ -143,7 +143,7 @@ def _train_shards(
     if missing:
         raise RuntimeError(
             f"the simulation ended before shard(s) {missing} finished their rounds; their history stores under "
-            f"{shard_dir(Path('OUT'), missing[0]).parent} are intact: rerun with --resume to continue"
+            f"{pending[0][1].out.parent} are intact: rerun with --resume to continue"
         )
     return outcomes
 
