@@ -110,6 +110,12 @@ class ShardedTraining:
     unlearning: dict[str, float]
     withdrawn_shard: int
     independent: Path
+    trained: bool = False
+
+    @property
+    def unlearnable(self) -> bool:
+        """Whether the withdrawn client's shard keeps a client to retrain with (else: not measured)."""
+        return len(self.assignment.shards[self.withdrawn_shard]) > 1
 
 
 def _train_and_unlearn(run: BenchRun, counts: Sequence[int], out: Path) -> dict[int, ShardedTraining]:
@@ -127,7 +133,7 @@ def _train_and_unlearn(run: BenchRun, counts: Sequence[int], out: Path) -> dict[
                 federated = _shard_run(grid, identities, config, training.stores[index], members)
                 with federated.store:
                     federated.execute(initial)
-                    if index == training.withdrawn_shard:
+                    if index == training.withdrawn_shard and training.unlearnable:
                         source = federated.store.current_trajectory()
                         federated.strategy.exclude([run.client])
                         outcome, seconds, _ = federated.run_unlearner(Retrain(), [run.client], config.rounds, source)
@@ -136,10 +142,12 @@ def _train_and_unlearn(run: BenchRun, counts: Sequence[int], out: Path) -> dict[
                             "round_trips": float(outcome.round_trips),
                             "seconds": seconds,
                         }
-            remaining = [c for c in training.assignment.shards[training.withdrawn_shard] if c != run.client]
-            independent = _shard_run(grid, identities, config, training.independent, remaining)
-            with independent.store:
-                independent.execute(initial)
+            if training.unlearnable:
+                remaining = [c for c in training.assignment.shards[training.withdrawn_shard] if c != run.client]
+                independent = _shard_run(grid, identities, config, training.independent, remaining)
+                with independent.store:
+                    independent.execute(initial)
+            training.trained = True
 
     run_on_ray(
         server_app=app,
@@ -147,7 +155,7 @@ def _train_and_unlearn(run: BenchRun, counts: Sequence[int], out: Path) -> dict[
         num_supernodes=config.clients,
         verbose=False,
     )
-    unfinished = [count for count, training in trainings.items() if not training.unlearning]
+    unfinished = [count for count, training in trainings.items() if not training.trained]
     if unfinished:
         raise RuntimeError(f"the benchmark session ended early; shard counts not measured: {unfinished}")
     return trainings
@@ -205,6 +213,10 @@ def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, 
             with HistoryStore.open(store_dir, readonly=True) as store:
                 original.append(store.reader(1).model(config.rounds))
                 unlearned.append(store.read_model(config.rounds))
+        if not training.unlearnable:
+            figures[count] = _not_unlearnable(count, evaluate(ensemble(original), test).accuracy,
+                                              attack_success_rate(ensemble(original), x, y, trigger))
+            continue
         with HistoryStore.open(training.independent, readonly=True) as store:
             independent_model = store.read_model(config.rounds)
         independent = list(unlearned)
@@ -231,6 +243,22 @@ def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, 
         mine["speedup_client_epochs"] = base["client_epochs"] / mine["client_epochs"]
         mine["speedup_wall"] = base["seconds"] / mine["seconds"]
     return figures
+
+
+def _not_unlearnable(count: int, accuracy: float, asr: float) -> dict[str, float]:
+    """Figures of a K whose withdrawn client is alone in its shard: accuracy only.
+
+    A shard without clients cannot be retrained and retiring a shard is not
+    supported (``fedforget simulate`` refuses such a withdrawal), so the
+    unlearning figures are NaN.
+    """
+    nan = float("nan")
+    return {
+        "shards": float(count), "withdrawn_shard_clients": 1.0, "test_accuracy": accuracy,
+        "unlearned_test_accuracy": nan, "backdoor_asr_before": asr, "backdoor_asr": nan,
+        "independent_retrain_backdoor_asr": nan, "bitwise_equal_to_independent_retrain": nan,
+        "client_epochs": nan, "round_trips": nan, "seconds": nan,
+    }
 
 
 def _bitwise_equal(a: Arrays, b: Arrays) -> bool:
@@ -311,7 +339,8 @@ def print_table(console: Console, result: dict[str, object], seeds: int) -> None
         title=f"{result['label']}: sharded (SISA) federations against the unsharded one, K = 1 "
         f"(mean over {seeds} seed{'s' * (seeds > 1)})",
         caption=f"Targets at K=4 on MNIST: acc cost ≤ {ACCURACY_TARGET_PTS} pts, epochs ≤ {EPOCHS_TARGET_RATIO} of the "
-        "unsharded retrain's, ASR after = the independent shard retrain's.",
+        "unsharded retrain's, ASR after = the independent shard retrain's. nan: the withdrawn client is alone in "
+        "its shard, which cannot be retrained (not measured).",
     )
     table.add_column("K", justify="right")
     for _, title, _ in _COLUMNS:
@@ -331,7 +360,8 @@ def plot_tradeoff(path: Path, results: list[dict[str, object]]) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for result in results:
         shards = result["shards"]  # type: ignore[assignment]
-        counts = sorted(shards, key=int)  # type: ignore[arg-type]
+        # A K whose withdrawn client is alone in its shard has no unlearning to plot (NaN).
+        counts = [k for k in sorted(shards, key=int) if np.isfinite(shards[k]["speedup_client_epochs"])]  # type: ignore[arg-type,index]
         speedups = [shards[k]["speedup_client_epochs"] for k in counts]  # type: ignore[index]
         costs = [shards[k]["accuracy_cost_pts"] for k in counts]  # type: ignore[index]
         errors = [shards[k]["accuracy_cost_pts_std"] for k in counts]  # type: ignore[index]

@@ -38,7 +38,7 @@ from fedforget.server.app import run_sharded_federation
 from fedforget.server.rounds.loop import RunObserver, RunOutcome
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.sharding import SHARDS_FILE, ShardAssignment, assign_shards, settle_assignment
-from fedforget.simulations.config import NUM_CLASSES, SimulationConfig
+from fedforget.simulations.config import NUM_CLASSES, ConfigError, SimulationConfig
 from fedforget.simulations.learning import training_problem
 from fedforget.simulations.ray_engine import run_on_ray
 from fedforget.simulations.run_dir import REPORT_FILE, STORE_DIR
@@ -70,6 +70,23 @@ def shard_assignment(config: SimulationConfig) -> ShardAssignment:
     """The shards of ``config``'s clients, balanced by the examples each holds (loads the dataset)."""
     sizes = {str(client): len(part) for client, part in enumerate(client_partitions(data_settings(config)))}
     return assign_shards([str(c) for c in range(config.clients)], config.shards, config.seed, sizes)
+
+
+def check_every_shard_keeps_a_client(config: SimulationConfig) -> None:
+    """Refuse, before anything is written, withdrawals that would leave a shard without clients.
+
+    A shard without clients cannot be retrained, and retiring a shard from the
+    ensemble is not supported.
+    """
+    assignment = shard_assignment(config)
+    leaving = {w.client_id for w in config.withdrawals}
+    for index, members in enumerate(assignment.shards):
+        if not set(members) - leaving:
+            raise ConfigError(
+                f"--withdraw: shard {index} holds only client(s) {', '.join(members)}, and all of them withdraw; "
+                f"a shard needs a client left to retrain with. Choose fewer --shards (the shards: "
+                f"{[list(s) for s in assignment.shards]})"
+            )
 
 
 def run_sharded(

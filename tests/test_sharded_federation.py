@@ -183,3 +183,14 @@ def test_a_shard_refuses_another_shards_withdrawal(tmp_path):
     with pytest.raises(ValueError, match="give each shard only its own clients' withdrawals"):
         run_shard(make_grid(), tmp_path / "s", shards[0], withdrawals=[Withdrawal(shards[1][0], 2)])
     assert not (tmp_path / "s").exists()
+
+
+def test_the_withdrawal_of_a_shards_last_client_is_refused_instead_of_waiting_forever(tmp_path):
+    from fedforget.server.rounds.one_round import RunError
+
+    setups = [shard_setup(tmp_path / "alone", ["0"], withdrawals=[Withdrawal("0", 2)]),
+              shard_setup(tmp_path / "rest", ["1", "2"])]
+    with pytest.raises(RunError, match=r"no other client of their shard \(0\) remains: an empty shard cannot be retrained"):
+        run_sharded_federation(make_grid(), setups)
+    with HistoryStore.open(tmp_path / "alone", readonly=True) as store:
+        assert store.last_completed_round() == 1 and [t.status for t in store.trajectories()] == ["open"]

@@ -86,3 +86,12 @@ def test_a_sharded_simulation_serves_and_measures_the_ensemble_and_unlearns_one_
     assert resumed["shards"] == report["shards"][:other] + [resumed["shards"][other]] + report["shards"][other + 1:]
     with store(other) as rest:
         assert rest.last_completed_round() == 3 and [t.id for t in rest.trajectories()] == [1]
+
+
+def test_a_withdrawal_that_would_empty_a_shard_is_refused_before_anything_is_written(tmp_path):
+    from fedforget.simulations.config import ConfigError
+
+    config = SimulationConfig(dataset="digits", clients=4, rounds=3, shards=4, withdrawals=(Withdrawal("1", 2),))
+    with pytest.raises(ConfigError, match=r"shard \d holds only client\(s\) 1, and all of them withdraw"):
+        simulate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

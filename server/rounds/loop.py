@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fedforget import wire
 from fedforget.arrays import Arrays
 from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.one_round import RunError, train_recorded_round
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore
@@ -198,6 +199,7 @@ class FederatedRun:
         self.observer.round_starting(server_round)
         due = self._due(server_round)
         if due:
+            self._check_shard_keeps_a_client(server_round, due)
             self._model = self.unlearning.unlearn(self.grid, due, self.unlearner).model
             self._refresh_from_store()
         started = time.perf_counter()
@@ -268,6 +270,23 @@ class FederatedRun:
         undone = sorted(self._interrupted - {notice.client_id for notice in due})
         redo = "the unlearning an earlier run began did not finish; it is done again"
         return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]
+
+    def _check_shard_keeps_a_client(self, server_round: int, due: Sequence[WithdrawalNotice]) -> None:
+        """Refuse the withdrawal of a shard's last clients: a shard without clients cannot be retrained.
+
+        Without this, the shard's next round would wait for a node that can
+        never come. Retiring the shard (serving the other shards' ensemble) is
+        not implemented.
+        """
+        if not isinstance(self.grid, ShardGrid):
+            return
+        leaving = {notice.client_id for notice in due}
+        if not self.grid.clients - self.withdrawn_clients() - leaving:
+            raise RunError(
+                f"client(s) {', '.join(sorted(leaving))} withdrew before round {server_round} "
+                f"and no other client of their shard ({', '.join(sorted(self.grid.clients))}) remains: an empty shard "
+                "cannot be retrained, and retiring a shard is not supported; run with fewer shards"
+            )
 
     # -- bookkeeping -------------------------------------------------------------
 
