@@ -1,10 +1,11 @@
 """``fedforget bench shards``: what sharding (SISA) costs in accuracy and saves in unlearning, per shard count K.
 
-For each federation (dataset, partition, seed) and each K, one simulation
-session trains the K shards of the same clients (K = 1 is the unsharded
-federation), then exactly unlearns the same backdoored client by retraining
-its shard, and, as the check of exactness, trains that shard again from
-scratch without the client (same seeds). Figures per K:
+For each federation (dataset, partition, seed), one simulation session
+trains, for each K, the K shards of the same clients one after another
+(K = 1 is the unsharded federation; nobody withdraws during training, so the
+order changes nothing), then exactly unlearns the same backdoored client by
+retraining its shard, and, as the check of exactness, trains that shard again
+from scratch without the client (same seeds). Figures per K:
 
 - the served ensemble's test accuracy, against the unsharded model's (K = 1);
 - the unlearning's client-epochs, round trips and wall time, against the
