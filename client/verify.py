@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from fedforget.arrays import load_arrays
-from fedforget.client.app import load_weights
+from fedforget.ensemble import model_from_served_arrays
 from fedforget.evidence.backdoor import Trigger, attack_success_rate, natural_target_rate
 from fedforget.evidence.distance import accuracy
 from fedforget.evidence.membership import population_attack
@@ -52,9 +52,7 @@ def verify_published_model(
     trigger: Trigger | None,
 ) -> dict[str, float | None]:
     """The evidence a client can compute alone about a model that should have forgotten it."""
-    model = build()
-    load_weights(model, load_arrays(model_file))
-    model.eval()
+    model = model_from_served_arrays(load_arrays(model_file), build)  # one model, or a sharded ensemble
     attack = population_attack(model, own_data, holdout)
     return {
         "own_data_accuracy": accuracy(model, *own_data),

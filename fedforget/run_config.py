@@ -61,6 +61,9 @@ class DeploymentConfig:
     """Keep the old global models trained with a withdrawn client this long for audits (0: shred them at once)."""
     unlearning: Mapping[str, object] = field(default_factory=dict)
     """Strategy settings by their run-config names (``calibration-ratio``, ...)."""
+    shards: int = 1
+    """Isolated shards (SISA) the organisations are split into, one model each, served as their ensemble;
+    a withdrawal retrains only its shard. 1: unsharded. At most ``min-nodes``."""
 
     @property
     def model_spec(self) -> str:
@@ -96,6 +99,7 @@ class DeploymentConfig:
             evaluate=reader.flag("evaluate", cls.evaluate),
             audit_retention_days=reader.number("audit-retention-days", cls.audit_retention_days, minimum=0.0),
             unlearning=reader.unlearning(),
+            shards=reader.integer("shards", cls.shards, minimum=1),
         )
         reader.check_choices(config)
         reader.raise_errors()
@@ -108,7 +112,7 @@ class _Reader:
     _KNOWN = {
         "state-dir", "federation-id", "signing-key", "dataset", "model", "num-rounds", "strategy", "local-epochs",
         "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
-        "retention-interval", "evaluate", "audit-retention-days",
+        "retention-interval", "evaluate", "audit-retention-days", "shards",
     }
 
     def __init__(self, run_config: Mapping[str, object]) -> None:
@@ -190,6 +194,11 @@ class _Reader:
             StrategyChoice(config.strategy, dict(config.unlearning))
         except SettingsError as exc:
             self._errors.append(f"strategy / unlearning.*: {exc}")
+        if config.shards > config.min_nodes:
+            self._errors.append(
+                f"shards ({config.shards}) must be at most min-nodes ({config.min_nodes}): the shards are formed "
+                "from the organisations connected at the start, and every shard needs one"
+            )
         if config.store_dtype not in ("float32", "float16"):
             self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,10 @@ from fedforget.server.rounds.loop import (
     Withdrawal,
 )
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.rounds.client_identity import ClientIdResolver
+from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.recording import RecordingFedAvg
+from fedforget.server.rounds.shards import ShardedRun
 from fedforget.strategies.registry import StrategyChoice
 from fedforget.strategies.settings import UnlearningContext
 
@@ -53,6 +57,8 @@ class ServerSetup:
     """After an approximate unlearning, also retrain exactly (in a side trajectory) as its yardstick."""
     metadata: dict[str, object] = field(default_factory=dict)
     """Stored in the history store when it is created (e.g. the settings a resume must match)."""
+    clients: frozenset[str] | None = None
+    """Only these clients take part (one shard of a sharded federation); None: every connected client."""
 
 
 def open_history_store(setup: ServerSetup) -> HistoryStore:
@@ -77,6 +83,38 @@ def open_history_store(setup: ServerSetup) -> HistoryStore:
 
 def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
     """Run (or resume) the federation described by ``setup`` on ``grid``."""
+    _check_shard(setup)
+    with open_history_store(setup) as store:
+        return _federated_run(grid, setup, store).execute(setup.initial_model)
+
+
+def run_sharded_federation(grid: Grid, shards: Sequence[ServerSetup]) -> list[RunOutcome]:
+    """Run (or resume) the shards of one federation on ``grid`` in lockstep, one setup (with ``clients``) each."""
+    unsharded = [setup.store_dir for setup in shards if setup.clients is None]
+    if unsharded:
+        raise ValueError(f"every shard's setup must name its clients; {unsharded[0]} does not")
+    for setup in shards:
+        _check_shard(setup)
+    with contextlib.ExitStack() as stack:
+        stores = [stack.enter_context(open_history_store(setup)) for setup in shards]
+        runs = [_federated_run(grid, setup, store) for setup, store in zip(shards, stores)]
+        return ShardedRun(runs).execute(shards[0].initial_model)
+
+
+def _check_shard(setup: ServerSetup) -> None:
+    """Refuse, before any file is written, a shard given another shard's withdrawals."""
+    if setup.clients is None:
+        return
+    outside = sorted({w.client_id for w in setup.withdrawals} - setup.clients)
+    if outside:
+        raise ValueError(
+            f"withdrawal(s) of client(s) {', '.join(outside)} given to the run of clients "
+            f"{', '.join(sorted(setup.clients))}: give each shard only its own clients' withdrawals"
+        )
+
+
+def _federated_run(grid: Grid, setup: ServerSetup, store: HistoryStore) -> FederatedRun:
+    """The round loop of ``setup`` on ``store``: over the setup's clients only, when it names them."""
     context = setup.unlearning_context or UnlearningContext(
         local_epochs=float(setup.settings.train_config.get("local-epochs", 1.0)),
         retention_interval=setup.retention_interval,
@@ -89,22 +127,23 @@ def run_federation(grid: Grid, setup: ServerSetup) -> RunOutcome:
         "min_available_nodes": 1,
     }
     options.update(setup.fedavg_options)
-    with open_history_store(setup) as store:
-        strategy = RecordingFedAvg(store, **options)
-        run = FederatedRun(
-            grid,
-            store,
-            strategy,
-            unlearner,
-            setup.settings,
-            withdrawals=setup.withdrawals,
-            evaluate_fn=setup.evaluate_fn,
-            observer=setup.observer,
-            reference_retrain=setup.reference_retrain,
-            consent=setup.consent,
-            accountability=setup.accountability,
-        )
-        return run.execute(setup.initial_model)
+    identities = ClientIdResolver()
+    if setup.clients is not None:
+        grid = ShardGrid(grid, identities, setup.clients)
+    strategy = RecordingFedAvg(store, identities=identities, **options)
+    return FederatedRun(
+        grid,
+        store,
+        strategy,
+        unlearner,
+        setup.settings,
+        withdrawals=setup.withdrawals,
+        evaluate_fn=setup.evaluate_fn,
+        observer=setup.observer,
+        reference_retrain=setup.reference_retrain,
+        consent=setup.consent,
+        accountability=setup.accountability,
+    )
 
 
 def make_server_app(

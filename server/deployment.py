@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Context
@@ -23,10 +24,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedforget.files import ensure_writable_dir, write_json_atomic
 from fedforget.run_config import DeploymentConfig
 from fedforget.server.ledger.accountability import Accountability
-from fedforget.server.app import ServerSetup, run_federation
-from fedforget.server.withdrawal.consent import RegistryConsent
+from fedforget.server.app import ServerSetup, run_federation, run_sharded_federation
+from fedforget.server.withdrawal.consent import ConsentSource, RegistryConsent, ShardConsent
 from fedforget.server.withdrawal.registry import ConsentRegistry
+from fedforget.server.rounds.client_identity import ClientIdResolver
 from fedforget.server.rounds.grids import PromptGrid
+from fedforget.server.state_dir import StateDir
+from fedforget.sharding import SHARDS_FILE, ShardAssignment, assign_shards, load_assignment, settle_assignment
 from fedforget.server.store.errors import FedforgetError, StoreError
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.rounds.loop import RunOutcome, RunSettings
@@ -34,6 +38,9 @@ from fedforget.strategies.registry import StrategyChoice
 from fedforget.strategies.settings import UnlearningContext
 
 app = ServerApp()
+
+NODE_WAIT_SECONDS = 300.0
+"""How long a sharded run's first start waits for ``min-nodes`` nodes before it forms the shards."""
 
 
 class LoggedProgress:
@@ -72,15 +79,7 @@ class LoggedProgress:
 
 def deployment_setup(config: DeploymentConfig) -> ServerSetup:
     """The server's setup for a deployed run: state on disk, withdrawals from the consent registry."""
-    from fedforget.client.app import model_arrays
-    from fedforget.simulations.models import SeededModelFactory, build_model
-    from fedforget.simulations.runner import make_evaluate_fn
-
-    if not config.signing_key.is_file():
-        raise FedforgetError(
-            f"signing-key {config.signing_key} does not exist: make it with `fedforget certs` "
-            "(federation.key) and give its absolute path"
-        )
+    _check_signing_key(config)
     ensure_writable_dir(config.state_dir)
     holds_store = (config.state.store / "store.json").exists()
     if holds_store and not config.resume and _holds_rounds(config.state.store):
@@ -90,16 +89,102 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
         )
     if config.resume and not holds_store:
         raise FedforgetError(f"resume=true, but state-dir {config.state_dir} holds no run to continue")
+    _open_registry(config)
+    return _server_setup(config, config.state, RegistryConsent(config.state.registry), resume=config.resume)
+
+
+def sharded_deployment_setups(config: DeploymentConfig, assignment: ShardAssignment) -> list[ServerSetup]:
+    """One setup per shard: its own store, ledger and certificates under ``state-dir/shards/shard-<i>``.
+
+    The withdrawal service and its registry are the federation's; each
+    shard's loop sees only its own clients' requests (:class:`ShardConsent`).
+    """
+    _check_signing_key(config)
+    _open_registry(config)
+    setups = []
+    for index, members in enumerate(assignment.shards):
+        state = StateDir(shard_state_dir(config, index))
+        clients = frozenset(members)
+        setup = _server_setup(
+            config, state, ShardConsent(RegistryConsent(config.state.registry), clients),
+            resume=config.resume and (state.store / "store.json").exists(),
+        )
+        setups.append(replace(setup, clients=clients, settings=replace(setup.settings, expected_clients=len(clients))))
+    return setups
+
+
+def shard_state_dir(config: DeploymentConfig, index: int) -> Path:
+    return config.state_dir / "shards" / f"shard-{index}"
+
+
+def deployment_assignment(grid: Grid, config: DeploymentConfig) -> ShardAssignment:
+    """The run's shards: saved in ``state-dir/shards.json`` by its first run, read back by every resume.
+
+    The first run waits for ``min-nodes`` nodes and splits the organisations
+    connected then (by their registered names) with the seeded rule of
+    :mod:`fedforget.sharding`; an organisation that joins later is in no shard
+    and receives nothing.
+    """
+    path = config.state_dir / SHARDS_FILE
+    if config.resume:
+        if not path.exists():
+            raise FedforgetError(f"resume=true, but state-dir {config.state_dir} holds no sharded run ({path} is missing)")
+        saved = load_assignment(path)
+        if saved.count != config.shards:
+            raise FedforgetError(
+                f"shards={config.shards}, but the run in {config.state_dir} has {saved.count} shards ({path}): "
+                f"resume with shards={saved.count}"
+            )
+        return saved
+    if path.exists():
+        raise FedforgetError(
+            f"state-dir {config.state_dir} already holds a sharded run: continue it with --run-config "
+            "\"... resume=true\", or give another state-dir"
+        )
+    ensure_writable_dir(config.state_dir)
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while len(list(grid.get_node_ids())) < config.min_nodes:
+        if time.monotonic() > deadline:
+            raise FedforgetError(
+                f"only {len(list(grid.get_node_ids()))} of min-nodes={config.min_nodes} nodes connected within "
+                f"{NODE_WAIT_SECONDS:.0f} s: the shards cannot be formed"
+            )
+        time.sleep(0.2)
+    node_ids = list(grid.get_node_ids())
+    clients = sorted(ClientIdResolver().resolve(grid, node_ids).values())
+    assignment = assign_shards(clients, config.shards, config.seed)
+    settle_assignment(path, assignment)
+    log(logging.INFO, "fedforget: shards %s (saved in %s)", [list(s) for s in assignment.shards], path)
+    return assignment
+
+
+def _check_signing_key(config: DeploymentConfig) -> None:
+    if not config.signing_key.is_file():
+        raise FedforgetError(
+            f"signing-key {config.signing_key} does not exist: make it with `fedforget certs` "
+            "(federation.key) and give its absolute path"
+        )
+
+
+def _open_registry(config: DeploymentConfig) -> None:
     config.state.registry.parent.mkdir(parents=True, exist_ok=True)
     # The withdrawal service may not have created the registry yet; the loop reads it every round.
     ConsentRegistry.open(config.state.registry).close()
+
+
+def _server_setup(config: DeploymentConfig, state: StateDir, consent: ConsentSource, *, resume: bool) -> ServerSetup:
+    """The run's settings, keeping its history store, ledger and certificates in ``state``."""
+    from fedforget.client.app import model_arrays
+    from fedforget.simulations.models import SeededModelFactory, build_model
+    from fedforget.simulations.runner import make_evaluate_fn
+
     context = UnlearningContext(
         local_epochs=config.local_epochs,
         retention_interval=config.retention_interval,
         model_factory=SeededModelFactory(config.model_spec, seed=config.seed),
     )
     return ServerSetup(
-        store_dir=config.state.store,
+        store_dir=state.store,
         federation_id=config.federation_id,
         initial_model=model_arrays(build_model(config.model_spec, seed=config.seed)),
         settings=RunSettings(
@@ -113,14 +198,14 @@ def deployment_setup(config: DeploymentConfig) -> ServerSetup:
         unlearning_context=context,
         retention_interval=config.retention_interval,
         update_dtype=config.store_dtype,
-        resume=config.resume,
+        resume=resume,
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
-        consent=RegistryConsent(config.state.registry),
+        consent=consent,
         accountability=Accountability(
-            ledger_path=config.state.ledger,
+            ledger_path=state.ledger,
             server_key=config.signing_key,
-            certificates_dir=config.state.certificates,
+            certificates_dir=state.certificates,
             federation_id=config.federation_id,
             old_models_retention=dt.timedelta(days=config.audit_retention_days) if config.audit_retention_days else None,
         ),
@@ -160,11 +245,53 @@ def deployment_report(config: DeploymentConfig, outcome: RunOutcome, wall_second
     }
 
 
+def sharded_report(
+    config: DeploymentConfig, assignment: ShardAssignment, outcomes: list[RunOutcome], wall_seconds: float
+) -> dict[str, object]:
+    """The federation's report: the shards, each shard's own report, and the served ensemble's accuracy."""
+    report: dict[str, object] = {
+        "federation_id": config.federation_id,
+        "strategy": config.strategy,
+        "served_model": "prediction ensemble: mean of the shard models' softmax outputs",
+        "assignment": str(config.state_dir / SHARDS_FILE),
+        "shards": [
+            {"index": index, "clients": list(members), "report": str(StateDir(shard_state_dir(config, index)).report)}
+            for index, members in enumerate(assignment.shards)
+        ],
+        "unlearning": [
+            {"shard": index, **entry}
+            for index, outcome in enumerate(outcomes)
+            for entry in deployment_report(config, outcome, wall_seconds)["unlearning"]  # type: ignore[attr-defined]
+        ],
+        "wall_seconds": wall_seconds,
+    }
+    if config.evaluate:
+        from fedforget.simulations.sharded import ensemble_accuracy
+
+        served = ensemble_accuracy(config.model_spec, config.dataset, [outcome.model for outcome in outcomes])
+        report["final_test_accuracy"] = served["test_accuracy"]
+    return report
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train (or resume), acting on signed withdrawals between rounds; write ``report.json``."""
-    started = time.perf_counter()
     config = DeploymentConfig.from_run_config(context.run_config)
-    outcome = run_federation(PromptGrid(grid), deployment_setup(config))
-    write_json_atomic(config.state.report, deployment_report(config, outcome, time.perf_counter() - started))
+    run_deployment(PromptGrid(grid), config)
     log(logging.INFO, "fedforget: run complete; report in %s", config.state.report)
+
+
+def run_deployment(grid: Grid, config: DeploymentConfig) -> None:
+    """The deployed run on ``grid``: one federation, or ``shards`` of them in lockstep; writes the reports."""
+    started = time.perf_counter()
+    if config.shards == 1:
+        outcome = run_federation(grid, deployment_setup(config))
+        write_json_atomic(config.state.report, deployment_report(config, outcome, time.perf_counter() - started))
+        return
+    assignment = deployment_assignment(grid, config)
+    outcomes = run_sharded_federation(grid, sharded_deployment_setups(config, assignment))
+    seconds = time.perf_counter() - started
+    for index, outcome in enumerate(outcomes):
+        shard = replace(config, state_dir=shard_state_dir(config, index))
+        write_json_atomic(shard.state.report, deployment_report(shard, outcome, seconds))
+    write_json_atomic(config.state.report, sharded_report(config, assignment, outcomes, seconds))

@@ -341,7 +341,7 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
                                             dir=out))
             measured = _unlearn_every_way(seeded, plan.variants, workdir)
             per_seed.append(_figures(seeded, workdir, measured, plan.round_cost))
-        result = RunResult(run, {label: _mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed)
+        result = RunResult(run, {label: mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed)
         results.append(result)
         print_table(console, result, plan.seeds)
         if plan.full and number < len(plan.runs):  # hours of work: keep what is measured if the run stops
@@ -374,7 +374,7 @@ def _document(plan: BenchPlan, results: list[RunResult], complete: bool) -> dict
     return document
 
 
-def _mean_std(values: list[dict[str, float]]) -> dict[str, float]:
+def mean_std(values: list[dict[str, float]]) -> dict[str, float]:
     result: dict[str, float] = {}
     for key in values[0]:
         array = np.asarray([v[key] for v in values], dtype=float)

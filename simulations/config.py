@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from fedforget.errors import FedforgetError
+from fedforget.sharding import ShardingError, check_shard_count
 from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
@@ -137,6 +138,8 @@ class SimulationConfig:
     """Repeat the whole run over seeds ``seed .. seed + seeds - 1`` (the retrain band)."""
     strategy_settings: dict[str, object] = field(default_factory=dict)
     """The chosen strategy's settings given explicitly, by option name (the rest are its defaults)."""
+    shards: int = 1
+    """Isolated shards the clients are split into (SISA); 1 is an unsharded federation."""
 
     def __post_init__(self) -> None:
         unset = [name for name in TRAINING_FIELDS if getattr(self, name) is None]
@@ -212,6 +215,12 @@ class SimulationConfig:
         if self.strategy == "gradient-ascent" and len({w.round for w in self.withdrawals}) != len(self.withdrawals):
             raise ConfigError("--strategy gradient-ascent unlearns one client at a time: give each its own round")
         _at_least("--seeds", self.seeds, 1)
+        try:
+            check_shard_count(self.shards, self.clients)
+        except ShardingError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.shards > 1 and self.seeds > 1:
+            raise ConfigError("--shards with --seeds is not supported: run one sharded federation per --seed")
 
     def strategy_choice(self) -> StrategyChoice:
         """The unlearning strategy and the settings given for it."""

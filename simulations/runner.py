@@ -26,7 +26,7 @@ from fedforget.server.app import ServerSetup, make_server_app
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.withdrawal.consent import RegistryConsent
 from fedforget.server.rounds.loop import RunObserver, RunOutcome, RunSettings, SilentObserver
-from fedforget.server.withdrawal.service import serve
+from fedforget.server.withdrawal.service import WithdrawalServer, serve
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.config import NUM_CLASSES, ConfigError, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
@@ -187,6 +187,10 @@ def simulate(
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
     check_model_fits(config)
+    if config.shards > 1:
+        from fedforget.simulations.sharded import check_every_shard_keeps_a_client
+
+        check_every_shard_keeps_a_client(config)
     out = prepare_output(config, out, resume)
     quiet_engines(verbose)
     say = progress or (lambda message: None)
@@ -197,10 +201,19 @@ def simulate(
         if resume and (run_dir / REPORT_FILE).exists():
             report = json.loads((run_dir / REPORT_FILE).read_text())
         else:
-            resumes = resume and (run_dir / STORE_DIR / "store.json").exists()
-            report = _run_federation(
-                seeded, run_dir, resume=resumes, observer=observer, verbose=verbose, ray_address=ray_address, say=say
-            )
+            if seeded.shards > 1:
+                from fedforget.simulations.sharded import run_sharded
+
+                report = run_sharded(
+                    seeded, run_dir, resume=resume, observer=observer, verbose=verbose, ray_address=ray_address, say=say
+                )
+                write_json_atomic(run_dir / REPORT_FILE, report)
+            else:
+                resumes = resume and (run_dir / STORE_DIR / "store.json").exists()
+                report = _run_federation(
+                    seeded, run_dir, resume=resumes, observer=observer, verbose=verbose, ray_address=ray_address,
+                    say=say,
+                )
         reports.append((seeded, run_dir, report))
     verification = None
     if any(report["unlearning"] for _, _, report in reports):
@@ -226,23 +239,39 @@ def simulate(
     return SimulationResult(report=summary, verification=verification)
 
 
-def _run_federation(
+@dataclass
+class PreparedFederation:
+    """One federation (or one shard of a sharded one) ready to run: its setup, files and withdrawal service."""
+
+    config: SimulationConfig
+    out: Path
+    federation: str
+    setup: ServerSetup
+    paths: FederationPaths
+    service: WithdrawalServer | None
+
+
+def prepare_federation_run(
     config: SimulationConfig,
     out: Path,
     *,
     resume: bool,
     observer: RunObserver | None,
-    verbose: bool,
-    ray_address: str | None,
-    say: Callable[[str], None],
-) -> dict[str, object]:
-    """One federated run on the simulation engine; writes ``out/store`` and ``out/report.json``."""
-    started = time.perf_counter()
+    clients: frozenset[str] | None = None,
+    federation: str | None = None,
+) -> PreparedFederation:
+    """Keys, TLS, the withdrawal service and the server's setup for a run in ``out``.
+
+    ``clients`` restricts the run to one shard's clients (their withdrawals
+    only); ``federation`` names it (by default :func:`federation_id`). Stop
+    the returned ``service`` when the run ends.
+    """
     out.mkdir(parents=True, exist_ok=True)
     initial = model_arrays(build_model(config.model_spec, seed=config.seed))
     paths = FederationPaths(out)
-    federation = federation_id(config)
-    prepare_federation(paths, sorted({w.client_id for w in config.withdrawals}))
+    federation = federation or federation_id(config)
+    withdrawals = [w for w in config.withdrawals if clients is None or w.client_id in clients]
+    prepare_federation(paths, sorted({w.client_id for w in withdrawals}))
     accountability = Accountability(
         ledger_path=paths.ledger,
         server_key=paths.server_key,
@@ -252,23 +281,23 @@ def _run_federation(
     )
     service = None
     consent = None
-    if config.withdrawals:
+    if withdrawals:
         # The one path: clients sign requests, the service records them, the server reads the registry.
         tls = paths.tls()
         service = serve(
             "127.0.0.1:0", registry_path=paths.registry, federation_id=federation, cert=tls.certificate, key=tls.private_key
         )
         consent = RegistryConsent(paths.registry)
-        observer = WithdrawingClients(observer or SilentObserver(), config.withdrawals, paths, service.address, federation)
+        observer = WithdrawingClients(observer or SilentObserver(), withdrawals, paths, service.address, federation)
     setup = ServerSetup(
         store_dir=out / STORE_DIR,
-        federation_id=federation_id(config),
+        federation_id=federation,
         initial_model=initial,
         settings=RunSettings(
             num_rounds=config.rounds,
             train_config={"local-epochs": config.local_epochs, "lr": config.lr, "batch-size": config.batch_size},
             seed=config.seed,
-            expected_clients=config.clients,
+            expected_clients=config.clients if clients is None else len(clients),
         ),
         strategy=config.strategy_choice(),
         unlearning_context=config.unlearning_context(),
@@ -281,36 +310,64 @@ def _run_federation(
         observer=observer,
         reference_retrain=config.strategy != "retrain",
         metadata={CONFIG_META: config.to_json()},
+        clients=clients,
     )
+    return PreparedFederation(config, out, federation, setup, paths, service)
+
+
+def federation_report(prepared: PreparedFederation, outcome: RunOutcome, *, wall_seconds: float) -> dict[str, object]:
+    """Build and write ``report.json`` of one finished federation (or shard)."""
+    paths = prepared.paths
+    report = build_report(prepared.config, prepared.out, outcome, wall_seconds=wall_seconds)
+    report["federation_id"] = prepared.federation
+    report["ledger"] = str(paths.ledger)
+    report["certificates"] = [
+        {"client": client, "path": path, "server_key": str(paths.server_public_key)}
+        for event in outcome.unlearning
+        for client, path in dict(event.get("certificates", {})).items()  # type: ignore[arg-type]
+    ]
+    write_json_atomic(prepared.out / REPORT_FILE, report)
+    return report
+
+
+def _run_federation(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    resume: bool,
+    observer: RunObserver | None,
+    verbose: bool,
+    ray_address: str | None,
+    say: Callable[[str], None],
+) -> dict[str, object]:
+    """One federated run on the simulation engine; writes ``out/store`` and ``out/report.json``."""
+    started = time.perf_counter()
+    prepared = prepare_federation_run(config, out, resume=resume, observer=observer)
     outcomes: list[RunOutcome] = []
-    server_app = make_server_app(setup, on_finish=outcomes.append)
-    client_app = make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed, model=config.model))
+    server_app = make_server_app(prepared.setup, on_finish=outcomes.append)
     try:
         run_on_ray(
             server_app=server_app,
-            client_app=client_app,
+            client_app=simulation_client_app(config),
             num_supernodes=config.clients,
             verbose=verbose,
             address=ray_address,
             say=say,
         )
     finally:
-        if service is not None:
-            service.stop()
+        if prepared.service is not None:
+            prepared.service.stop()
     if not outcomes:
         raise RuntimeError(
             "the simulation ended without finishing its rounds; the history store in "
             f"{out / STORE_DIR} is intact: rerun with --resume to continue"
         )
-    report = build_report(config, out, outcomes[0], wall_seconds=time.perf_counter() - started)
-    report["ledger"] = str(paths.ledger)
-    report["certificates"] = [
-        {"client": client, "path": path, "server_key": str(paths.server_public_key)}
-        for event in outcomes[0].unlearning
-        for client, path in dict(event.get("certificates", {})).items()  # type: ignore[arg-type]
-    ]
-    write_json_atomic(out / REPORT_FILE, report)
-    return report
+    return federation_report(prepared, outcomes[0], wall_seconds=time.perf_counter() - started)
+
+
+def simulation_client_app(config: SimulationConfig) -> object:
+    """The simulated clients: each trains its own partition of the dataset."""
+    return make_client_app(SimulationTask(data=data_settings(config), model_seed=config.seed, model=config.model))
 
 
 def write_verification(
@@ -319,7 +376,12 @@ def write_verification(
     """Measure every unlearning of every seed; write ``verification.json``, models and plots."""
     documents, curves = [], []
     for seeded, run_dir, report in reports:
-        document, attacks = verify_run(seeded, data_settings(seeded), run_dir, report)
+        if seeded.shards > 1:
+            from fedforget.simulations.sharded import verify_sharded
+
+            document, attacks = verify_sharded(seeded, run_dir, report)
+        else:
+            document, attacks = verify_run(seeded, data_settings(seeded), run_dir, report)
         documents.append(document)
         curves.append(attacks)
     verification = aggregate_seeds(documents)

@@ -11,6 +11,7 @@ retrain's is what says whether forgetting happened.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from fedforget.arrays import Arrays, save_arrays
-from fedforget.client.app import load_weights
 from fedforget.evidence.backdoor import Trigger, attack_success_rate, natural_target_rate
 from fedforget.evidence.distance import accuracy, mean_js_divergence, parameter_l2
+from fedforget.ensemble import model_from_served_arrays
 from fedforget.evidence.membership import (
     AttackResult,
     lira_offline,
@@ -51,11 +52,8 @@ class EvidenceData:
 
 
 def model_from_arrays(spec: str, arrays: Arrays) -> nn.Module:
-    """The model ``spec`` names (a dataset's built-in one, or yours) holding ``arrays``, in eval mode."""
-    model = build_model(spec, seed=0)
-    load_weights(model, arrays)
-    model.eval()
-    return model
+    """The model ``arrays`` hold, in eval mode: one ``spec`` model, or a sharded federation's ensemble of them."""
+    return model_from_served_arrays(arrays, lambda: build_model(spec, seed=0))
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,68 +113,84 @@ def verify_run(
     Returns the verification document and, per unlearning, the attack results
     with their ROC curves (for plots).
     """
+    with HistoryStore.open(out / "store") as store:
+        return verify_events(config, settings, out, events_of(report), lambda event: event_models(store, event))
+
+
+ModelsOfEvent = Callable[[dict[str, object]], dict[str, Arrays]]
+"""The original, unlearned and retrained served model of one unlearning event, by role."""
+
+
+def event_models(store: HistoryStore, event: dict[str, object]) -> dict[str, Arrays]:
+    """The three models of ``event`` as ``store`` holds them, at the version before the withdrawal."""
+    version = int(event["round"]) - 1  # type: ignore[call-overload]
+    original = store.reader(int(event["source_trajectory"])).model(version)  # type: ignore[call-overload]
+    unlearned = store.reader(int(event["trajectory"])).model(version)  # type: ignore[call-overload]
+    # Retrain is exact: for it, the unlearned model *is* the retrained one.
+    reference = event.get("reference_trajectory")
+    if reference is None and event["strategy"] != "retrain":
+        raise ValueError(
+            f"the {event['strategy']} unlearning of client(s) {event['clients']} has no reference retrain "
+            "to be judged against; run it with reference_retrain enabled"
+        )
+    retrain = unlearned if reference is None else store.reader(int(reference)).model(version)  # type: ignore[call-overload]
+    return {"original": original, "unlearned": unlearned, "retrain": retrain}
+
+
+def verify_events(
+    config: SimulationConfig,
+    settings: DataSettings,
+    out: Path,
+    events: list[dict[str, object]],
+    models_of: ModelsOfEvent,
+) -> tuple[dict[str, object], dict[str, dict[str, dict[str, AttackResult]]]]:
+    """Measure each unlearning in ``events`` on the served models ``models_of`` gives (one model or an ensemble)."""
     torch.set_num_threads(1)
     trigger = config.trigger() if config.backdoors else None
-    events = _events(report)
     entries: list[dict[str, object]] = []
     curves: dict[str, dict[str, dict[str, AttackResult]]] = {}
     withdrawn: set[str] = set()
-    with HistoryStore.open(out / "store") as store:
-        for event in events:
-            forgotten = list(event["clients"])  # type: ignore[arg-type]
-            withdrawn.update(forgotten)
-            version = int(event["round"]) - 1  # type: ignore[arg-type]
-            original = store.reader(int(event["source_trajectory"])).model(version)  # type: ignore[arg-type]
-            unlearned = store.reader(int(event["trajectory"])).model(version)  # type: ignore[arg-type]
-            # Retrain is exact: for it, the unlearned model *is* the retrained one.
-            reference = event.get("reference_trajectory")
-            if reference is None and event["strategy"] != "retrain":
-                raise ValueError(
-                    f"the {event['strategy']} unlearning of client(s) {forgotten} has no reference retrain "
-                    "to be judged against; run it with reference_retrain enabled"
-                )
-            retrain = unlearned if reference is None else store.reader(int(reference)).model(version)  # type: ignore[arg-type]
-            arrays = {"original": original, "unlearned": unlearned, "retrain": retrain}
-            label = "+".join(forgotten)
-            for role, model_arrays in arrays.items():
-                save_arrays(out / "models" / f"{role}-client{label}-round{event['round']}.npz", model_arrays)
-            data = evidence_data(settings, forgotten, withdrawn)
-            _export_client_files(out, settings, forgotten, data.nonmembers)
-            shadow_seconds, shadows = _shadows(config, data)
-            started = time.perf_counter()
-            figures: dict[str, object] = {}
-            curves[label] = {}
-            for role, model_arrays in arrays.items():
-                figures[role], curves[label][role] = model_figures(
-                    model_from_arrays(config.model_spec, model_arrays), data, trigger, shadows
-                )
-            unlearned_model = model_from_arrays(config.model_spec, unlearned)
-            retrain_model = model_from_arrays(config.model_spec, retrain)
-            entry = {
-                "client": label,
-                "clients": forgotten,
-                "round": event["round"],
-                "strategy": event["strategy"],
-                "backdoored": [c for c in forgotten if c in config.backdoors],
-                "meaningless": evidence_problem(
-                    {role: figures[role]["test_accuracy"] for role in MODEL_ROLES}, NUM_CLASSES  # type: ignore[index]
-                ),
-                **figures,
-                "distance_to_retrain": {
-                    "l2": parameter_l2(unlearned, retrain),
-                    "js": mean_js_divergence(unlearned_model, retrain_model, data.test[0]),
-                    "original_l2": parameter_l2(original, retrain),
-                    "original_js": mean_js_divergence(
-                        model_from_arrays(config.model_spec, original), retrain_model, data.test[0]
-                    ),
-                },
-                "evidence_seconds": time.perf_counter() - started,
-                "shadow_models": len(shadows),
-                "shadow_training_seconds": shadow_seconds,
-                "members": int(len(data.members[1])),
-                "nonmembers": int(len(data.nonmembers[1])),
-            }
-            entries.append(entry)
+    for event in events:
+        forgotten = list(event["clients"])  # type: ignore[call-overload]
+        withdrawn.update(forgotten)
+        arrays = models_of(event)
+        label = "+".join(forgotten)
+        for role, model_arrays in arrays.items():
+            save_arrays(out / "models" / f"{role}-client{label}-round{event['round']}.npz", model_arrays)
+        data = evidence_data(settings, forgotten, withdrawn)
+        _export_client_files(out, settings, forgotten, data.nonmembers)
+        shadow_seconds, shadows = _shadows(config, data)
+        started = time.perf_counter()
+        modules = {role: model_from_arrays(config.model_spec, model_arrays) for role, model_arrays in arrays.items()}
+        figures: dict[str, object] = {}
+        curves[label] = {}
+        for role, module in modules.items():
+            figures[role], curves[label][role] = model_figures(module, data, trigger, shadows)
+        entry = {
+            "client": label,
+            "clients": forgotten,
+            "round": event["round"],
+            "strategy": event["strategy"],
+            "backdoored": [c for c in forgotten if c in config.backdoors],
+            "meaningless": evidence_problem(
+                {role: figures[role]["test_accuracy"] for role in MODEL_ROLES}, NUM_CLASSES  # type: ignore[index]
+            ),
+            **figures,
+            "distance_to_retrain": {
+                "l2": parameter_l2(arrays["unlearned"], arrays["retrain"]),
+                "js": mean_js_divergence(modules["unlearned"], modules["retrain"], data.test[0]),
+                "original_l2": parameter_l2(arrays["original"], arrays["retrain"]),
+                "original_js": mean_js_divergence(modules["original"], modules["retrain"], data.test[0]),
+            },
+            "evidence_seconds": time.perf_counter() - started,
+            "shadow_models": len(shadows),
+            "shadow_training_seconds": shadow_seconds,
+            "members": int(len(data.members[1])),
+            "nonmembers": int(len(data.nonmembers[1])),
+        }
+        if "shard" in event:
+            entry["shard"] = event["shard"]
+        entries.append(entry)
     document = {
         "seed": config.seed,
         "trigger": None if trigger is None else trigger.__dict__,
@@ -196,7 +210,7 @@ def _export_client_files(
         save_arrays(out / "clients" / client / "holdout.npz", {"x": holdout[0], "y": holdout[1]})
 
 
-def _events(report: dict[str, object]) -> list[dict[str, object]]:
+def events_of(report: dict[str, object]) -> list[dict[str, object]]:
     """One entry per unlearning (the report repeats it per client withdrawn together)."""
     seen: dict[int, dict[str, object]] = {}
     for entry in report["unlearning"]:  # type: ignore[union-attr]
@@ -234,7 +248,7 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
     for index, entry in enumerate(first["unlearning"]):  # type: ignore[arg-type]
         per_seed = [doc["unlearning"][index] for doc in documents]  # type: ignore[index]
         combined: dict[str, object] = {
-            key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored")
+            key: entry[key] for key in ("client", "clients", "round", "strategy", "backdoored", "shard") if key in entry
         }
         flagged = [(doc["seed"], e["meaningless"]) for doc, e in zip(documents, per_seed) if e.get("meaningless")]
         combined["meaningless"] = (

@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.mark.parametrize(
     "command",
     [
-        [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["client"], ["client", "verify"],
+        [], ["simulate"], ["bench"], ["bench", "overhead"], ["bench", "unlearning"], ["bench", "shards"], ["client"], ["client", "verify"],
         ["client", "verify-certificate"], ["keys"], ["keys", "generate"], ["audit"], ["audit", "verify"],
         ["audit", "client"], ["withdraw"], ["withdraw", "request"], ["withdraw", "status"], ["withdrawal-service"],
         ["enroll"], ["unlearn"], ["certs"], ["export-data"], ["bench", "deployment"],
@@ -52,6 +52,9 @@ def test_every_command_has_help(command):
         (["--backdoor-fraction", "1.5"], "--backdoor-fraction must be in (0, 1]"),
         (["--backdoor-target", "10"], "--backdoor-target must be a class 0..9"),
         (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--shards", "0"], "--shards must be at least 1"),
+        (["--clients", "4", "--shards", "5"], "--shards 5 is more than the 4 clients"),
+        (["--shards", "2", "--seeds", "2"], "--shards with --seeds is not supported"),
     ],
 )
 def test_bad_simulation_settings_fail_before_writing(tmp_path, args, message):

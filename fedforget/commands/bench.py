@@ -70,6 +70,57 @@ def bench_unlearning(
         fail(str(exc), ExitCode.UNAVAILABLE)
 
 
+@bench_app.command("shards")
+def bench_shards(
+    out: Annotated[Path, typer.Option(help="Directory for bench-shards.json, the plot and the runs.")] = Path(
+        "runs/bench-shards"
+    ),
+    shards: Annotated[
+        str, typer.Option(help="Shard counts K to compare, comma-separated; K=1 (unsharded) is always added.")
+    ] = "1,2,4,8",
+    dataset: Annotated[
+        Optional[list[str]], typer.Option(help="Datasets (repeatable).", show_default="digits")
+    ] = None,
+    partition: Annotated[
+        Optional[list[str]],
+        typer.Option(help="iid and/or dirichlet (α=0.3) (repeatable).", show_default="iid and dirichlet"),
+    ] = None,
+    rounds: Annotated[
+        Optional[int], typer.Option(help="Rounds per federation.", show_default="15, as bench unlearning")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds to average over.")] = 1,
+) -> None:
+    """Sharded (SISA) federations: the ensemble's accuracy cost against the exact unlearning's speed-up, per K."""
+    datasets = tuple(dataset or ("digits",))
+    partitions = tuple(partition or ("iid", "dirichlet"))
+    for name in datasets:
+        require_dataset(name)
+    unknown = sorted(set(partitions) - {"iid", "dirichlet"})
+    if unknown:
+        fail(f"--partition {unknown[0]!r} is not benchmarked; choose iid or dirichlet", ExitCode.USAGE)
+    try:
+        counts = tuple(int(part) for part in shards.split(","))
+    except ValueError:
+        fail(f"--shards {shards!r}: expected comma-separated whole numbers, e.g. 1,2,4,8", ExitCode.USAGE)
+
+    from fedforget.simulations.ray_engine import SimulationEngineError, keep_ray_on_loopback
+
+    keep_ray_on_loopback()
+    from fedforget.simulations.bench_shards import ShardsPlan, run_shards_benchmark
+    from fedforget.simulations.datasets import DatasetUnavailableError
+
+    try:
+        plan = ShardsPlan.of(datasets, partitions, counts, seeds=seeds, rounds=rounds)
+        plan.check()
+        run_shards_benchmark(plan, out)
+    except PermissionError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (DatasetUnavailableError, SimulationEngineError) as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
+
+
 @bench_app.command("estimation")
 def bench_estimation(
     store: Annotated[Path, typer.Argument(help="A history store holding a history and its exact retrain.")],

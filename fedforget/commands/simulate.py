@@ -111,6 +111,13 @@ def simulate_command(
         int, typer.Option(help="Shadow models for the per-example membership attack (0 skips it).")
     ] = _DEFAULTS["shadows"],
     seeds: Annotated[int, typer.Option(help="Repeat over this many seeds: mean ± std.")] = _DEFAULTS["seeds"],
+    shards: Annotated[
+        int,
+        typer.Option(
+            help="Split the clients into K isolated shards, one model each, served as their ensemble: "
+            "a withdrawal retrains only its shard (1: unsharded)."
+        ),
+    ] = _DEFAULTS["shards"],
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (give --out).")] = False,
     ray_address: Annotated[
         Optional[str],
@@ -132,7 +139,7 @@ def simulate_command(
         "classes_per_partition": classes_per_partition, "seed": seed, "strategy": strategy,
         "retention_interval": retention_interval, "store_dtype": store_dtype,
         "backdoor_fraction": backdoor_fraction, "backdoor_target": backdoor_target, "shadows": shadows,
-        "seeds": seeds, "train_fraction": train_fraction, "withdrawals": withdraw, "backdoors": backdoor,
+        "seeds": seeds, "shards": shards, "train_fraction": train_fraction, "withdrawals": withdraw, "backdoors": backdoor,
     }
     option_of = {"model": "model_factory", "withdrawals": "withdraw", "backdoors": "backdoor"}
     if resume:
@@ -233,12 +240,13 @@ def _print_run_summary(report: dict[str, object], out: Path, results: Console) -
     )
     for event in report["unlearning"]:  # type: ignore[union-attr]
         results.print(
-            f"client {event['client']} forgotten before round {event['round']} by {event['strategy']}: "
-            f"{event['seconds']:.1f} s, {event['client_epochs']:.0f} client-epochs, test accuracy "
+            f"client {event['client']} forgotten before round {event['round']} by {event['strategy']}"
+            + (f" in shard {event['shard']} alone: " if "shard" in event else ": ")
+            + f"{event['seconds']:.1f} s, {event['client_epochs']:.0f} client-epochs, test accuracy "
             f"{event['test_accuracy_before']:.2%} -> {event['test_accuracy_after']:.2%}"
         )
     store = report["store"]
     results.print(
         f"history store: {store['bytes'] / 1e6:.2f} MB for {store['client_rounds']} client-rounds "  # type: ignore[index]
-        f"in {out / 'store'}; report: {out / 'report.json'}"
+        f"in {_shown(Path(str(store['path'])))}; report: {out / 'report.json'}"  # type: ignore[index]
     )

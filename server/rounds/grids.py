@@ -106,3 +106,23 @@ class PromptGrid(DelegatingGrid):
                 break
             time.sleep(self.poll_interval)
         return replies
+
+
+class ShardGrid(DelegatingGrid):
+    """Delegate to ``grid``, listing only the nodes of one shard's clients (a sharded federation).
+
+    Every strategy samples from ``get_node_ids()``, so the shard's rounds,
+    replays and unlearnings never reach another shard's clients. ``get_nodes()``
+    still lists every node: a simulated node's client id is its rank among
+    *all* registered nodes, so identities must be resolved over the full list.
+    """
+
+    def __init__(self, grid: Grid, identities: ClientIdResolver, clients: Iterable[str]) -> None:
+        super().__init__(grid)
+        self._identities = identities
+        self.clients = frozenset(clients)
+
+    def get_node_ids(self) -> Iterable[int]:
+        node_ids = list(self._grid.get_node_ids())
+        clients = self._identities.resolve(self._grid, node_ids)
+        return [node for node in node_ids if clients[node] in self.clients]

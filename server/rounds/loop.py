@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fedforget import wire
 from fedforget.arrays import Arrays
 from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.one_round import RunError, train_recorded_round
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore
@@ -147,6 +148,10 @@ class FederatedRun:
         self._trajectory = 0
         self._events: list[dict[str, object]] = []
         self._interrupted: set[str] = set()
+        # The run's progress between start() and finish().
+        self._model: Arrays = {}
+        self._timeline: list[dict[str, object]] = []
+        self._resumed_from = 0
 
     # -- the loop --------------------------------------------------------------
 
@@ -164,32 +169,54 @@ class FederatedRun:
             raise
 
     def _execute(self, initial_model: Arrays) -> RunOutcome:
+        completed = self.start(initial_model)
+        for server_round in range(completed + 1, self.settings.num_rounds + 1):
+            self.run_round(server_round)
+        return self.finish()
+
+    # -- the loop one round at a time (several shards advance together: ShardedRun) --------
+
+    def start(self, initial_model: Arrays) -> int:
+        """Settle the store, wait for the nodes, and return the rounds it already holds.
+
+        Then call :meth:`run_round` for each following round and :meth:`finish`;
+        :meth:`execute` does all three.
+        """
         self.unlearning.prepare()
         self._refresh_from_store()
         completed = self.store.last_completed_round()
         if completed == 0 and not self.store.has_model(0):
             self.store.write_initial_model(initial_model)
-        model = self.store.read_model(completed)
+        self._model = self.store.read_model(completed)
+        self._resumed_from = completed
         self._wait_for_nodes()
         self.observer.run_started(completed + 1, self.settings.num_rounds)
-        timeline = self._complete_timeline(model, completed)
-        for server_round in range(completed + 1, self.settings.num_rounds + 1):
-            self.observer.round_starting(server_round)
-            due = self._due(server_round)
-            if due:
-                model = self.unlearning.unlearn(self.grid, due, self.unlearner).model
-                self._refresh_from_store()
-            started = time.perf_counter()
-            result = self.train_round(server_round, model)
-            model = result.model_after
-            entry = self._timeline_entry(server_round, model, time.perf_counter() - started)
-            timeline.append(entry)
-            snapshot = list(timeline)
-            self.strategy.submit_write(lambda: self.store.set_meta(TIMELINE_META, snapshot))
-            self.observer.round_finished(entry)
+        self._timeline = self._complete_timeline(self._model, completed)
+        return completed
+
+    def run_round(self, server_round: int) -> None:
+        """Act on the withdrawals due before ``server_round``, then train and record it."""
+        self.observer.round_starting(server_round)
+        due = self._due(server_round)
+        if due:
+            self._check_shard_keeps_a_client(server_round, due)
+            self._model = self.unlearning.unlearn(self.grid, due, self.unlearner).model
+            self._refresh_from_store()
+        started = time.perf_counter()
+        result = self.train_round(server_round, self._model)
+        self._model = result.model_after
+        entry = self._timeline_entry(server_round, self._model, time.perf_counter() - started)
+        self._timeline.append(entry)
+        snapshot = list(self._timeline)
+        self.strategy.submit_write(lambda: self.store.set_meta(TIMELINE_META, snapshot))
+        self.observer.round_finished(entry)
+
+    def finish(self) -> RunOutcome:
+        """Wait until every round is committed; the final model and what happened on the way."""
         self.strategy.flush()
         return RunOutcome(
-            model=model, timeline=timeline, unlearning=self.unlearning_events(), resumed_from=completed
+            model=self._model, timeline=self._timeline, unlearning=self.unlearning_events(),
+            resumed_from=self._resumed_from,
         )
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
@@ -243,6 +270,23 @@ class FederatedRun:
         undone = sorted(self._interrupted - {notice.client_id for notice in due})
         redo = "the unlearning an earlier run began did not finish; it is done again"
         return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]
+
+    def _check_shard_keeps_a_client(self, server_round: int, due: Sequence[WithdrawalNotice]) -> None:
+        """Refuse the withdrawal of a shard's last clients: a shard without clients cannot be retrained.
+
+        Without this, the shard's next round would wait for a node that can
+        never come. Retiring the shard (serving the other shards' ensemble) is
+        not implemented.
+        """
+        if not isinstance(self.grid, ShardGrid):
+            return
+        leaving = {notice.client_id for notice in due}
+        if not self.grid.clients - self.withdrawn_clients() - leaving:
+            raise RunError(
+                f"client(s) {', '.join(sorted(leaving))} withdrew before round {server_round} "
+                f"and no other client of their shard ({', '.join(sorted(self.grid.clients))}) remains: an empty shard "
+                "cannot be retrained, and retiring a shard is not supported; run with fewer shards"
+            )
 
     # -- bookkeeping -------------------------------------------------------------
 

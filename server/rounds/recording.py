@@ -200,7 +200,10 @@ class RecordingFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average as FedAvg does, then record each update and commit the round."""
         history_round = self._position.configured_round(server_round)
-        kept = self._drop_withdrawn(list(replies))
+        # FedAvg sums the updates in reply order, which Flower leaves to chance; in client-id order a
+        # round is a function of its inputs, so an exact retrain reproduces training bit for bit.
+        known = self.identities.known()
+        kept = sorted(self._drop_withdrawn(list(replies)), key=lambda m: known.get(m.metadata.src_node_id, ""))
         arrays, metrics = super().aggregate_train(history_round, kept)
         sent = self._sent.pop(history_round, None)
         if arrays is None:

@@ -138,3 +138,28 @@ class RegistryConsent:
                 current = registry.status(notice.request_id)
                 if current is not None and current.status != status:
                     registry.mark(notice.request_id, status, **details)  # type: ignore[arg-type]
+
+
+class ShardConsent:
+    """One shard's view of a federation's consent source: only its own clients' withdrawals are due.
+
+    A sharded deployment has one withdrawal service and one registry; each
+    shard's round loop must act on its clients' requests alone, or it would
+    "unlearn" a client it never trained.
+    """
+
+    def __init__(self, inner: ConsentSource, clients: frozenset[str]) -> None:
+        self.inner = inner
+        self.clients = clients
+
+    def due(self, server_round: int, already_withdrawn: set[str]) -> list[WithdrawalNotice]:
+        return [n for n in self.inner.due(server_round, already_withdrawn) if n.client_id in self.clients]
+
+    def started(self, notices: Sequence[WithdrawalNotice]) -> None:
+        self.inner.started(notices)
+
+    def finished(self, notice: WithdrawalNotice, certificate: Path | None) -> None:
+        self.inner.finished(notice, certificate)
+
+    def failed(self, notice: WithdrawalNotice, reason: str) -> None:
+        self.inner.failed(notice, reason)
