@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +16,22 @@ from fedforget.commands.exits import ExitCode, fail
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
+
+
+@contextmanager
+def _simulation_failures() -> Iterator[None]:
+    """One mapping from a simulated benchmark's failures to exit codes, for every bench that simulates."""
+    from fedforget.simulations.datasets import DatasetUnavailableError
+    from fedforget.simulations.ray_engine import SimulationEngineError
+
+    try:
+        yield
+    except PermissionError as exc:
+        fail(str(exc), ExitCode.BAD_FILE)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except (DatasetUnavailableError, SimulationEngineError) as exc:
+        fail(str(exc), ExitCode.UNAVAILABLE)
 
 
 @bench_app.command("unlearning")
@@ -51,23 +69,16 @@ def bench_unlearning(
     for name in datasets:
         require_dataset(name)
 
-    from fedforget.simulations.ray_engine import SimulationEngineError, keep_ray_on_loopback
+    from fedforget.simulations.ray_engine import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     from fedforget.simulations.bench_unlearning import BenchPlan, run_unlearning_benchmark
-    from fedforget.simulations.datasets import DatasetUnavailableError
 
     plan = BenchPlan.quick(seeds) if quick else BenchPlan.full_plan(seeds, datasets)
-    try:
+    with _simulation_failures():
         if variant:
             plan = plan.only(variant)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
-    except PermissionError as exc:
-        fail(str(exc), ExitCode.BAD_FILE)
-    except ValueError as exc:
-        fail(str(exc), ExitCode.USAGE)
-    except (DatasetUnavailableError, SimulationEngineError) as exc:
-        fail(str(exc), ExitCode.UNAVAILABLE)
 
 
 @bench_app.command("shards")
@@ -103,22 +114,15 @@ def bench_shards(
     except ValueError:
         fail(f"--shards {shards!r}: expected comma-separated whole numbers, e.g. 1,2,4,8", ExitCode.USAGE)
 
-    from fedforget.simulations.ray_engine import SimulationEngineError, keep_ray_on_loopback
+    from fedforget.simulations.ray_engine import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     from fedforget.simulations.bench_shards import ShardsPlan, run_shards_benchmark
-    from fedforget.simulations.datasets import DatasetUnavailableError
 
-    try:
+    with _simulation_failures():
         plan = ShardsPlan.of(datasets, partitions, counts, seeds=seeds, rounds=rounds)
         plan.check()
         run_shards_benchmark(plan, out)
-    except PermissionError as exc:
-        fail(str(exc), ExitCode.BAD_FILE)
-    except ValueError as exc:
-        fail(str(exc), ExitCode.USAGE)
-    except (DatasetUnavailableError, SimulationEngineError) as exc:
-        fail(str(exc), ExitCode.UNAVAILABLE)
 
 
 @bench_app.command("estimation")
@@ -152,16 +156,9 @@ def bench_overhead(
     """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
     require_dataset(dataset)
     from fedforget.simulations.bench_overhead import run_overhead_benchmark
-    from fedforget.simulations.ray_engine import SimulationEngineError
 
-    try:
+    with _simulation_failures():
         result = run_overhead_benchmark(dataset=dataset, clients=clients, rounds=rounds)
-    except ValueError as exc:
-        fail(str(exc), ExitCode.USAGE)
-    except PermissionError as exc:
-        fail(str(exc), ExitCode.BAD_FILE)
-    except SimulationEngineError as exc:
-        fail(str(exc), ExitCode.UNAVAILABLE)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
