@@ -27,6 +27,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from fedforget.errors import FedforgetError
 from fedforget.files import write_json_atomic
 
 SHARDS_FILE = "shards.json"
+SHARDS_DIR = "shards"
 ASSIGNMENT_RULE = "balanced-by-examples-v1"
 
 
@@ -50,6 +52,10 @@ def check_shard_count(shards: int, clients: int, option: str = "--shards") -> No
             f"{option} {shards} is more than the {clients} clients: every shard needs at least one client; "
             f"choose {option} between 1 and {clients}"
         )
+
+
+class ClientInNoShardError(ShardingError):
+    """A client id that no shard holds (a typo, or an organisation that joined after the shards were formed)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,11 @@ class ShardAssignment:
         for index, members in enumerate(self.shards):
             if client in members:
                 return index
-        raise ShardingError(f"client {client!r} is in no shard; the shards hold {', '.join(self.clients)}")
+        raise ClientInNoShardError(f"client {client!r} is in no shard; the shards hold {', '.join(self.clients)}")
+
+    def scope(self, index: int) -> dict[str, object]:
+        """What the ledger and the certificates of shard ``index`` state about it: which shard, of how many, whose."""
+        return {"index": index, "count": self.count, "clients": list(self.shards[index])}
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -117,9 +127,33 @@ def assign_shards(
     )
 
 
+SHARD_META = "shard"
+"""The history-store meta key under which a shard's store keeps its scope (:meth:`ShardAssignment.scope`)."""
+
+
+class _MetaStore(Protocol):
+    def get_meta(self, key: str, default: object = None) -> object: ...
+
+
+def shard_scope(store: _MetaStore) -> dict[str, object] | None:
+    """The scope a shard's history store was created with; None for an unsharded federation's store.
+
+    Kept in the store, not passed around, so every path that unlearns from it
+    (the round loop, ``fedforget unlearn --state``, a user's ServerApp) states
+    the same shard in the ledger.
+    """
+    scope = store.get_meta(SHARD_META)
+    return dict(scope) if isinstance(scope, dict) else None
+
+
 def _client_order(client: str) -> tuple[int, int | str]:
     """Numeric ids in numeric order (2 before 10), other names after them alphabetically."""
     return (0, int(client)) if client.isdigit() else (1, client)
+
+
+def shard_dir(root: Path, index: int) -> Path:
+    """Shard ``index``'s own state directory under a sharded run's ``root`` (simulation OUT or deployment state-dir)."""
+    return root / SHARDS_DIR / f"shard-{index}"
 
 
 def save_assignment(path: Path, assignment: ShardAssignment) -> None:

@@ -30,7 +30,15 @@ from fedforget.server.withdrawal.registry import ConsentRegistry
 from fedforget.server.rounds.client_identity import ClientIdResolver
 from fedforget.server.rounds.grids import PromptGrid
 from fedforget.server.state_dir import StateDir
-from fedforget.sharding import SHARDS_FILE, ShardAssignment, assign_shards, load_assignment, settle_assignment
+from fedforget.sharding import (
+    SHARD_META,
+    SHARDS_FILE,
+    ShardAssignment,
+    assign_shards,
+    load_assignment,
+    settle_assignment,
+    shard_dir,
+)
 from fedforget.server.store.errors import FedforgetError, StoreError
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.rounds.loop import RunOutcome, RunSettings
@@ -103,18 +111,15 @@ def sharded_deployment_setups(config: DeploymentConfig, assignment: ShardAssignm
     _open_registry(config)
     setups = []
     for index, members in enumerate(assignment.shards):
-        state = StateDir(shard_state_dir(config, index))
+        state = StateDir(shard_dir(config.state_dir, index))
         clients = frozenset(members)
         setup = _server_setup(
             config, state, ShardConsent(RegistryConsent(config.state.registry), clients),
             resume=config.resume and (state.store / "store.json").exists(),
+            shard=assignment.scope(index),
         )
         setups.append(replace(setup, clients=clients, settings=replace(setup.settings, expected_clients=len(clients))))
     return setups
-
-
-def shard_state_dir(config: DeploymentConfig, index: int) -> Path:
-    return config.state_dir / "shards" / f"shard-{index}"
 
 
 def deployment_assignment(grid: Grid, config: DeploymentConfig) -> ShardAssignment:
@@ -172,8 +177,18 @@ def _open_registry(config: DeploymentConfig) -> None:
     ConsentRegistry.open(config.state.registry).close()
 
 
-def _server_setup(config: DeploymentConfig, state: StateDir, consent: ConsentSource, *, resume: bool) -> ServerSetup:
-    """The run's settings, keeping its history store, ledger and certificates in ``state``."""
+def _server_setup(
+    config: DeploymentConfig,
+    state: StateDir,
+    consent: ConsentSource,
+    *,
+    resume: bool,
+    shard: dict[str, object] | None = None,
+) -> ServerSetup:
+    """The run's settings, keeping its history store, ledger and certificates in ``state``.
+
+    ``shard``: the scope of one shard of a sharded run, kept in its store's meta for its ledger to state.
+    """
     from fedforget.client.app import model_arrays
     from fedforget.simulations.models import SeededModelFactory, build_model
     from fedforget.simulations.runner import make_evaluate_fn
@@ -209,6 +224,7 @@ def _server_setup(config: DeploymentConfig, state: StateDir, consent: ConsentSou
             federation_id=config.federation_id,
             old_models_retention=dt.timedelta(days=config.audit_retention_days) if config.audit_retention_days else None,
         ),
+        metadata={} if shard is None else {SHARD_META: shard},
     )
 
 
@@ -255,7 +271,7 @@ def sharded_report(
         "served_model": "prediction ensemble: mean of the shard models' softmax outputs",
         "assignment": str(config.state_dir / SHARDS_FILE),
         "shards": [
-            {"index": index, "clients": list(members), "report": str(StateDir(shard_state_dir(config, index)).report)}
+            {"index": index, "clients": list(members), "report": str(StateDir(shard_dir(config.state_dir, index)).report)}
             for index, members in enumerate(assignment.shards)
         ],
         "unlearning": [
@@ -292,6 +308,6 @@ def run_deployment(grid: Grid, config: DeploymentConfig) -> None:
     outcomes = run_sharded_federation(grid, sharded_deployment_setups(config, assignment))
     seconds = time.perf_counter() - started
     for index, outcome in enumerate(outcomes):
-        shard = replace(config, state_dir=shard_state_dir(config, index))
+        shard = replace(config, state_dir=shard_dir(config.state_dir, index))
         write_json_atomic(shard.state.report, deployment_report(shard, outcome, seconds))
     write_json_atomic(config.state.report, sharded_report(config, assignment, outcomes, seconds))

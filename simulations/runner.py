@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedforget.arrays import Arrays
+from fedforget.sharding import SHARD_META
 from fedforget.client.app import load_weights, make_client_app, model_arrays
 from fedforget.client.training import evaluate
 from fedforget.files import write_json_atomic
@@ -259,11 +260,13 @@ def prepare_federation_run(
     observer: RunObserver | None,
     clients: frozenset[str] | None = None,
     federation: str | None = None,
+    shard: dict[str, object] | None = None,
 ) -> PreparedFederation:
     """Keys, TLS, the withdrawal service and the server's setup for a run in ``out``.
 
     ``clients`` restricts the run to one shard's clients (their withdrawals
-    only); ``federation`` names it (by default :func:`federation_id`). Stop
+    only); ``federation`` names it (by default :func:`federation_id`), and
+    ``shard`` is that shard's scope, stated by its ledger's unlearnings. Stop
     the returned ``service`` when the run ends.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +312,7 @@ def prepare_federation_run(
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model),
         observer=observer,
         reference_retrain=config.strategy != "retrain",
-        metadata={CONFIG_META: config.to_json()},
+        metadata={CONFIG_META: config.to_json(), **({} if shard is None else {SHARD_META: shard})},
         clients=clients,
     )
     return PreparedFederation(config, out, federation, setup, paths, service)

@@ -37,7 +37,7 @@ from fedforget.evidence.membership import AttackResult
 from fedforget.server.app import run_sharded_federation
 from fedforget.server.rounds.loop import RunObserver, RunOutcome
 from fedforget.server.store.history_store import HistoryStore
-from fedforget.sharding import SHARDS_FILE, ShardAssignment, assign_shards, settle_assignment
+from fedforget.sharding import SHARDS_DIR, SHARDS_FILE, ShardAssignment, assign_shards, settle_assignment, shard_dir
 from fedforget.simulations.config import NUM_CLASSES, ConfigError, SimulationConfig
 from fedforget.simulations.learning import training_problem
 from fedforget.simulations.ray_engine import run_on_ray
@@ -52,14 +52,6 @@ from fedforget.simulations.runner import (
 )
 from fedforget.simulations.task import client_partitions, test_dataset
 from fedforget.simulations.verification import events_of, event_models, model_from_arrays, verify_events
-
-SHARDS_DIR = "shards"
-
-
-def shard_dir(out: Path, index: int) -> Path:
-    """Shard ``index``'s own state directory."""
-    return out / SHARDS_DIR / f"shard-{index}"
-
 
 def shard_federation_id(config: SimulationConfig, index: int) -> str:
     """The shard's federation id: every ledger entry and certificate of the shard names it."""
@@ -113,6 +105,7 @@ def run_sharded(
             prepared = prepare_federation_run(
                 config, directory, resume=resume and (directory / STORE_DIR / "store.json").exists(),
                 observer=observer, clients=frozenset(members), federation=shard_federation_id(config, index),
+                shard=assignment.scope(index),
             )
             pending.append((index, prepared))
         outcomes = _train_shards(config, assignment, pending, verbose=verbose, ray_address=ray_address, say=say)

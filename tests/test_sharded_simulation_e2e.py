@@ -11,8 +11,10 @@ import json
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from fedforget.arrays import load_arrays
+from fedforget.cli import app
 from fedforget.client.training import evaluate
 from fedforget.ensemble import ShardEnsemble, split_ensemble_arrays
 from fedforget.server.store.history_store import HistoryStore
@@ -56,6 +58,19 @@ def test_a_sharded_simulation_serves_and_measures_the_ensemble_and_unlearns_one_
     certificate = json.loads(next((out / "shards" / f"shard-{own}" / "certificates").glob("*.json")).read_text())
     assert certificate["certificate"]["federation_id"] == shard_federation_id(config, own)
     assert not list((out / "shards" / f"shard-{other}" / "certificates").glob("*.json"))
+    # ... in its ledger's unlearning entry, which the certificate quotes and attests in words ...
+    scope = {"index": own, "count": 2, "clients": list(assignment.shards[own])}
+    (quoted,) = [e for e in certificate["certificate"]["ledger_entries"] if e["kind"] == "unlearning"]
+    assert quoted["body"]["shard"] == scope
+    assert any(f"only in shard {own} " in s for s in certificate["certificate"]["attests"])
+    # ... and the audit finds the client's shard from the run's directory.
+    audit = CliRunner().invoke(app, ["audit", "client", "1", "--state", str(out), "--json"])
+    assert audit.exit_code == 0, audit.output
+    answer = json.loads(audit.output)
+    assert answer["shard"] == scope and answer["ledger"].endswith(f"shard-{own}/state/ledger.jsonl")
+    assert [e["shard"] for e in answer["removed_by"]] == [scope]
+    lost = CliRunner().invoke(app, ["audit", "client", "nobody", "--state", str(out)])
+    assert lost.exit_code == 2 and "is in no shard" in lost.output
 
     # The evidence is measured on ensembles that differ in the withdrawing client's shard only.
     published = {

@@ -25,6 +25,8 @@ from fedforget.errors import FedforgetError
 from fedforget.server.ledger.entries import LedgerBrokenError
 from fedforget.server.ledger.log import Ledger
 from fedforget.server.ledger.queries import ClientAudit, client_history
+from fedforget.server.state_dir import StateDir
+from fedforget.sharding import SHARDS_FILE, ClientInNoShardError, ShardingError, load_assignment, shard_dir
 
 __all__ = ["audit_app"]
 
@@ -188,9 +190,11 @@ def _print_audit(audit: ClientAudit, console: Console) -> None:
         if traj in removals:
             entry = removals[traj]
             base = entry.get("base_version")
+            shard = entry.get("shard")
             why.append(
                 f"removed by unlearning entry {entry['index']} ({entry['strategy']}) before round {entry['round']}, "
                 f"forked from trajectory {entry['source_trajectory']}" + ("" if base is None else f" at version {base}")
+                + ("" if not isinstance(shard, dict) else f", in shard {shard.get('index')} of {shard.get('count')} only")
             )
         table.add_row(str(traj), _ranges(inside), _ranges(outside), escape("; ".join(why)))
     if trajectories:
@@ -209,25 +213,71 @@ def _print_audit(audit: ClientAudit, console: Console) -> None:
         console.print(f"produced without the client: {clean}", highlight=False)
 
 
+def _client_ledger(state: Path, name: str) -> tuple[Path, dict[str, object] | None]:
+    """The ledger that records ``name`` in the run kept in ``state``, and, in a sharded run, its shard's scope.
+
+    A sharded run (``state/shards.json``) keeps one ledger per shard; only the
+    client's own shard ever held its contributions, so only that ledger can
+    say anything about it.
+    """
+    assignment_file = state / SHARDS_FILE
+    if not assignment_file.exists():
+        return StateDir(state).ledger, None
+    assignment = load_assignment(assignment_file)
+    index = assignment.shard_of(name)
+    return StateDir(shard_dir(state, index)).ledger, assignment.scope(index)
+
+
+def _print_shard(name: str, ledger: Path, scope: dict[str, object]) -> None:
+    others = int(scope["count"]) - 1  # type: ignore[call-overload]
+    typer.echo(
+        f"client {name!r} trains in shard {scope['index']} of {scope['count']} "
+        f"(clients {', '.join(map(str, scope['clients']))}; ledger {ledger}); "  # type: ignore[call-overload]
+        f"the other {others} shard(s) never received its updates."
+    )
+
+
 @audit_app.command("client")
 def client(
     name: Annotated[str, typer.Argument(help="The client id, as the ledger records it.")],
-    ledger: LedgerOption,
+    ledger: Annotated[
+        Optional[Path], typer.Option("--ledger", help="The ledger file (JSON lines); or give --state.")
+    ] = None,
+    state: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--state",
+            help="The run's state directory (simulate's --out, a deployment's state-dir): its ledger, or in a "
+            "sharded run the ledger of the client's shard.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON instead of a table.")] = False,
 ) -> None:
     """List which model versions contain NAME's contribution, and which no longer do."""
+    if (ledger is None) == (state is None):
+        fail("give the ledger with --ledger FILE or the run's directory with --state DIR (one of them)", ExitCode.USAGE)
+    scope = None
     try:
+        if state is not None:
+            ledger, scope = _client_ledger(state, name)
+        assert ledger is not None
         with Ledger.open(ledger, readonly=True) as led:
             audit = client_history(led, name)
     except LedgerBrokenError as exc:
         fail(str(exc), ExitCode.CHECK_FAILED)
+    except ClientInNoShardError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except ShardingError as exc:  # shards.json unreadable
+        fail(str(exc), ExitCode.BAD_FILE)
     except ValueError as exc:
         fail(str(exc), ExitCode.USAGE)
     except (FedforgetError, OSError) as exc:
         fail(str(exc), ExitCode.BAD_FILE)
     if as_json:
-        typer.echo(json.dumps(audit.to_dict(), indent=2))
+        typer.echo(json.dumps({**audit.to_dict(), "ledger": str(ledger), "shard": scope}, indent=2))
     else:
+        if scope is not None:
+            _print_shard(name, ledger, scope)
         _print_audit(audit, Console())
 
 

@@ -28,6 +28,7 @@ from fedforget.server.ledger.log import Ledger, LogSnapshot
 from fedforget.server.ledger.old_models import ModelVersion, find_old_models
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.withdrawal.consent import OPERATOR_INITIATED, WithdrawalNotice
+from fedforget.sharding import shard_scope
 from fedforget.tree_head import SignedTreeHead
 
 __all__ = ["Accountability", "AccountabilityError", "RoundParticipant"]
@@ -194,6 +195,7 @@ class Accountability:
                 base_version=int(event["base_version"]),  # type: ignore[arg-type]
                 initiated_by={n.client_id: n.initiated_by for n in notices},
                 reasons={n.client_id: n.reason for n in notices if n.initiated_by == OPERATOR_INITIATED and n.reason},
+                shard=shard_scope(store),
             )
             destroyed = dict(already)
             for client in clients:

@@ -121,6 +121,7 @@ def _statements(
         does_not_attest.append(
             "That its ledger entries are in a ledger the federation signed: no signed tree head is included."
         )
+    attests += _shard_statements(ledger_entries)
     attests += _old_model_statements(old_models)
     if evidence is not None:
         attests.append(
@@ -139,6 +140,22 @@ def _statements(
         "the server key made them and that they have not been altered since.",
     ]
     return attests, does_not_attest
+
+
+def _shard_statements(ledger_entries: list[dict]) -> list[str]:
+    """In a sharded federation: which shard the unlearning changed, and that the other shards never held the client."""
+    out = []
+    for entry in ledger_entries:
+        shard = entry.get("body", {}).get("shard") if entry.get("kind") == "unlearning" else None
+        if isinstance(shard, dict):
+            members = ", ".join(str(c) for c in shard.get("clients", []))
+            out.append(
+                f"The federation is sharded: its clients train in {shard.get('count')} isolated shards, each with its own "
+                f"model, and the served model combines them. The client trained only in shard {shard.get('index')} "
+                f"(clients {members}); this unlearning changed that shard's model alone, and the other shards' models "
+                "never received the client's updates."
+            )
+    return out
 
 
 def _versions(models: list[dict]) -> str:

@@ -441,6 +441,7 @@ class Ledger:
         base_version: int | None = None,
         initiated_by: Mapping[str, str] | None = None,
         reasons: Mapping[str, str] | None = None,
+        shard: Mapping[str, object] | None = None,
     ) -> LedgerEntry:
         """An unlearning removed ``clients`` before ``round`` (the first round trained without them).
 
@@ -453,13 +454,18 @@ class Ledger:
         conservatively that the new trajectory shares every version before
         ``round - 1`` that it has no round entry for. ``initiated_by`` says per
         client who asked (``client``: its signed request; ``operator``: the
-        federation's operator, with the reason in ``reasons``).
+        federation's operator, with the reason in ``reasons``). ``shard``
+        (index, count, clients) names the shard of a sharded federation this
+        ledger is, so the entry, and every certificate quoting it, says that
+        only that shard's model changed.
         """
         origin: dict[str, Any] = {}
         if initiated_by is not None:
             origin["initiated_by"] = dict(initiated_by)
         if reasons:
             origin["reasons"] = dict(reasons)
+        if shard is not None:
+            origin["shard"] = dict(shard)
         return self.append(
             "unlearning",
             {
