@@ -271,8 +271,11 @@ def sharded_report(
         "served_model": "prediction ensemble: mean of the shard models' softmax outputs",
         "assignment": str(config.state_dir / SHARDS_FILE),
         "shards": [
-            {"index": index, "clients": list(members), "report": str(StateDir(shard_dir(config.state_dir, index)).report)}
-            for index, members in enumerate(assignment.shards)
+            {
+                "index": index, "clients": list(members), "served": outcome.served,
+                "report": str(StateDir(shard_dir(config.state_dir, index)).report),
+            }
+            for (index, members), outcome in zip(enumerate(assignment.shards), outcomes)
         ],
         "unlearning": [
             {"shard": index, **entry}
@@ -284,7 +287,7 @@ def sharded_report(
     if config.evaluate:
         from fedforget.simulations.sharded import ensemble_accuracy
 
-        served = ensemble_accuracy(config.model_spec, config.dataset, [outcome.model for outcome in outcomes])
+        served = ensemble_accuracy(config.model_spec, config.dataset, [o.model for o in outcomes if o.served])
         report["final_test_accuracy"] = served["test_accuracy"]
     return report
 

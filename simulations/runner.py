@@ -188,10 +188,6 @@ def simulate(
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
     check_model_fits(config)
-    if config.shards > 1:
-        from fedforget.simulations.sharded import check_every_shard_keeps_a_client
-
-        check_every_shard_keeps_a_client(config)
     out = prepare_output(config, out, resume)
     quiet_engines(verbose)
     say = progress or (lambda message: None)
@@ -409,6 +405,7 @@ def build_report(
                     "client": client,
                     "round": event["round"],
                     "strategy": event["strategy"],
+                    "exact": event.get("exact", event["strategy"] == "retrain"),
                     "seconds": event["seconds"],
                     "client_epochs": event["client_epochs"],
                     "test_accuracy_before": event["test_accuracy_before"],

@@ -37,8 +37,9 @@ from fedforget.evidence.membership import AttackResult
 from fedforget.server.app import run_sharded_federation
 from fedforget.server.rounds.loop import RunObserver, RunOutcome
 from fedforget.server.store.history_store import HistoryStore
+from fedforget.server.unlearning.events import completed_unlearnings, emptied
 from fedforget.sharding import SHARDS_DIR, SHARDS_FILE, ShardAssignment, assign_shards, settle_assignment, shard_dir
-from fedforget.simulations.config import NUM_CLASSES, ConfigError, SimulationConfig
+from fedforget.simulations.config import NUM_CLASSES, SimulationConfig
 from fedforget.simulations.learning import training_problem
 from fedforget.simulations.ray_engine import run_on_ray
 from fedforget.simulations.run_dir import REPORT_FILE, STORE_DIR
@@ -62,23 +63,6 @@ def shard_assignment(config: SimulationConfig) -> ShardAssignment:
     """The shards of ``config``'s clients, balanced by the examples each holds (loads the dataset)."""
     sizes = {str(client): len(part) for client, part in enumerate(client_partitions(data_settings(config)))}
     return assign_shards([str(c) for c in range(config.clients)], config.shards, config.seed, sizes)
-
-
-def check_every_shard_keeps_a_client(config: SimulationConfig) -> None:
-    """Refuse, before anything is written, withdrawals that would leave a shard without clients.
-
-    A shard without clients cannot be retrained, and retiring a shard from the
-    ensemble is not supported.
-    """
-    assignment = shard_assignment(config)
-    leaving = {w.client_id for w in config.withdrawals}
-    for index, members in enumerate(assignment.shards):
-        if not set(members) - leaving:
-            raise ConfigError(
-                f"--withdraw: shard {index} holds only client(s) {', '.join(members)}, and all of them withdraw; "
-                f"a shard needs a client left to retrain with. Choose fewer --shards (the shards: "
-                f"{[list(s) for s in assignment.shards]})"
-            )
 
 
 def run_sharded(
@@ -158,17 +142,27 @@ def _train_shards(
     return outcomes
 
 
-def served_models(out: Path, shards: int, version: int) -> list[Arrays]:
-    """Every shard's model at ``version`` in the trajectory it continued with (what the run serves)."""
-    models = []
+def served_models(out: Path, shards: int, version: int) -> dict[int, Arrays]:
+    """Each served shard's model at ``version`` in the trajectory it continued with (what the run serves), by shard.
+
+    A shard every client of which withdrew is not served: it holds a model
+    that learnt nothing (:mod:`fedforget.strategies.empty_shard`).
+    """
+    models = {}
     for index in range(shards):
         with HistoryStore.open(shard_dir(out, index) / STORE_DIR, readonly=True) as store:
-            models.append(store.read_model(version))
+            if not emptied(completed_unlearnings(store)):
+                models[index] = store.read_model(version)
     return models
 
 
-def ensemble_accuracy(model_spec: str, dataset: str, shard_models: Sequence[Arrays]) -> dict[str, float]:
-    """Test accuracy and loss of the prediction ensemble of ``shard_models``, as the server evaluates a model."""
+def ensemble_accuracy(model_spec: str, dataset: str, shard_models: Sequence[Arrays]) -> dict[str, float | None]:
+    """Test accuracy and loss of the prediction ensemble of ``shard_models``, as the server evaluates a model.
+
+    None for both when no shard is served (every client withdrew): there is no model to evaluate.
+    """
+    if not shard_models:
+        return {"test_accuracy": None, "test_loss": None}
     ensemble = model_from_arrays(model_spec, ensemble_arrays(shard_models))
     result = evaluate(ensemble, test_dataset(dataset))
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}
@@ -184,7 +178,7 @@ def ensemble_report(
 ) -> dict[str, object]:
     """``OUT/report.json`` of a sharded run: the ensemble per round, the shards, and every unlearning."""
     rounds = [
-        {"round": version, **ensemble_accuracy(config.model_spec, config.dataset, served)}
+        {"round": version, **ensemble_accuracy(config.model_spec, config.dataset, list(served.values()))}
         for version in range(1, config.rounds + 1)
         for served in [served_models(out, assignment.count, version)]
     ]
@@ -207,6 +201,7 @@ def ensemble_report(
                 "federation_id": reports[index]["federation_id"],
                 "dir": str(shard_dir(out, index)),
                 "final_test_accuracy": reports[index]["final_test_accuracy"],
+                "served": not emptied(reports[index]["unlearning"]),  # type: ignore[arg-type]
                 "wall_seconds": reports[index]["wall_seconds"],
             }
             for index in sorted(reports)
@@ -241,10 +236,16 @@ def verify_sharded(
     def models_of(event: dict[str, object]) -> dict[str, Arrays]:
         shard = int(event["shard"])  # type: ignore[call-overload]
         version = int(event["round"]) - 1  # type: ignore[call-overload]
-        others = served_models(out, config.shards, version)
+        others = {i: m for i, m in served_models(out, config.shards, version).items() if i != shard}
         with HistoryStore.open(shard_dir(out, shard) / STORE_DIR, readonly=True) as store:
             own = event_models(store, event)
-        return {role: ensemble_arrays([*others[:shard], model, *others[shard + 1:]]) for role, model in own.items()}
+        leaves = emptied([event])  # its last clients withdrew: the unlearned and retrained ensembles do without it
+
+        def ensemble(role: str, model: Arrays) -> Arrays:
+            members = dict(others) if leaves and role != "original" else {**others, shard: model}
+            return ensemble_arrays([members[i] for i in sorted(members)])
+
+        return {role: ensemble(role, model) for role, model in own.items()}
 
     return verify_events(config, data_settings(config), out, events, models_of)
 

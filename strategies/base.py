@@ -205,6 +205,8 @@ class Unlearner(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[StrategySettings]]
+    exact: ClassVar[bool] = False
+    """Whether the result is what training without the clients gives: then no trace of them can remain."""
 
     def __init__(self, settings: StrategySettings | None = None, context: UnlearningContext | None = None) -> None:
         chosen = self.Settings() if settings is None else settings

@@ -35,6 +35,7 @@ class Retrain(Unlearner):
     """Replay rounds ``first .. completed`` without the withdrawn clients, every client training in each."""
 
     name: ClassVar[str] = "retrain"
+    exact: ClassVar[bool] = True
     Settings: ClassVar[type[StrategySettings]] = RetrainSettings
 
     def unlearn(

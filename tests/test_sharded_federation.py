@@ -185,12 +185,22 @@ def test_a_shard_refuses_another_shards_withdrawal(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_the_withdrawal_of_a_shards_last_client_is_refused_instead_of_waiting_forever(tmp_path):
-    from fedforget.server.rounds.one_round import RunError
-
-    setups = [shard_setup(tmp_path / "alone", ["0"], withdrawals=[Withdrawal("0", 2)]),
+def test_a_shard_whose_last_client_withdraws_is_emptied_exactly_and_leaves_the_served_ensemble(tmp_path):
+    """The run's strategy is approximate, but nobody is left for it to recover with: the shard is emptied exactly."""
+    setups = [shard_setup(tmp_path / "alone", ["0"], withdrawals=[Withdrawal("0", 3)], strategy="subtract"),
               shard_setup(tmp_path / "rest", ["1", "2"])]
-    with pytest.raises(RunError, match=r"no other client of their shard \(0\) remains: an empty shard cannot be retrained"):
-        run_sharded_federation(make_grid(), setups)
+    alone, rest = run_sharded_federation(make_grid(), setups)
+    assert (alone.served, rest.served) == (False, True)
+    assert [e["round"] for e in rest.timeline] == list(range(1, ROUNDS + 1))  # the other shard trains on
+    (event,) = alone.unlearning
+    assert (event["clients"], event["strategy"], event["residual_clients"]) == (["0"], "empty-shard", [])
     with HistoryStore.open(tmp_path / "alone", readonly=True) as store:
-        assert store.last_completed_round() == 1 and [t.status for t in store.trajectories()] == ["open"]
+        emptied = store.current_trajectory()
+        assert store.last_completed_round() == 2  # no round after the withdrawal: nobody to train
+        reader = store.reader(emptied)
+        assert all(not r.participants for r in reader.rounds())
+        assert all(np.array_equal(v, initial_model()[k]) for k, v in reader.model(2).items())
+        assert all(np.array_equal(v, initial_model()[k]) for k, v in alone.model.items())
+    # A resumed run keeps the shard empty: nothing retrains it, and nothing waits for its client.
+    resumed = run_sharded_federation(make_grid(), [replace(s, resume=True) for s in setups])
+    assert [o.served for o in resumed] == [False, True] and resumed[0].unlearning == alone.unlearning

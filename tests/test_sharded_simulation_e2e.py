@@ -103,10 +103,24 @@ def test_a_sharded_simulation_serves_and_measures_the_ensemble_and_unlearns_one_
         assert rest.last_completed_round() == 3 and [t.id for t in rest.trajectories()] == [1]
 
 
-def test_a_withdrawal_that_would_empty_a_shard_is_refused_before_anything_is_written(tmp_path):
-    from fedforget.simulations.config import ConfigError
-
-    config = SimulationConfig(dataset="digits", clients=4, rounds=3, shards=4, withdrawals=(Withdrawal("1", 2),))
-    with pytest.raises(ConfigError, match=r"shard \d holds only client\(s\) 1, and all of them withdraw"):
-        simulate(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_a_shard_whose_only_client_withdraws_leaves_the_served_ensemble(tmp_path):
+    config = SimulationConfig(dataset="digits", clients=3, rounds=2, shards=2, withdrawals=(Withdrawal("1", 2),),
+                              backdoors=("1",), shadows=0)
+    out = tmp_path / "run"
+    result = simulate(config, out)
+    assignment = load_assignment(out / "shards.json")
+    assert assignment.shards[1] == ("1",)  # alone in its shard
+    report = json.loads((out / "report.json").read_text())
+    assert [s["served"] for s in report["shards"]] == [True, False]
+    (event,) = report["unlearning"]
+    assert (event["client"], event["shard"], event["strategy"]) == ("1", 1, "empty-shard")
+    # The served model is the other shard's alone, from the first round on.
+    with HistoryStore.open(out / "shards" / "shard-0" / "store", readonly=True) as store:
+        kept = model_from_arrays("digits", store.read_model(2))
+    assert report["final_test_accuracy"] == evaluate(ShardEnsemble([kept]), held_out_test_set("digits")).accuracy
+    # The evidence: without the shard, the unlearned ensemble is the retrained one.
+    (entry,) = result.verification["unlearning"]  # type: ignore[index]
+    assert entry["unlearned"]["backdoor_asr"] == entry["retrain"]["backdoor_asr"]
+    assert entry["distance_to_retrain"]["l2"] == 0.0
+    certificate = json.loads(next((out / "shards" / "shard-1" / "certificates").glob("*.json")).read_text())
+    assert any("No client of shard 1 remains" in s for s in certificate["certificate"]["attests"])

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedforget.errors import FedforgetError
 from fedforget.files import write_bytes_atomic
+from fedforget.strategies.empty_shard import EmptyShard
 from fedforget.identity import (
     IdentityError,
     canonical_json,
@@ -51,6 +52,7 @@ __all__ = [
 CERTIFICATE_FORMAT = "fedforget-unlearning-certificate"
 CERTIFICATE_VERSION = 2  # 2: old_models and ledger_proof (signed tree head + inclusion proof)
 ENTRY_HASH_FIELD = "entry_hash"
+EMPTY_SHARD_STRATEGY = EmptyShard.name
 
 
 class CertificateError(FedforgetError):
@@ -155,6 +157,11 @@ def _shard_statements(ledger_entries: list[dict]) -> list[str]:
                 f"(clients {members}); this unlearning changed that shard's model alone, and the other shards' models "
                 "never received the client's updates."
             )
+            if entry["body"].get("strategy") == EMPTY_SHARD_STRATEGY:
+                out.append(
+                    f"No client of shard {shard.get('index')} remains: the shard's model went back to the one before "
+                    "its clients' first round, and the served model is the ensemble of the other shards from then on."
+                )
     return out
 
 

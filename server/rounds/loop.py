@@ -31,6 +31,7 @@ from fedforget.server.unlearning.coordinator import EvaluateFn, UnlearningCoordi
 from fedforget.server.unlearning.events import interrupted_clients, withdrawn_clients
 from fedforget.server.withdrawal.consent import ConsentSource, ScheduledWithdrawals, Withdrawal, WithdrawalNotice
 from fedforget.strategies.base import RoundResult, UnlearningOutcome, Unlearner
+from fedforget.strategies.empty_shard import EmptyShard
 
 __all__ = [
     "EvaluateFn",
@@ -100,6 +101,9 @@ class RunOutcome:
     timeline: list[dict[str, object]]
     unlearning: list[dict[str, object]]
     resumed_from: int
+    served: bool = True
+    """False for a shard every client of which withdrew: it holds a model that learnt nothing and is left out
+    of the served ensemble."""
 
 
 class FederatedRun:
@@ -199,9 +203,16 @@ class FederatedRun:
         self.observer.round_starting(server_round)
         due = self._due(server_round)
         if due:
-            self._check_shard_keeps_a_client(server_round, due)
-            self._model = self.unlearning.unlearn(self.grid, due, self.unlearner).model
+            leaving = {notice.client_id for notice in due}
+            unlearner = EmptyShard() if self._shard_clients_left(leaving) == set() else self.unlearner
+            self._model = self.unlearning.unlearn(self.grid, due, unlearner).model
             self._refresh_from_store()
+        if self._shard_clients_left() == set():
+            self.observer.round_finished(
+                {"round": server_round, "trajectory": self._trajectory, "participants": [], "seconds": 0.0,
+                 "shard_empty": True}
+            )
+            return  # nobody left to train: the shard keeps its emptied model and serves no more
         started = time.perf_counter()
         result = self.train_round(server_round, self._model)
         self._model = result.model_after
@@ -216,7 +227,7 @@ class FederatedRun:
         self.strategy.flush()
         return RunOutcome(
             model=self._model, timeline=self._timeline, unlearning=self.unlearning_events(),
-            resumed_from=self._resumed_from,
+            resumed_from=self._resumed_from, served=self._shard_clients_left() != set(),
         )
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
@@ -271,22 +282,11 @@ class FederatedRun:
         redo = "the unlearning an earlier run began did not finish; it is done again"
         return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]
 
-    def _check_shard_keeps_a_client(self, server_round: int, due: Sequence[WithdrawalNotice]) -> None:
-        """Refuse the withdrawal of a shard's last clients: a shard without clients cannot be retrained.
-
-        Without this, the shard's next round would wait for a node that can
-        never come. Retiring the shard (serving the other shards' ensemble) is
-        not implemented.
-        """
+    def _shard_clients_left(self, leaving: set[str] = frozenset()) -> set[str] | None:  # type: ignore[assignment]
+        """The shard's clients still in it once ``leaving`` go; None for an unsharded run (its clients are open-ended)."""
         if not isinstance(self.grid, ShardGrid):
-            return
-        leaving = {notice.client_id for notice in due}
-        if not self.grid.clients - self.withdrawn_clients() - leaving:
-            raise RunError(
-                f"client(s) {', '.join(sorted(leaving))} withdrew before round {server_round} "
-                f"and no other client of their shard ({', '.join(sorted(self.grid.clients))}) remains: an empty shard "
-                "cannot be retrained, and retiring a shard is not supported; run with fewer shards"
-            )
+            return None
+        return set(self.grid.clients) - self.withdrawn_clients() - set(leaving)
 
     # -- bookkeeping -------------------------------------------------------------
 

@@ -256,13 +256,14 @@ class UnlearningCoordinator:
         )
         self.store.set_meta(INTERRUPTED_META, None)
         outcome, seconds, trajectory = self.run_unlearner(grid, unlearner, clients, completed, source)
-        exact = unlearner.name == Retrain.name
+        exact = unlearner.exact
         residual = set() if exact else residual_clients(self.events()) | set(clients)
         event: dict[str, object] = {
             "kind": UNLEARNING_KIND,
             "clients": clients,
             "round": before_round,
             "strategy": unlearner.name,
+            "exact": exact,
             "hyperparameters": unlearner.hyperparameters(),
             "seed": self.seed,
             "seconds": seconds,

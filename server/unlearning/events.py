@@ -21,10 +21,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from fedforget.server.store.history_store import TrajectoryInfo
+from fedforget.strategies.empty_shard import EmptyShard
 
 UNLEARNING_KIND = "unlearning"
 IN_PROGRESS_META = "unlearning_in_progress"
 INTERRUPTED_META = "unlearning_interrupted"
+EMPTY_SHARD = EmptyShard.name
 
 
 class _Store(Protocol):
@@ -45,6 +47,11 @@ def completed_unlearnings(store: _Store) -> list[dict[str, object]]:
 def withdrawn_clients(events: list[dict[str, object]]) -> set[str]:
     """Clients some completed unlearning removed: they never take part again."""
     return {str(client) for event in events for client in event["clients"]}  # type: ignore[attr-defined]
+
+
+def emptied(events: list[dict[str, object]]) -> bool:
+    """Whether the last unlearning emptied a shard (its last clients withdrew): its model then learnt nothing."""
+    return bool(events) and events[-1].get("strategy") == EMPTY_SHARD
 
 
 def residual_clients(events: list[dict[str, object]]) -> set[str]:
