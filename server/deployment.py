@@ -201,6 +201,7 @@ def _server_setup(config: DeploymentConfig, state: StateDir, consent: ConsentSou
         resume=resume,
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
+        fedavg_options={"fraction_train": config.fraction_train},
         consent=consent,
         accountability=Accountability(
             ledger_path=state.ledger,

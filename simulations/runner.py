@@ -311,6 +311,7 @@ def prepare_federation_run(
         reference_retrain=config.strategy != "retrain",
         metadata={CONFIG_META: config.to_json()},
         clients=clients,
+        fedavg_options={"fraction_train": config.fraction_train},
     )
     return PreparedFederation(config, out, federation, setup, paths, service)
 

@@ -113,10 +113,12 @@ class FlowerFederation(Federation):
         self.strategy.flush()
         self.strategy.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
+        if clients is not None:
+            self._refuse_withdrawn(clients, f"round {server_round}")
         result = train_recorded_round(
             self._connected("a training round"), self.strategy, server_round, model,
-            train_config=self.train_config, timeout=self.round_timeout,
+            train_config=self.train_config, timeout=self.round_timeout, clients=clients,
         )
         # A strategy may read history between its rounds: keep the store settled.
         self.strategy.flush()
