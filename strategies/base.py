@@ -136,7 +136,8 @@ class Federation(ABC):
 
         ``clients`` limits the request to some of them (FedRecover asks only
         the clients whose estimated update looks abnormal); withdrawn clients
-        are never asked. ``server_round`` seeds each client's batch order, so
+        are never asked. Without ``clients``, a federation that samples its
+        rounds (sampled participation) asks a sample, as a live round would. ``server_round`` seeds each client's batch order, so
         training "in round t" sees the batches the original round t saw.
         Calibration training (FedEraser), exact replay rounds and recovery
         rounds use it; the strategy decides what, if anything, to record.

@@ -25,6 +25,7 @@ from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.one_round import train_recorded_round
 from fedforget.server.rounds.recording import MissingParticipantError, RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.unlearning.federation import FlowerFederation
 from fedforget.server.withdrawal.consent import WithdrawalNotice
 from fedforget.strategies.base import UnlearningRequest
 from fedforget.strategies.calibrated import Calibrated, CalibratedSettings
@@ -174,3 +175,13 @@ def test_replay_on_a_sampled_history_estimates_and_trains_each_rounds_participan
     # stored updates (b, d); round 4 had only u.
     assert [(call.round, call.clients) for call in federation.local_calls] == [(r, staying(r)) for r in (1, 2, 5)]
     assert federation.recorded == [(r, list(staying(r))) for r in (1, 2, 3, 4, 5)]
+
+
+def test_unrecorded_client_work_without_named_clients_asks_a_sample_as_a_live_round(tmp_path: Path) -> None:
+    fed = local_federation(tmp_path / "s", clients=CLIENTS, rounds=1, fraction_train=FRACTION)
+    federation = FlowerFederation(fed.grid, fed.strategy, withdrawn=["0"], train_config=TRAIN_CONFIG)
+    sent_before = len(fed.grid.sent)
+    updates = federation.local_training(1, initial_model(), local_epochs=0.1)
+    assert len(updates) == 2 and "0" not in {u.client_id for u in updates}  # ⌊5 · 0.5⌋ of the 5 remaining
+    assert len(fed.grid.sent) - sent_before == 2
+    assert [u.client_id for u in updates] == fed.strategy.sample_clients(1, fed.grid)  # Flower's seeded draw

@@ -44,6 +44,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
@@ -243,8 +244,25 @@ class RecordingFedAvg(FedAvg):
         self._sent[history_round] = (model, dict(self.train_config))
         return messages
 
+    def sample_clients(self, history_round: int, grid: Grid, *, draw: int = 0) -> list[str]:
+        """The consenting clients Flower's sampling picks for work at ``history_round`` that is not a round.
+
+        Unrecorded client work an unlearning asks for without naming clients
+        (recovery rounds, say) trains the share a live round would: the same
+        ``fraction_train``, drawn by Flower's ``sample_nodes``. ``draw`` > 0
+        seeds further draws at the same round differently (``sampling_seed``
+        set), so that repeated work at one round does not ask one sample again.
+        """
+        view = self._view(grid)
+        nodes = list(view.get_node_ids())
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        with self._seeded_sampling(history_round, draw):
+            chosen, _ = sample_nodes(view, self.min_available_nodes, min(size, len(nodes)))
+        clients = self.identities.resolve(grid, chosen)
+        return sorted(clients[node] for node in chosen)
+
     @contextlib.contextmanager
-    def _seeded_sampling(self, history_round: int) -> Iterator[None]:
+    def _seeded_sampling(self, history_round: int, draw: int = 0) -> Iterator[None]:
         """Flower's ``random.sample`` seeded by (``sampling_seed``, round); the global state restored after.
 
         A string seed is hashed (SHA-512) by ``random.seed``, the same in every
@@ -255,7 +273,8 @@ class RecordingFedAvg(FedAvg):
             yield
             return
         saved = random.getstate()
-        random.seed(f"fedforget-sampling:{self.sampling_seed}:{history_round}")
+        suffix = f":{draw}" if draw else ""
+        random.seed(f"fedforget-sampling:{self.sampling_seed}:{history_round}{suffix}")
         try:
             yield
         finally:
