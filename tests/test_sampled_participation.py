@@ -21,12 +21,14 @@ from local_grid import LocalGrid
 from toy_federation import ToyFederation, record_history
 
 from fedforget import wire
+from fedforget.run_config import DeploymentConfig, RunConfigError
 from fedforget.server.rounds.grids import ShardGrid
 from fedforget.server.rounds.one_round import train_recorded_round
 from fedforget.server.rounds.recording import MissingParticipantError, RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.unlearning.federation import FlowerFederation
 from fedforget.server.withdrawal.consent import WithdrawalNotice
+from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.strategies.base import UnlearningRequest
 from fedforget.strategies.calibrated import Calibrated, CalibratedSettings
 from fedforget.strategies.replay import Replay, ReplaySettings
@@ -185,3 +187,18 @@ def test_unrecorded_client_work_without_named_clients_asks_a_sample_as_a_live_ro
     assert len(updates) == 2 and "0" not in {u.client_id for u in updates}  # ⌊5 · 0.5⌋ of the 5 remaining
     assert len(fed.grid.sent) - sent_before == 2
     assert [u.client_id for u in updates] == fed.strategy.sample_clients(1, fed.grid)  # Flower's seeded draw
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_the_fraction_is_a_simulate_option_and_a_run_config_key_and_both_refuse_nonsense():
+    assert SimulationConfig(fraction_train=0.1).fraction_train == 0.1
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="--fraction-train"):
+            SimulationConfig(fraction_train=bad).validate()
+    required = {"state-dir": "/srv/f", "federation-id": "fed", "signing-key": "/srv/keys/federation.key"}
+    assert DeploymentConfig.from_run_config({**required, "fraction-train": 0.25}).fraction_train == 0.25
+    assert DeploymentConfig.from_run_config(required).fraction_train == 1.0
+    with pytest.raises(RunConfigError, match=r"fraction-train must be in \(0, 1\]"):
+        DeploymentConfig.from_run_config({**required, "fraction-train": 0})
