@@ -61,6 +61,9 @@ class DeploymentConfig:
     """Keep the old global models trained with a withdrawn client this long for audits (0: shred them at once)."""
     unlearning: Mapping[str, object] = field(default_factory=dict)
     """Strategy settings by their run-config names (``calibration-ratio``, ...)."""
+    fraction_train: float = 1.0
+    """Share of the consenting organisations Flower samples for each round; 1: all of them.
+    The draw is seeded by ``seed`` and the round, so a resumed run samples as the first one did."""
     shards: int = 1
     """Isolated shards (SISA) the organisations are split into, one model each, served as their ensemble;
     a withdrawal retrains only its shard. 1: unsharded. At most ``min-nodes``."""
@@ -100,6 +103,7 @@ class DeploymentConfig:
             audit_retention_days=reader.number("audit-retention-days", cls.audit_retention_days, minimum=0.0),
             unlearning=reader.unlearning(),
             shards=reader.integer("shards", cls.shards, minimum=1),
+            fraction_train=reader.number("fraction-train", cls.fraction_train, minimum=0.0),
         )
         reader.check_choices(config)
         reader.raise_errors()
@@ -112,7 +116,7 @@ class _Reader:
     _KNOWN = {
         "state-dir", "federation-id", "signing-key", "dataset", "model", "num-rounds", "strategy", "local-epochs",
         "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
-        "retention-interval", "evaluate", "audit-retention-days", "shards",
+        "retention-interval", "evaluate", "audit-retention-days", "shards", "fraction-train",
     }
 
     def __init__(self, run_config: Mapping[str, object]) -> None:
@@ -198,6 +202,11 @@ class _Reader:
             self._errors.append(
                 f"shards ({config.shards}) must be at most min-nodes ({config.min_nodes}): the shards are formed "
                 "from the organisations connected at the start, and every shard needs one"
+            )
+        if not 0 < config.fraction_train <= 1:
+            self._errors.append(
+                f"fraction-train must be in (0, 1] (the share of organisations sampled per round), "
+                f"got {config.fraction_train}"
             )
         if config.store_dtype not in ("float32", "float16"):
             self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")

@@ -49,6 +49,7 @@ class ServerSetup:
     evaluate_fn: EvaluateFn | None = None
     observer: RunObserver | None = None
     fedavg_options: dict[str, object] = field(default_factory=dict)
+    """Flower ``FedAvg`` settings over fedforget's defaults, e.g. ``fraction_train`` (sampled participation)."""
     consent: ConsentSource | None = None
     """Where withdrawals come from; ``withdrawals`` is the fixed-schedule alternative."""
     accountability: Accountability | None = None
@@ -130,7 +131,8 @@ def _federated_run(grid: Grid, setup: ServerSetup, store: HistoryStore) -> Feder
     identities = ClientIdResolver()
     if setup.clients is not None:
         grid = ShardGrid(grid, identities, setup.clients)
-    strategy = RecordingFedAvg(store, identities=identities, **options)
+    # Seeded by the run's seed: with fraction_train < 1, a run and its resume sample the same clients.
+    strategy = RecordingFedAvg(store, identities=identities, sampling_seed=setup.settings.seed, **options)
     return FederatedRun(
         grid,
         store,

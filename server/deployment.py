@@ -216,6 +216,7 @@ def _server_setup(
         resume=resume,
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
+        fedavg_options={"fraction_train": config.fraction_train},
         consent=consent,
         accountability=Accountability(
             ledger_path=state.ledger,

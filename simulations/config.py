@@ -140,6 +140,9 @@ class SimulationConfig:
     """The chosen strategy's settings given explicitly, by option name (the rest are its defaults)."""
     shards: int = 1
     """Isolated shards the clients are split into (SISA); 1 is an unsharded federation."""
+    fraction_train: float = 1.0
+    """Share of the consenting clients Flower samples for each round (cross-device federations); 1: all of them.
+    The draw is seeded by ``seed`` and the round, so a run and its resume sample alike."""
 
     def __post_init__(self) -> None:
         unset = [name for name in TRAINING_FIELDS if getattr(self, name) is None]
@@ -181,6 +184,10 @@ class SimulationConfig:
             raise ConfigError(f"--alpha must be positive, got {self.alpha}")
         if not 0 < self.train_fraction <= 1:
             raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(
+                f"--fraction-train must be in (0, 1] (the share of clients sampled per round), got {self.fraction_train}"
+            )
         client_ids = {str(i) for i in range(self.clients)}
         withdrawn: set[str] = set()
         for w in self.withdrawals:

@@ -310,6 +310,7 @@ def prepare_federation_run(
         reference_retrain=config.strategy != "retrain",
         metadata={CONFIG_META: config.to_json(), **({} if shard is None else {SHARD_META: shard})},
         clients=clients,
+        fedavg_options={"fraction_train": config.fraction_train},
     )
     return PreparedFederation(config, out, federation, setup, paths, service)
 

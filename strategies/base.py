@@ -117,8 +117,16 @@ class Federation(ABC):
         """
 
     @abstractmethod
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        """Run one FedAvg round from ``model`` with the remaining clients and record it."""
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
+        """Run one FedAvg round from ``model`` and record it.
+
+        ``clients=None``: the federation picks who trains as a live round does
+        (the remaining clients, or a sample of them when the federation samples).
+        ``clients`` given: exactly those clients train (all must be remaining
+        and reachable): an exact retrain replays each recorded round with the
+        clients that took part in it, so that sampled participation is
+        reproduced instead of drawn again.
+        """
 
     @abstractmethod
     def local_training(
@@ -128,7 +136,8 @@ class Federation(ABC):
 
         ``clients`` limits the request to some of them (FedRecover asks only
         the clients whose estimated update looks abnormal); withdrawn clients
-        are never asked. ``server_round`` seeds each client's batch order, so
+        are never asked. Without ``clients``, a federation that samples its
+        rounds (sampled participation) asks a sample, as a live round would. ``server_round`` seeds each client's batch order, so
         training "in round t" sees the batches the original round t saw.
         Calibration training (FedEraser), exact replay rounds and recovery
         rounds use it; the strategy decides what, if anything, to record.
@@ -271,9 +280,9 @@ class MeteredFederation(Federation):
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self.inner.start_trajectory(base_version, info)
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
         started = time.perf_counter()
-        result = self.inner.train_round(server_round, model)
+        result = self.inner.train_round(server_round, model, clients=clients)
         self.client_seconds += time.perf_counter() - started
         self.round_trips += 1
         self.client_epochs += result.client_epochs

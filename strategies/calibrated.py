@@ -144,9 +144,10 @@ class Calibrated(Unlearner):
       round whose updates were not retained), its stored updates were computed
       from a model that already holds u's contribution, so t_1 is calibrated
       like every later round.
-    * A calibrated round t_j: every remaining client trains from M̃ for
-      r·E epochs (``calibration_ratio`` times the federation's local epochs) (Û_k); each client that both
-      took part in t_j (with a retained update) and answered gets
+    * A calibrated round t_j: every remaining client that took part in t_j
+      with a retained update (under sampled participation, that round's
+      sample) trains from M̃ for r·E epochs (``calibration_ratio`` times the
+      federation's local epochs) (Û_k); each of them that answered gets
       Ũ_k = ‖U_k^{t_j}‖ · Û_k / ‖Û_k‖ (see :func:`calibrate`); a client in
       only one of the two is skipped (listed in ``details``). The Ũ_k are
       aggregated with FedAvg weights from the stored round's n_k.
@@ -263,9 +264,13 @@ class Calibrated(Unlearner):
         self, view: RoundRecord, withdrawn: frozenset[str], model: Arrays, federation: Federation
     ) -> tuple[Arrays, list[str]]:
         """Calibration training from M̃, rescale to the stored norms, aggregate, record."""
-        fresh = federation.local_training(view.round, model, local_epochs=self.calibration_epochs)
-        answered = {u.client_id: u for u in fresh if u.client_id not in withdrawn}
         stored = {p.client_id: p for p in view.participants if p.retained and p.client_id not in withdrawn}
+        # Only the round's own participants have a stored length to calibrate to: under sampled
+        # participation the others did not train in this round, and asking them would be wasted work.
+        fresh = federation.local_training(
+            view.round, model, local_epochs=self.calibration_epochs, clients=sorted(stored)
+        )
+        answered = {u.client_id: u for u in fresh if u.client_id not in withdrawn}
         used = sorted(answered.keys() & stored.keys())
         left_out = sorted(answered.keys() ^ stored.keys())
         updates = []

@@ -252,9 +252,23 @@ class Replay(Unlearner):
         federation: Federation,
         memories: dict[str, CurvatureMemory],
     ) -> Arrays:
-        """The remaining clients train from the rebuilt model; their answers also teach the curvature."""
+        """The round's staying participants train from the rebuilt model; their answers also teach the curvature.
+
+        As in :class:`~fedforget.strategies.retrain.Retrain`, an exact round
+        is what retraining does: the clients recorded for the round (its
+        sample, under sampled participation) minus the withdrawn ones; nobody
+        if they all withdrew; and every remaining client for a round the
+        history records no participants for (one a strategy computed).
+        """
+        recorded = [p.client_id for p in view.participants]
+        staying = [client for client in recorded if client not in withdrawn]
+        if recorded and not staying:
+            federation.record_round(view.round, model, [])
+            return model
         fresh = [
-            u for u in federation.local_training(view.round, model, local_epochs=self.context.local_epochs)
+            u for u in federation.local_training(
+                view.round, model, local_epochs=self.context.local_epochs, clients=staying if recorded else None
+            )
             if u.client_id not in withdrawn
         ]
         if self.settings.estimate == "lbfgs":

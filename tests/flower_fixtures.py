@@ -49,15 +49,22 @@ def local_federation(
     consent: ConsentSource | None = None,
     accountability: Accountability | None = None,
     reference_retrain: bool = False,
+    fraction_train: float = 1.0,
 ) -> LocalFederation:
-    """A digits federation of ``clients`` real fedforget ClientApps in this process."""
+    """A digits federation of ``clients`` real fedforget ClientApps in this process.
+
+    ``fraction_train`` < 1 samples that share of the clients per round, seeded (seed 0) as a run's is.
+    """
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
     grid = LocalGrid(make_client_app(task), clients)
     if store is None:
         store = HistoryStore.create(
             store_dir, federation_id="test-federation", model_spec=ModelSpec.from_arrays(initial_model())
         )
-    strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    strategy = RecordingFedAvg(
+        store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, fraction_train=fraction_train,
+        sampling_seed=0,
+    )
     run = FederatedRun(
         grid,
         store,

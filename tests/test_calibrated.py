@@ -142,7 +142,8 @@ def test_calibrated_updates_have_retrain_direction_and_stored_norm(tmp_path: Pat
     with store:
         remaining = ["c0", "c1", "c3"]
         assert outcome.base_version == 0
-        assert federation.local_calls == [LocalCall(t, LOCAL_EPOCHS, None) for t in range(2, rounds + 1)]
+        # Each calibration asks the round's own participants with a stored update, without c2.
+        assert federation.local_calls == [LocalCall(t, LOCAL_EPOCHS, tuple(remaining)) for t in range(2, rounds + 1)]
         assert outcome.rounds_replayed == rounds - 1
         # Metered on the federation handle: one round trip per calibrated round, r·E epochs per answering client.
         assert outcome.round_trips == rounds - 1
@@ -266,7 +267,8 @@ def test_only_retained_rounds_are_calibrated_and_trajectory_reaches_completed(tm
     )
     with store:
         r_e = 0.5 * LOCAL_EPOCHS
-        assert federation.local_calls == [LocalCall(3, r_e, None), LocalCall(5, r_e, None), LocalCall(7, r_e, None)]
+        staying = ("c1", "c2", "c3")
+        assert federation.local_calls == [LocalCall(t, r_e, staying) for t in (3, 5, 7)]
         assert [t for t, _ in federation.recorded] == list(range(1, rounds + 1))  # every round, in order
         assert outcome.rounds_replayed == 3 and outcome.round_trips == 3
         assert outcome.client_epochs == pytest.approx(3 * 3 * r_e)  # calibrated rounds × remaining × r·E
@@ -315,8 +317,8 @@ def test_late_joiner_calibrates_its_first_retained_round(tmp_path: Path) -> None
         assert outcome.client_epochs == pytest.approx(2 * 2 * 0.5 * LOCAL_EPOCHS)  # 2 rounds × c0, c1 × r·E
 
 
-def test_client_in_only_one_of_stored_round_and_calibration_is_skipped(tmp_path: Path) -> None:
-    # c3 did not take part in round 2 but answers the calibration; c1 took part but is offline now.
+def test_only_the_rounds_participants_calibrate_and_an_offline_one_is_skipped(tmp_path: Path) -> None:
+    # c3 did not take part in round 2 (sampled out): it is not asked to calibrate it. c1 took part but is offline now.
     def schedule(t: int) -> list[str]:
         return ["c0", "c1", "c2"] + (["c3"] if t != 2 else [])
 
@@ -326,8 +328,9 @@ def test_client_in_only_one_of_stored_round_and_calibration_is_skipped(tmp_path:
     )
     with store:
         assert federation.recorded == [(1, ["c1", "c2", "c3"]), (2, ["c2"])]
-        assert outcome.details["skipped_clients"] == {"2": ["c1", "c3"]}
-        assert outcome.client_epochs == pytest.approx(2 * 0.5 * LOCAL_EPOCHS)  # both answering clients trained
+        assert federation.local_calls[0].clients == ("c1", "c2")
+        assert outcome.details["skipped_clients"] == {"2": ["c1"]}
+        assert outcome.client_epochs == pytest.approx(1 * 0.5 * LOCAL_EPOCHS)  # only c2 answered
         (view,) = new.rounds(2, 2)
         assert_models_close(view.model_after(), moved(view.model_before(), weighted_step({"c2": view.update("c2")}, {"c2": 1.0})))
 

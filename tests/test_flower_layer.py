@@ -231,8 +231,8 @@ class CrashingRetrain(Retrain):
             def start_trajectory(self, base_version, info):
                 federation.start_trajectory(base_version, info)
 
-            def train_round(self, server_round, model):
-                federation.train_round(server_round, model)
+            def train_round(self, server_round, model, *, clients=None):
+                federation.train_round(server_round, model, clients=clients)
                 raise _Interrupt()
 
             def local_training(self, server_round, model, *, local_epochs):

@@ -53,7 +53,7 @@ class SlowClients(Federation):
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         pass
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
         self.clock.now += self.client_seconds
         return RoundResult(model, ("a", "b", "c"), client_epochs=3.0)
 

@@ -107,7 +107,8 @@ def test_clients_train_exactly_in_warm_up_correction_and_final_rounds(tmp_path: 
     outcome, federation, _, _ = unlearn_u(
         history, clients, replay(warmup_rounds=2, correction_interval=2, final_rounds=1), 8)
     # Warm-up 1, 2; after it rounds 3..8 count 1..6 and every 2nd is exact: 4, 6, 8; final 8.
-    assert federation.local_calls == [LocalCall(r, E, None) for r in (1, 2, 4, 6, 8)]
+    # Each exact round asks the round's own participants, without the withdrawn u.
+    assert federation.local_calls == [LocalCall(r, E, ("a", "b", "c")) for r in (1, 2, 4, 6, 8)]
     assert outcome.details["exact_rounds"] == [1, 2, 4, 6, 8]
     assert outcome.details["estimated_rounds"] == [3, 5, 7]
     assert outcome.details["abnormal_fix_rounds"] == [] and outcome.details["skipped_rounds"] == []
@@ -209,7 +210,8 @@ def test_an_estimate_over_the_threshold_is_replaced_by_that_clients_exact_update
         history, clients, replay(estimate="lbfgs", warmup_rounds=2, final_rounds=1, abnormality_threshold=10.0), 6)
     assert outcome.details["abnormal_fix_rounds"] == [4]
     assert LocalCall(4, E, ("c",)) in federation.local_calls  # only the abnormal client was asked
-    assert [call.clients for call in federation.local_calls] == [None, None, ("c",), None]
+    staying = ("a", "b", "c")
+    assert [call.clients for call in federation.local_calls] == [staying, staying, ("c",), staying]
     assert outcome.round_trips == 4  # warm-up 2, the fix, final 1
     (view,) = new.rounds(4, 4)
     np.testing.assert_array_equal(view.update("c")["w"], clients.update("c", view.model_before())["w"])

@@ -179,6 +179,8 @@ class ToyFederation(Federation):
         self.started: list[tuple[int, dict[str, object]]] = []
         self.recorded: list[tuple[int, list[str]]] = []
         self.ascents: list[tuple[str, Arrays, Arrays, AscentSettings]] = []
+        self.round_clients: list[tuple[str, ...] | None] = []
+        """The ``clients=`` of every ``train_round``, in order (None: the federation's own choice)."""
 
     def remaining_clients(self) -> list[str]:
         return sorted(c for c in self.examples if c not in self.withdrawn | self.offline)
@@ -188,9 +190,14 @@ class ToyFederation(Federation):
         self.started.append((base_version, dict(info)))
         self._store().fork(base_version=base_version, info=dict(info))
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
         self.calls.append(("train_round", server_round))
-        updates = self._train(server_round, model, self.round_epochs, self.remaining_clients())
+        self.round_clients.append(None if clients is None else tuple(clients))
+        if clients is not None and not set(clients) <= set(self.remaining_clients()):
+            raise AssertionError(f"round {server_round} asked for {sorted(set(clients) - set(self.remaining_clients()))}, "
+                                 "who are withdrawn or offline")
+        chosen = self.remaining_clients() if clients is None else sorted(clients)
+        updates = self._train(server_round, model, self.round_epochs, chosen)
         total = float(sum(u.num_examples for u in updates))
         after = moved(model, weighted_step({u.client_id: u.update for u in updates},
                                            {u.client_id: u.num_examples / total for u in updates}))

@@ -118,6 +118,13 @@ def simulate_command(
             "a withdrawal retrains only its shard (1: unsharded)."
         ),
     ] = _DEFAULTS["shards"],
+    fraction_train: Annotated[
+        float,
+        typer.Option(
+            help="Share of the clients sampled for each round (Flower's own sampling, seeded by --seed and the "
+            "round); 1 trains every client in every round."
+        ),
+    ] = _DEFAULTS["fraction_train"],
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (give --out).")] = False,
     ray_address: Annotated[
         Optional[str],
@@ -139,7 +146,8 @@ def simulate_command(
         "classes_per_partition": classes_per_partition, "seed": seed, "strategy": strategy,
         "retention_interval": retention_interval, "store_dtype": store_dtype,
         "backdoor_fraction": backdoor_fraction, "backdoor_target": backdoor_target, "shadows": shadows,
-        "seeds": seeds, "shards": shards, "train_fraction": train_fraction, "withdrawals": withdraw, "backdoors": backdoor,
+        "seeds": seeds, "shards": shards, "train_fraction": train_fraction,
+        "fraction_train": fraction_train, "withdrawals": withdraw, "backdoors": backdoor,
     }
     option_of = {"model": "model_factory", "withdrawals": "withdraw", "backdoors": "backdoor"}
     if resume:

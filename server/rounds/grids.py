@@ -59,7 +59,13 @@ class DelegatingGrid(Grid):
 
 
 class ConsentingGrid(DelegatingGrid):
-    """Delegate to ``grid``, listing only nodes whose client may still take part."""
+    """Delegate to ``grid``, listing only nodes whose client may still take part, in client-id order.
+
+    The order matters when Flower samples a fraction of the nodes: its
+    ``random.sample`` picks by position, and Flower's node ids are random per
+    simulation run, so only a list ordered by client id lets a seeded draw
+    pick the same clients in every run.
+    """
 
     def __init__(
         self, grid: Grid, identities: ClientIdResolver, is_excluded: Callable[[str], bool]
@@ -71,11 +77,17 @@ class ConsentingGrid(DelegatingGrid):
     def get_node_ids(self) -> Iterable[int]:
         node_ids = list(self._grid.get_node_ids())
         clients = self._identities.resolve(self._grid, node_ids)
-        return [node for node in node_ids if not self._is_excluded(clients[node])]
+        allowed = [node for node in node_ids if not self._is_excluded(clients[node])]
+        return sorted(allowed, key=lambda node: _client_order(clients[node]))
 
     def get_nodes(self):  # type: ignore[no-untyped-def]
         allowed = set(self.get_node_ids())
         return [info for info in self._grid.get_nodes() if info.node_id in allowed]
+
+
+def _client_order(client_id: str) -> tuple[int, int, str]:
+    """Numeric ids (simulated partitions) in numeric order, then the others by name: a total, stable order."""
+    return (0, int(client_id), client_id) if client_id.isdigit() else (1, 0, client_id)
 
 
 class PromptGrid(DelegatingGrid):

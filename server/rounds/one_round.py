@@ -8,7 +8,8 @@ calls as ``Strategy.start`` does for one round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Collection, Mapping
 
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -32,11 +33,21 @@ def train_recorded_round(
     *,
     train_config: Mapping[str, int | float | str | bool],
     timeout: float,
+    clients: Collection[str] | None = None,
 ) -> RoundResult:
-    """Train round ``server_round`` from ``model`` with every consenting client and record it."""
-    messages = list(
-        strategy.configure_train(server_round, wire.record_from_arrays(model), ConfigRecord(dict(train_config)), grid)
-    )
+    """Train round ``server_round`` from ``model`` and record it.
+
+    Who trains: the consenting clients the strategy samples (all of them with
+    ``fraction_train=1``), or exactly ``clients`` when given (a replay of a
+    recorded round's participants, see :meth:`RecordingFedAvg.only`).
+    """
+    chosen = strategy.only(clients) if clients is not None else contextlib.nullcontext()
+    with chosen:
+        messages = list(
+            strategy.configure_train(
+                server_round, wire.record_from_arrays(model), ConfigRecord(dict(train_config)), grid
+            )
+        )
     if not messages:
         raise RunError(f"round {server_round}: no client is available to train")
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -49,6 +60,12 @@ def train_recorded_round(
         )
     recorded = strategy.last_recorded
     assert recorded is not None and recorded.round == server_round
+    if clients is not None and set(recorded.participants) != set(clients):
+        silent = sorted(set(clients) - set(recorded.participants))
+        raise RunError(
+            f"round {server_round} was replayed with the clients that took part in it, but {', '.join(silent)} "
+            "returned no usable update: the replay is not the round it reproduces (the unlearning is rolled back)"
+        )
     return RoundResult(
         model_after=wire.arrays_from_record(arrays),
         participants=recorded.participants,

@@ -15,6 +15,17 @@ history's last model (say, the model from before an unlearning), and any
 instruction to a client an unlearning removed. These are read from the store,
 so they hold in a later run too.
 
+Sampled participation (``fraction_train`` < 1) is Flower's own: ``FedAvg``
+draws each round's nodes with ``random.sample`` from the consenting nodes.
+Two things make a draw reproducible: the nodes are listed in client-id order
+(:class:`~fedforget.server.rounds.grids.ConsentingGrid`), not in the order of
+Flower's random node ids, and with ``sampling_seed`` set the draw of history
+round ``t`` uses Python's ``random`` seeded with ``(sampling_seed, t)`` (the
+module's global state is saved and restored around it). So a run, and a
+resumed run, samples the same clients in every round. Who took part is
+recorded with each round; an exact retrain replays those recorded
+participants (:meth:`RecordingFedAvg.only`) rather than drawing again.
+
 Writes run on a background thread (see :mod:`~fedforget.server.rounds.background_writer`)
 so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
 before reading the store while the strategy is in use.
@@ -22,15 +33,18 @@ before reading the store while the strategy is in use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import random
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from logging import WARNING, getLogger
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedforget import wire
 from fedforget.arrays import Arrays, subtract
@@ -81,6 +95,10 @@ class CommittedRound:
 CommitListener = Callable[[CommittedRound], None]
 
 
+class MissingParticipantError(RecordingError):
+    """A round to be trained with named clients (an exact replay) cannot reach one of them."""
+
+
 class RecordingFedAvg(FedAvg):
     """Federated averaging that keeps every client's update, keyed by stable client id.
 
@@ -100,6 +118,10 @@ class RecordingFedAvg(FedAvg):
         only. Flower's quickstart ClientApps read theirs from the run config:
         pass the same value here. Without it, such a round counts one epoch
         per client and a warning says so.
+    sampling_seed:
+        Seeds Flower's client sampling per round (see the module docstring),
+        so that a run with ``fraction_train`` < 1 samples the same clients
+        when it is repeated or resumed. ``None`` leaves Flower's draw unseeded.
     **fedavg_kwargs:
         Passed to Flower's ``FedAvg`` unchanged.
     """
@@ -110,13 +132,16 @@ class RecordingFedAvg(FedAvg):
         *,
         identities: ClientIdResolver | None = None,
         local_epochs: float | None = None,
+        sampling_seed: int | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.store = store
         self.identities = identities or ClientIdResolver()
         self.local_epochs = local_epochs
+        self.sampling_seed = sampling_seed
         self._excluded: set[str] = set()
+        self._only: frozenset[str] | None = None
         self._sent: dict[int, tuple[Arrays, dict[str, Any]]] = {}
         self._writer = BackgroundWriter()
         self._listeners: list[CommitListener] = []
@@ -182,6 +207,25 @@ class RecordingFedAvg(FedAvg):
     def _view(self, grid: Grid) -> Grid:
         return ConsentingGrid(grid, self.identities, lambda client: client in self._excluded)
 
+    @contextlib.contextmanager
+    def only(self, clients: Collection[str]) -> Iterator[None]:
+        """Within the block, a configured training round goes to exactly ``clients``: no sampling.
+
+        An exact retrain replays a recorded round with the clients that took
+        part in it (minus the withdrawn ones). Every one of them must be
+        connected and consenting; otherwise :meth:`configure_train` raises
+        :class:`MissingParticipantError`, since training without one of them
+        would silently no longer be the retrain it claims to be.
+        """
+        chosen = frozenset(clients)
+        if not chosen:
+            raise ValueError("a round needs at least one client; record a round nobody trained with record_round")
+        self._only = chosen
+        try:
+            yield
+        finally:
+            self._only = None
+
     # -- training ------------------------------------------------------------
 
     def configure_train(
@@ -192,8 +236,74 @@ class RecordingFedAvg(FedAvg):
         model = wire.arrays_from_record(arrays)
         self._position.check_start(history_round, model)
         self.train_config = {k: v for k, v in config.items() if k != "server-round"}
+        if self._only is not None:
+            messages = self._messages_to(self._only, history_round, arrays, config, grid)
+        else:
+            with self._seeded_sampling(history_round):
+                messages = list(super().configure_train(history_round, arrays, config, self._view(grid)))
         self._sent[history_round] = (model, dict(self.train_config))
-        return super().configure_train(history_round, arrays, config, self._view(grid))
+        return messages
+
+    def sample_clients(self, history_round: int, grid: Grid, *, draw: int = 0) -> list[str]:
+        """The consenting clients Flower's sampling picks for work at ``history_round`` that is not a round.
+
+        Unrecorded client work an unlearning asks for without naming clients
+        (recovery rounds, say) trains the share a live round would: the same
+        ``fraction_train``, drawn by Flower's ``sample_nodes``. ``draw`` > 0
+        seeds further draws at the same round differently (``sampling_seed``
+        set), so that repeated work at one round does not ask one sample again.
+        """
+        view = self._view(grid)
+        nodes = list(view.get_node_ids())
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        with self._seeded_sampling(history_round, draw):
+            chosen, _ = sample_nodes(view, self.min_available_nodes, min(size, len(nodes)))
+        clients = self.identities.resolve(grid, chosen)
+        return sorted(clients[node] for node in chosen)
+
+    @contextlib.contextmanager
+    def _seeded_sampling(self, history_round: int, draw: int = 0) -> Iterator[None]:
+        """Flower's ``random.sample`` seeded by (``sampling_seed``, round); the global state restored after.
+
+        A string seed is hashed (SHA-512) by ``random.seed``, the same in every
+        process, so the draw of round ``t`` does not depend on what else used
+        ``random`` before it: a resumed run draws what the first one drew.
+        """
+        if self.sampling_seed is None:
+            yield
+            return
+        saved = random.getstate()
+        suffix = f":{draw}" if draw else ""
+        random.seed(f"fedforget-sampling:{self.sampling_seed}:{history_round}{suffix}")
+        try:
+            yield
+        finally:
+            random.setstate(saved)
+
+    def _messages_to(
+        self, clients: frozenset[str], history_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Train messages to the nodes of exactly ``clients`` (see :meth:`only`)."""
+        withdrawn = sorted(clients & self._excluded)
+        if withdrawn:
+            raise MissingParticipantError(
+                f"round {history_round} was to be replayed with client(s) {', '.join(withdrawn)}, who withdrew; "
+                "nothing was sent"
+            )
+        view = self._view(grid)
+        nodes = self.identities.resolve(grid, list(view.get_node_ids()))
+        chosen = sorted((client, node) for node, client in nodes.items() if client in clients)
+        missing = sorted(clients - {client for client, _ in chosen})
+        if missing:
+            raise MissingParticipantError(
+                f"round {history_round} must be replayed with the client(s) that took part in it, but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not connected; an exact retrain "
+                "cannot leave them out. Reconnect them and run the unlearning again, or choose an approximate "
+                "strategy that uses their stored updates (calibrated, replay)."
+            )
+        config["server-round"] = history_round
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for _, node in chosen]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -190,16 +190,23 @@ class HistoryReader:
             blob_ids = {r.get("client_id"): r.get("blob_id") for r in rows}
             yield RoundView(self._store, self.trajectory, rnd, participants, json.loads(round_row.get("metrics")), blob_ids)
 
+    def _participants(self) -> Iterator[tuple[int, list[str]]]:
+        """Each completed round and the participants its (authenticated) round row lists, in order.
+
+        Reads one row per round, not one per update: with many clients per
+        round, who took part when is known without reading every update row.
+        (A deleted update row still shows when that round's updates are read.)
+        """
+        for row in self._store._index.rows("rounds", "WHERE trajectory = ? ORDER BY round", (self.trajectory,)):
+            yield int(row.get("round")), list(json.loads(row.get("participants")))
+
     def clients(self) -> list[str]:
         """Every client that took part in a completed round, sorted."""
-        return sorted({p.client_id for view in self.rounds() for p in view.participants})
+        return sorted({client for _, participants in self._participants() for client in participants})
 
     def first_participation(self, client_id: str) -> int | None:
         """First completed round the client took part in (retained or not), or None."""
-        for view in self.rounds():
-            if any(p.client_id == client_id for p in view.participants):
-                return view.round
-        return None
+        return next((rnd for rnd, participants in self._participants() if client_id in participants), None)
 
     def last_round(self) -> int:
         """Last completed round of this trajectory (0 if none)."""

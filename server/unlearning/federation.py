@@ -76,6 +76,8 @@ class FlowerFederation(Federation):
         self.withdrawn = frozenset(withdrawn)
         self.train_config = dict(train_config or {})
         self.round_timeout = round_timeout
+        self._draws: dict[int, int] = {}
+        """Samples drawn per round for local training named no clients (each draw is seeded differently)."""
         strategy.exclude(self.withdrawn)
 
     def _connected(self, what: str) -> Grid:
@@ -113,10 +115,12 @@ class FlowerFederation(Federation):
         self.strategy.flush()
         self.strategy.store.fork(base_version=base_version, info={"kind": UNLEARNING_KIND, **info})
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
+        if clients is not None:
+            self._refuse_withdrawn(clients, f"round {server_round}")
         result = train_recorded_round(
             self._connected("a training round"), self.strategy, server_round, model,
-            train_config=self.train_config, timeout=self.round_timeout,
+            train_config=self.train_config, timeout=self.round_timeout, clients=clients,
         )
         # A strategy may read history between its rounds: keep the store settled.
         self.strategy.flush()
@@ -128,6 +132,11 @@ class FlowerFederation(Federation):
     ) -> list[ClientUpdate]:
         grid = self._connected("local training")
         nodes = self._nodes()
+        if clients is None and self.strategy.fraction_train < 1.0:
+            # As a live round would: a sample of the remaining clients, not all of them.
+            draw = self._draws.get(server_round, 0)
+            self._draws[server_round] = draw + 1
+            clients = self.strategy.sample_clients(server_round, grid, draw=draw)
         if clients is not None:
             nodes = {node: client for node, client in nodes.items() if client in set(clients)}
         config = ConfigRecord(dict(self.train_config))
