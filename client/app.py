@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedforget import wire
+from fedforget.client.local_privacy import local_dp_mod
 from fedforget.client.training import evaluate, train_local
 
 DEFAULT_LOCAL_EPOCHS = 1.0
@@ -74,7 +75,7 @@ def model_arrays(model: nn.Module) -> wire.Arrays:
 
 def make_client_app(task: ClientTask) -> ClientApp:
     """Build a ClientApp that trains and evaluates ``task``'s model on ``task``'s data."""
-    app = ClientApp()
+    app = ClientApp(mods=[local_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -9,6 +9,7 @@ from pathlib import Path
 from local_grid import LocalGrid
 
 from fedforget.arrays import Arrays
+from fedforget.privacy import PrivacySettings
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.rounds.loop import FederatedRun, RunObserver, RunSettings, Withdrawal
@@ -49,6 +50,7 @@ def local_federation(
     consent: ConsentSource | None = None,
     accountability: Accountability | None = None,
     reference_retrain: bool = False,
+    privacy: PrivacySettings | None = None,
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process."""
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
@@ -57,7 +59,9 @@ def local_federation(
         store = HistoryStore.create(
             store_dir, federation_id="test-federation", model_spec=ModelSpec.from_arrays(initial_model())
         )
-    strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    strategy = RecordingFedAvg(
+        store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, privacy=privacy
+    )
     run = FederatedRun(
         grid,
         store,
