@@ -8,6 +8,8 @@ from pathlib import Path
 
 from local_grid import LocalGrid
 
+from flwr.clientapp.typing import Mod
+
 from fedforget.arrays import Arrays
 from fedforget.privacy import PrivacySettings
 from fedforget.client.app import make_client_app, model_arrays
@@ -51,10 +53,11 @@ def local_federation(
     accountability: Accountability | None = None,
     reference_retrain: bool = False,
     privacy: PrivacySettings | None = None,
+    mods: Sequence[Mod] = (),
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process."""
     task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
-    grid = LocalGrid(make_client_app(task), clients)
+    grid = LocalGrid(make_client_app(task, mods), clients)
     if store is None:
         store = HistoryStore.create(
             store_dir, federation_id="test-federation", model_spec=ModelSpec.from_arrays(initial_model())

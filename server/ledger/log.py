@@ -441,6 +441,7 @@ class Ledger:
         base_version: int | None = None,
         initiated_by: Mapping[str, str] | None = None,
         reasons: Mapping[str, str] | None = None,
+        privacy: Mapping[str, Any] | None = None,
     ) -> LedgerEntry:
         """An unlearning removed ``clients`` before ``round`` (the first round trained without them).
 
@@ -453,9 +454,13 @@ class Ledger:
         conservatively that the new trajectory shares every version before
         ``round - 1`` that it has no round entry for. ``initiated_by`` says per
         client who asked (``client``: its signed request; ``operator``: the
-        federation's operator, with the reason in ``reasons``).
+        federation's operator, with the reason in ``reasons``). ``privacy``: the
+        DP the history was trained under and the ε each withdrawn client spent
+        (:func:`fedforget.server.rounds.privacy_accounting.withdrawn_privacy`).
         """
         origin: dict[str, Any] = {}
+        if privacy is not None:
+            origin["privacy"] = dict(privacy)
         if initiated_by is not None:
             origin["initiated_by"] = dict(initiated_by)
         if reasons:
