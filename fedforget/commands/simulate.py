@@ -127,10 +127,16 @@ def simulate_command(
         ),
     ] = None,
     noise_multiplier: Annotated[
-        Optional[float], typer.Option(help="DP noise multiplier z (noise std / one client's sensitivity).")
+        Optional[float],
+        typer.Option(
+            help="DP noise multiplier z (noise std / one client's sensitivity).", show_default="none (needed with --dp)"
+        ),
     ] = None,
     clipping_norm: Annotated[
-        Optional[float], typer.Option(help="DP clipping norm C of each update (the initial one if adaptive).")
+        Optional[float],
+        typer.Option(
+            help="DP clipping norm C of each update (the initial one if adaptive).", show_default="none (needed with --dp)"
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (give --out).")] = False,
     ray_address: Annotated[

@@ -155,6 +155,13 @@ class PrivateAggregation:
         answered = sum(1 for m in replies if not m.has_error())
         if answered == 0:
             return None, None, {}
+        for msg in (m for m in replies if not m.has_error()):
+            # Flower's clipping scales by min(1, C/norm): a NaN norm passes unclipped and poisons the model.
+            if not all(np.isfinite(a).all() for record in msg.content.array_records.values() for a in record.to_numpy_ndarrays()):
+                raise RecordingError(
+                    f"round {server_round}: node {msg.metadata.src_node_id} returned non-finite weights (its local "
+                    "training diverged); no clipping can bound that update: lower the learning rate"
+                )
         with seeded_numpy(round_noise_seed(self._secret, trajectory, server_round)):
             if self.settings.mechanism == "central-fixed":
                 return self._fixed(server_round, replies, model_sent, answered)
