@@ -54,9 +54,14 @@ def local_federation(
     reference_retrain: bool = False,
     privacy: PrivacySettings | None = None,
     mods: Sequence[Mod] = (),
+    train_fraction: float = 1.0,
 ) -> LocalFederation:
-    """A digits federation of ``clients`` real fedforget ClientApps in this process."""
-    task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
+    """A digits federation of ``clients`` real fedforget ClientApps in this process.
+
+    ``train_fraction`` < 1 hands the clients a seeded subsample of digits, for
+    tests that check what is recorded rather than how well the model learns.
+    """
+    task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0, train_fraction=train_fraction))
     grid = LocalGrid(make_client_app(task, mods), clients)
     if store is None:
         store = HistoryStore.create(

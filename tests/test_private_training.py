@@ -1,8 +1,8 @@
 """Differentially private training: the history, the ledger and the accountant tell the truth about it.
 
-One small digits federation (3 clients, 3 rounds, central DP with fixed
-clipping, client 1 withdrawn before round 3 and retrained away) on the
-in-process grid. A client mod records the sha256 model hash of every model a
+One small digits federation (3 clients, 3 rounds, a fifth of digits, central
+DP with fixed clipping, client 1 withdrawn before round 3 and retrained away)
+on the in-process grid, shared by the module. A client mod records the sha256 model hash of every model a
 ClientApp receives, so the ledger can be checked against what the clients
 really got, not against what the server thinks it sent.
 """
@@ -37,6 +37,8 @@ from fedforget.simulations.withdrawing_clients import FederationPaths, prepare_f
 from fedforget.strategies.registry import StrategyChoice
 
 SETTINGS = PrivacySettings("central-fixed", noise_multiplier=1.0, clipping_norm=0.5)
+FRACTION = 0.2
+"""These tests check what is recorded and accounted, not accuracy: a fifth of digits keeps them fast."""
 
 
 class ReceivedModels:
@@ -61,6 +63,7 @@ def dp_run(tmp_path_factory):
     received = ReceivedModels()
     fed = local_federation(
         root / "store", clients=3, rounds=3, withdrawals=[Withdrawal("1", 3)], privacy=SETTINGS, mods=[received],
+        train_fraction=FRACTION,
         accountability=Accountability(
             ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
             federation_id="test-federation",
@@ -145,8 +148,8 @@ def test_the_ledger_and_the_certificate_state_the_dp_and_the_withdrawn_clients_e
 @pytest.mark.parametrize("strategy", ["retrain", "calibrated", "replay", "subtract", "fedrecovery"])
 def test_every_strategy_unlearns_a_dp_history(tmp_path, strategy):
     fed = local_federation(
-        tmp_path / "store", clients=3, rounds=2, withdrawals=[Withdrawal("1", 2)], privacy=SETTINGS,
-        unlearner=StrategyChoice(strategy).build(),
+        tmp_path / "store", clients=2, rounds=2, withdrawals=[Withdrawal("1", 2)], privacy=SETTINGS,
+        unlearner=StrategyChoice(strategy).build(), train_fraction=FRACTION,
     )
     outcome = fed.run.execute(initial_model())
     fed.strategy.flush()
@@ -186,7 +189,8 @@ def test_a_local_dp_reply_without_noise_is_refused(tmp_path):
 
 
 def test_a_local_dp_history_records_the_noised_replies(tmp_path):
-    fed = local_federation(tmp_path / "store", clients=2, rounds=1, privacy=PrivacySettings("local", 1.0, 0.5))
+    fed = local_federation(tmp_path / "store", clients=2, rounds=1, privacy=PrivacySettings("local", 1.0, 0.5),
+                           train_fraction=FRACTION)
     fed.run.execute(initial_model())
     fed.strategy.flush()
     view = next(fed.store.reader().rounds())
