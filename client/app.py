@@ -10,6 +10,7 @@ the self-unlearning gradient-ascent strategy needs from a withdrawing client.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedforget import wire
+from fedforget.client.local_privacy import local_dp_mod
 from fedforget.client.training import evaluate, train_local
 
 DEFAULT_LOCAL_EPOCHS = 1.0
@@ -72,9 +75,13 @@ def model_arrays(model: nn.Module) -> wire.Arrays:
     return {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.state_dict().items()}
 
 
-def make_client_app(task: ClientTask) -> ClientApp:
-    """Build a ClientApp that trains and evaluates ``task``'s model on ``task``'s data."""
-    app = ClientApp()
+def make_client_app(task: ClientTask, mods: Sequence[Mod] = ()) -> ClientApp:
+    """Build a ClientApp that trains and evaluates ``task``'s model on ``task``'s data.
+
+    ``mods`` (Flower client mods) run before fedforget's own :func:`local_dp_mod`,
+    which clips and noises a training reply when the train config asks for local DP.
+    """
+    app = ClientApp(mods=[*mods, local_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

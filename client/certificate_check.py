@@ -186,6 +186,7 @@ def _check(document: Any, expected_key: Any, expected_fingerprint: str) -> Certi
         "evidence": payload["evidence"],
         "key_destruction": payload["key_destruction"],
         "old_models": payload.get("old_models"),
+        "privacy": payload.get("privacy"),
         "ledger_head": head,
     }
     return CertificateReport(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedforget.errors import FedforgetError
+from fedforget.privacy import PrivacyError, PrivacySettings
 from fedforget.server.state_dir import StateDir
 
 UNLEARNING_PREFIX = "unlearning."
@@ -67,6 +68,16 @@ class DeploymentConfig:
     shards: int = 1
     """Isolated shards (SISA) the organisations are split into, one model each, served as their ensemble;
     a withdrawal retrains only its shard. 1: unsharded. At most ``min-nodes``."""
+    dp: str = ""
+    """Differentially private training: central-fixed, central-adaptive or local ("": none)."""
+    noise_multiplier: float = 0.0
+    """z of the DP mechanism (required with ``dp``)."""
+    clipping_norm: float = 0.0
+    """C of the DP mechanism (required with ``dp``; the initial one under central-adaptive)."""
+
+    def privacy(self) -> PrivacySettings | None:
+        """The run's DP settings, or None."""
+        return PrivacySettings(self.dp, self.noise_multiplier, self.clipping_norm) if self.dp else None
 
     @property
     def model_spec(self) -> str:
@@ -104,6 +115,9 @@ class DeploymentConfig:
             unlearning=reader.unlearning(),
             shards=reader.integer("shards", cls.shards, minimum=1),
             fraction_train=reader.number("fraction-train", cls.fraction_train, minimum=0.0),
+            dp=reader.text("dp", cls.dp),
+            noise_multiplier=reader.number("noise-multiplier", cls.noise_multiplier, minimum=0.0),
+            clipping_norm=reader.number("clipping-norm", cls.clipping_norm, minimum=0.0),
         )
         reader.check_choices(config)
         reader.raise_errors()
@@ -116,7 +130,8 @@ class _Reader:
     _KNOWN = {
         "state-dir", "federation-id", "signing-key", "dataset", "model", "num-rounds", "strategy", "local-epochs",
         "lr", "batch-size", "seed", "min-nodes", "round-timeout", "resume", "store-dtype",
-        "retention-interval", "evaluate", "audit-retention-days", "shards", "fraction-train",
+        "retention-interval", "evaluate", "audit-retention-days", "shards", "fraction-train", "dp",
+        "noise-multiplier", "clipping-norm",
     }
 
     def __init__(self, run_config: Mapping[str, object]) -> None:
@@ -208,6 +223,15 @@ class _Reader:
                 f"fraction-train must be in (0, 1] (the share of organisations sampled per round), "
                 f"got {config.fraction_train}"
             )
+        if config.dp:
+            try:
+                config.privacy()
+            except PrivacyError as exc:
+                self._errors.append(f"dp / noise-multiplier / clipping-norm: {exc}")
+            if config.shards > 1:
+                self._errors.append("dp with shards > 1 is not supported: each shard would be its own DP release")
+        elif config.noise_multiplier or config.clipping_norm:
+            self._errors.append("noise-multiplier and clipping-norm set differential privacy up: give dp too")
         if config.store_dtype not in ("float32", "float16"):
             self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
 

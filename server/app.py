@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedforget.arrays import Arrays
+from fedforget.privacy import PrivacySettings
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.withdrawal.consent import ConsentSource
 from fedforget.server.rounds.loop import (
@@ -60,6 +61,8 @@ class ServerSetup:
     """Stored in the history store when it is created (e.g. the settings a resume must match)."""
     clients: frozenset[str] | None = None
     """Only these clients take part (one shard of a sharded federation); None: every connected client."""
+    privacy: PrivacySettings | None = None
+    """Differentially private training (Flower's DP wrappers and mods, recorded as the clients see it)."""
 
 
 def open_history_store(setup: ServerSetup) -> HistoryStore:
@@ -132,7 +135,9 @@ def _federated_run(grid: Grid, setup: ServerSetup, store: HistoryStore) -> Feder
     if setup.clients is not None:
         grid = ShardGrid(grid, identities, setup.clients)
     # Seeded by the run's seed: with fraction_train < 1, a run and its resume sample the same clients.
-    strategy = RecordingFedAvg(store, identities=identities, sampling_seed=setup.settings.seed, **options)
+    strategy = RecordingFedAvg(
+        store, identities=identities, sampling_seed=setup.settings.seed, privacy=setup.privacy, **options
+    )
     return FederatedRun(
         grid,
         store,

@@ -217,6 +217,7 @@ def _server_setup(
         evaluate_fn=make_evaluate_fn(config.dataset, config.seed, config.model_spec) if config.evaluate else None,
         observer=LoggedProgress(),
         fedavg_options={"fraction_train": config.fraction_train},
+        privacy=config.privacy(),
         consent=consent,
         accountability=Accountability(
             ledger_path=state.ledger,
@@ -259,7 +260,19 @@ def deployment_report(config: DeploymentConfig, outcome: RunOutcome, wall_second
         "ledger": str(config.state.ledger),
         "store": str(config.state.store),
         "wall_seconds": wall_seconds,
+        "privacy": _privacy(config),
     }
+
+
+def _privacy(config: DeploymentConfig) -> dict[str, object] | None:
+    """The (ε, δ) spent, from the store's record of its noised rounds (None without DP)."""
+    settings = config.privacy()
+    if settings is None:
+        return None
+    from fedforget.server.rounds.privacy_accounting import privacy_account
+
+    with HistoryStore.open(config.state.store, readonly=True) as store:
+        return privacy_account(store, settings).to_json()
 
 
 def sharded_report(

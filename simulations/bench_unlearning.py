@@ -41,7 +41,7 @@ from fedforget.simulations.bench_markdown import TARGETS, bench_markdown
 from fedforget.simulations.config import SimulationConfig
 from fedforget.simulations.models import build_model
 from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
-from fedforget.simulations.runner import data_settings
+from fedforget.simulations.runner import data_settings, privacy_report
 from fedforget.simulations.task import SimulationTask
 from fedforget.simulations.verification import evidence_data, model_figures, model_from_arrays
 from fedforget.strategies.registry import StrategyChoice
@@ -162,6 +162,18 @@ class BenchPlan:
         )
         return cls(runs=runs, seeds=seeds, full=True)
 
+    def with_privacy(self, dp: str | None, noise_multiplier: float | None, clipping_norm: float | None) -> BenchPlan:
+        """The same plan trained with differential privacy: every variant, the retrain included, runs under it.
+
+        The DP settings are :class:`SimulationConfig` fields, so the bench
+        trains and retrains exactly as ``fedforget simulate --dp`` does and
+        :meth:`check` validates them the same way.
+        """
+        return replace(self, runs=tuple(
+            replace(run, config=replace(run.config, dp=dp, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm))
+            for run in self.runs
+        ))
+
     def only(self, labels: Sequence[str]) -> BenchPlan:
         """The same plan with only the named variants (and retrain, the yardstick), in the plan's order."""
         known = [v.label for v in self.variants]
@@ -202,7 +214,9 @@ def _unlearn_every_way(run: BenchRun, variants: Sequence[Variant], out: Path) ->
             out / "store", federation_id=f"bench-{config.seed}", model_spec=ModelSpec.from_arrays(initial),
             retention_interval=config.retention_interval,
         ) as store:
-            strategy = RecordingFedAvg(store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+            strategy = RecordingFedAvg(
+                store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, privacy=config.privacy()
+            )
             federated = FederatedRun(
                 grid, store, strategy, StrategyChoice("retrain").build(context),
                 RunSettings(
@@ -308,6 +322,8 @@ class RunResult:
     run: BenchRun
     summary: dict[str, dict[str, float]]
     per_seed: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    privacy: list[dict[str, object]] = field(default_factory=list)
+    """Each seed's DP account (as ``report.json``'s ``privacy``); empty without ``--dp``."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -318,6 +334,7 @@ class RunResult:
             "client": self.run.client,
             "strategies": self.summary,
             "per_seed": self.per_seed,
+            "privacy": self.privacy or None,
         }
 
 
@@ -330,6 +347,7 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
     results: list[RunResult] = []
     for number, run in enumerate(plan.runs, start=1):
         per_seed: list[dict[str, dict[str, float]]] = []
+        privacy: list[dict[str, object]] = []
         for index in range(plan.seeds):
             seeded = replace(run, config=replace(run.config, seed=run.config.seed + index))
             console.print(
@@ -341,9 +359,18 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
                                             dir=out))
             measured = _unlearn_every_way(seeded, plan.variants, workdir)
             per_seed.append(_figures(seeded, workdir, measured, plan.round_cost))
-        result = RunResult(run, {label: mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed)
+            settings = seeded.config.privacy()
+            if settings is not None:
+                with HistoryStore.open(workdir / "store") as store:
+                    privacy.append(privacy_report(store, settings))
+        result = RunResult(
+            run, {label: mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed, privacy
+        )
         results.append(result)
         print_table(console, result, plan.seeds)
+        for account in privacy:
+            console.print(f"DP {account['mechanism']}: ε = {account['epsilon_original_training']:.3g} over the original "
+                          f"training, {account['epsilon']:.3g} over every release (δ = {account['delta']:g})")
         if plan.full and number < len(plan.runs):  # hours of work: keep what is measured if the run stops
             write_json_atomic(out / "bench.json", _document(plan, results, complete=False))
             console.print(f"bench so far ({number} of {len(plan.runs)} federations): {out / 'bench.json'}")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from fedforget.errors import FedforgetError
+from fedforget.privacy import PrivacyError, PrivacySettings
 from fedforget.sharding import ShardingError, check_shard_count
 from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
@@ -143,6 +144,12 @@ class SimulationConfig:
     fraction_train: float = 1.0
     """Share of the consenting clients Flower samples for each round (cross-device federations); 1: all of them.
     The draw is seeded by ``seed`` and the round, so a run and its resume sample alike."""
+    dp: str | None = None
+    """Differentially private training: central-fixed, central-adaptive or local (None: without)."""
+    noise_multiplier: float | None = None
+    """z of the DP mechanism (with ``dp``)."""
+    clipping_norm: float | None = None
+    """C of the DP mechanism, the initial one under central-adaptive (with ``dp``)."""
 
     def __post_init__(self) -> None:
         unset = [name for name in TRAINING_FIELDS if getattr(self, name) is None]
@@ -228,6 +235,28 @@ class SimulationConfig:
             raise ConfigError(str(exc)) from None
         if self.shards > 1 and self.seeds > 1:
             raise ConfigError("--shards with --seeds is not supported: run one sharded federation per --seed")
+        self._validate_privacy()
+
+    def privacy(self) -> PrivacySettings | None:
+        """The DP settings of this run, or None without ``--dp``."""
+        if self.dp is None:
+            return None
+        return PrivacySettings(self.dp, float(self.noise_multiplier or 0.0), float(self.clipping_norm or 0.0))
+
+    def _validate_privacy(self) -> None:
+        if self.dp is None:
+            if self.noise_multiplier is not None or self.clipping_norm is not None:
+                raise ConfigError("--noise-multiplier and --clipping-norm set differential privacy up: give --dp too")
+            return
+        missing = [o for o, v in (("--noise-multiplier", self.noise_multiplier), ("--clipping-norm", self.clipping_norm)) if v is None]
+        if missing:
+            raise ConfigError(f"--dp {self.dp} needs {' and '.join(missing)} (no default fits every model)")
+        if self.shards > 1:
+            raise ConfigError("--dp with --shards is not supported: each shard would be its own DP release")
+        try:
+            self.privacy()
+        except PrivacyError as exc:
+            raise ConfigError(str(exc)) from None
 
     def strategy_choice(self) -> StrategyChoice:
         """The unlearning strategy and the settings given for it."""

@@ -26,6 +26,8 @@ from fedforget.files import write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.withdrawal.consent import RegistryConsent
+from fedforget.privacy import PrivacySettings
+from fedforget.server.rounds.privacy_accounting import privacy_account
 from fedforget.server.rounds.loop import RunObserver, RunOutcome, RunSettings, SilentObserver
 from fedforget.server.withdrawal.service import WithdrawalServer, serve
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
@@ -311,6 +313,7 @@ def prepare_federation_run(
         metadata={CONFIG_META: config.to_json(), **({} if shard is None else {SHARD_META: shard})},
         clients=clients,
         fedavg_options={"fraction_train": config.fraction_train},
+        privacy=config.privacy(),
     )
     return PreparedFederation(config, out, federation, setup, paths, service)
 
@@ -395,9 +398,11 @@ def build_report(
     config: SimulationConfig, out: Path, outcome: RunOutcome, *, wall_seconds: float
 ) -> dict[str, object]:
     """The run's results in the documented ``report.json`` format (extra keys are extensions)."""
+    settings = config.privacy()
     with HistoryStore.open(out / STORE_DIR) as store:
         stats = store.stats()
         model_bytes = store.model_spec.nbytes
+        privacy = None if settings is None else privacy_report(store, settings)
     unlearning = []
     for index, event in enumerate(outcome.unlearning):
         for client in event["clients"]:  # type: ignore[union-attr]
@@ -447,4 +452,12 @@ def build_report(
         "resumed_from_round": outcome.resumed_from,
         "wall_seconds": wall_seconds,
         "training_problem": training_problem(rounds, NUM_CLASSES),
+        "privacy": privacy,
     }
+
+
+def privacy_report(store: HistoryStore, settings: PrivacySettings) -> dict[str, object]:
+    """``report.json``'s ``privacy``: ε over every DP release, and over the original training alone."""
+    report = privacy_account(store, settings).to_json()
+    report["epsilon_original_training"] = privacy_account(store, settings, trajectories={1}).epsilon
+    return report

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from local_grid import LocalGrid
 
+from flwr.clientapp.typing import Mod
+
 from fedforget.arrays import Arrays
+from fedforget.privacy import PrivacySettings
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.rounds.loop import FederatedRun, RunObserver, RunSettings, Withdrawal
@@ -50,20 +53,25 @@ def local_federation(
     accountability: Accountability | None = None,
     reference_retrain: bool = False,
     fraction_train: float = 1.0,
+    privacy: PrivacySettings | None = None,
+    mods: Sequence[Mod] = (),
+    train_fraction: float = 1.0,
 ) -> LocalFederation:
     """A digits federation of ``clients`` real fedforget ClientApps in this process.
 
     ``fraction_train`` < 1 samples that share of the clients per round, seeded (seed 0) as a run's is.
+    ``train_fraction`` < 1 hands the clients a seeded subsample of digits, for
+    tests that check what is recorded rather than how well the model learns.
     """
-    task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0))
-    grid = LocalGrid(make_client_app(task), clients)
+    task = SimulationTask(DataSettings(dataset="digits", num_clients=clients, seed=0, train_fraction=train_fraction))
+    grid = LocalGrid(make_client_app(task, mods), clients)
     if store is None:
         store = HistoryStore.create(
             store_dir, federation_id="test-federation", model_spec=ModelSpec.from_arrays(initial_model())
         )
     strategy = RecordingFedAvg(
         store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, fraction_train=fraction_train,
-        sampling_seed=0,
+        sampling_seed=0, privacy=privacy,
     )
     run = FederatedRun(
         grid,

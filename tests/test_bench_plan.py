@@ -27,3 +27,23 @@ def test_the_cli_rejects_an_unknown_variant_as_a_usage_error(tmp_path) -> None:
     assert result.exit_code == 2, result.output
     assert "unknown variant" in result.output
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_a_dp_plan_trains_every_federation_under_the_same_dp_settings() -> None:
+    plan = BenchPlan.full_plan(seeds=1).with_privacy("central-fixed", 2.0, 0.5)
+    plan.check()
+    settings = {run.config.privacy() for run in plan.runs}
+    assert len(settings) == 1
+    (only,) = settings
+    assert only is not None and (only.mechanism, only.noise_multiplier, only.clipping_norm) == ("central-fixed", 2.0, 0.5)
+    assert all(run.config.privacy() is None for run in BenchPlan.full_plan(seeds=1).with_privacy(None, None, None).runs)
+
+
+def test_the_cli_rejects_dp_without_its_noise_multiplier_as_a_usage_error(tmp_path) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "unlearning", "--quick", "--dp", "central-fixed", "--clipping-norm", "0.5",
+              "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--noise-multiplier" in result.output
+    assert not (tmp_path / "b").exists()

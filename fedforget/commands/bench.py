@@ -57,6 +57,20 @@ def bench_unlearning(
     round_cost: Annotated[
         float, typer.Option(help="Seconds a deployed round trip costs, for the modelled deployment speed-up.")
     ] = 9.7,
+    dp: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Train, retrain and unlearn under differential privacy: central-fixed, central-adaptive or local "
+            "(as simulate --dp; needs --noise-multiplier and --clipping-norm).",
+            show_default="none",
+        ),
+    ] = None,
+    noise_multiplier: Annotated[
+        Optional[float], typer.Option(help="DP noise multiplier z.", show_default="none (needed with --dp)")
+    ] = None,
+    clipping_norm: Annotated[
+        Optional[float], typer.Option(help="DP clipping norm C.", show_default="none (needed with --dp)")
+    ] = None,
 ) -> None:
     """Every unlearning strategy against exact retraining: forgetting, accuracy, and cost in client work."""
     from dataclasses import replace
@@ -78,6 +92,7 @@ def bench_unlearning(
     with _simulation_failures():
         if variant:
             plan = plan.only(variant)
+        plan = plan.with_privacy(dp, noise_multiplier, clipping_norm)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
 
 

@@ -125,6 +125,26 @@ def simulate_command(
             "round); 1 trains every client in every round."
         ),
     ] = _DEFAULTS["fraction_train"],
+    dp: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Differentially private training with Flower's DP: central-fixed, central-adaptive or local "
+            "(needs --noise-multiplier and --clipping-norm).",
+            show_default="none",
+        ),
+    ] = None,
+    noise_multiplier: Annotated[
+        Optional[float],
+        typer.Option(
+            help="DP noise multiplier z (noise std / one client's sensitivity).", show_default="none (needed with --dp)"
+        ),
+    ] = None,
+    clipping_norm: Annotated[
+        Optional[float],
+        typer.Option(
+            help="DP clipping norm C of each update (the initial one if adaptive).", show_default="none (needed with --dp)"
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (give --out).")] = False,
     ray_address: Annotated[
         Optional[str],
@@ -148,6 +168,7 @@ def simulate_command(
         "backdoor_fraction": backdoor_fraction, "backdoor_target": backdoor_target, "shadows": shadows,
         "seeds": seeds, "shards": shards, "train_fraction": train_fraction,
         "fraction_train": fraction_train, "withdrawals": withdraw, "backdoors": backdoor,
+        "dp": dp, "noise_multiplier": noise_multiplier, "clipping_norm": clipping_norm,
     }
     option_of = {"model": "model_factory", "withdrawals": "withdraw", "backdoors": "backdoor"}
     if resume:

@@ -26,6 +26,7 @@ from fedforget.server.ledger.entries import LedgerEntry, LedgerError
 from fedforget.server.ledger.heads import HeadsFile, sign_ledger
 from fedforget.server.ledger.log import Ledger, LogSnapshot
 from fedforget.server.ledger.old_models import ModelVersion, find_old_models
+from fedforget.server.rounds.privacy_accounting import withdrawn_privacy
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.withdrawal.consent import OPERATOR_INITIATED, WithdrawalNotice
 from fedforget.sharding import shard_scope
@@ -180,6 +181,7 @@ class Accountability:
                     )
             # Old models of clients withdrawn earlier count too: a model the run used then may be unused now.
             withdrawn = sorted(set(clients) | set(earlier))
+            privacy = withdrawn_privacy(store, clients)
             unlearning = ledger.record_unlearning(
                 clients=clients,
                 strategy=str(event["strategy"]),
@@ -196,6 +198,7 @@ class Accountability:
                 initiated_by={n.client_id: n.initiated_by for n in notices},
                 reasons={n.client_id: n.reason for n in notices if n.initiated_by == OPERATOR_INITIATED and n.reason},
                 shard=shard_scope(store),
+                privacy=privacy,
             )
             destroyed = dict(already)
             for client in clients:
@@ -223,6 +226,7 @@ class Accountability:
                 key_destruction=_key_destruction(notice.client_id, destroyed.get(notice.client_id), already),
                 old_models=kept,
                 ledger_proof=_proof(snapshot, signed, unlearning.index),
+                privacy=_client_privacy(privacy, notice.client_id),
             )
             name = notice.request_id or f"client-{notice.client_id}-round{event['round']}"
             path = self.certificates_dir / f"{name}.json"
@@ -310,6 +314,14 @@ def _proof(snapshot: LogSnapshot, signed: SignedTreeHead, index: int) -> dict[st
         "entry_index": index,
         "inclusion_proof": [h.hex() for h in snapshot.inclusion_proof(index, size)],
     }
+
+
+def _client_privacy(privacy: dict[str, object] | None, client: str) -> dict[str, object] | None:
+    """The DP facts of one withdrawn client's certificate: the settings and its own ε."""
+    if privacy is None:
+        return None
+    epsilon = dict(privacy["epsilon"])  # type: ignore[call-overload]
+    return {**{k: v for k, v in privacy.items() if k != "epsilon"}, "epsilon": epsilon[client]}
 
 
 def _now() -> str:

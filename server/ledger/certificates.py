@@ -80,7 +80,7 @@ def _utc_timestamp(issued_at: str | None) -> str:
 
 def _statements(
     *, request: dict, ledger_entries: list[dict], evidence: dict | None, key_destruction: dict | None,
-    old_models: dict | None, ledger_proof: dict | None,
+    old_models: dict | None, ledger_proof: dict | None, privacy: dict | None = None,
 ) -> tuple[list[str], list[str]]:
     does_not_attest = []
     if request.get("initiated_by") == "operator":
@@ -125,6 +125,18 @@ def _statements(
         )
     attests += _shard_statements(ledger_entries)
     attests += _old_model_statements(old_models)
+    if privacy is not None:
+        attests.append(
+            f"The federation trained with differential privacy ({privacy['mechanism']}: every update clipped to "
+            f"L2 norm {privacy['clipping_norm']:g}, Gaussian noise multiplier {privacy['noise_multiplier']:g}); by "
+            f"the server's accounting (Renyi DP, per client) the models released in the rounds this client took "
+            f"part in spent epsilon = {privacy['epsilon']:.4g} of its data at delta = {privacy['delta']:g}."
+        )
+        if privacy.get("rounds_without_noise"):
+            does_not_attest.append(
+                f"That the {privacy['rounds_without_noise']} round(s) an unlearning strategy computed itself, "
+                "without noise, are covered by that epsilon."
+            )
     if evidence is not None:
         attests.append(
             "The evidence figures in this certificate are what the server measured, as described there, "
@@ -209,6 +221,7 @@ def issue_certificate(
     old_models: dict | None = None,
     ledger_proof: dict | None = None,
     issued_at: str | None = None,
+    privacy: dict | None = None,
 ) -> dict:
     """Build and sign an unlearning certificate with the federation's server key.
 
@@ -229,7 +242,7 @@ def issue_certificate(
         raise CertificateError("request must be the client's signed withdrawal request (a non-empty dict)")
     if not isinstance(ledger_entries, (list, tuple)) or not all(isinstance(e, dict) for e in ledger_entries):
         raise CertificateError("ledger_entries must be a list of dicts")
-    for name, value in (("evidence", evidence), ("key_destruction", key_destruction), ("old_models", old_models), ("ledger_proof", ledger_proof)):
+    for name, value in (("evidence", evidence), ("key_destruction", key_destruction), ("old_models", old_models), ("ledger_proof", ledger_proof), ("privacy", privacy)):
         if value is not None and not isinstance(value, dict):
             raise CertificateError(f"{name} must be a dict or None, got {type(value).__name__}")
 
@@ -244,7 +257,7 @@ def issue_certificate(
             entries.append(entry)
         attests, does_not_attest = _statements(
             request=request, ledger_entries=entries, evidence=evidence, key_destruction=key_destruction, old_models=old_models,
-            ledger_proof=ledger_proof,
+            ledger_proof=ledger_proof, privacy=privacy,
         )
         payload: dict[str, Any] = {
             "format": CERTIFICATE_FORMAT,
@@ -257,6 +270,7 @@ def issue_certificate(
             "key_destruction": key_destruction,
             "old_models": old_models,
             "ledger_proof": ledger_proof,
+            **({"privacy": privacy} if privacy is not None else {}),
             "attests": attests,
             "does_not_attest": does_not_attest,
         }

@@ -226,6 +226,14 @@ def _validate_unlearning(body: Mapping[str, Any]) -> None:
         raise ValueError("unlearning evidence must be a dict or None")
     if not isinstance(_need(body, "key_destroyed", kind), bool):
         raise ValueError("unlearning key_destroyed must be True or False")
+    privacy = body.get("privacy")
+    if privacy is not None:
+        if not isinstance(privacy, Mapping):
+            raise ValueError("unlearning privacy must be a dict")
+        for name in ("mechanism", "noise_multiplier", "clipping_norm", "delta", "epsilon"):
+            _need(privacy, name, "unlearning privacy")
+        if not isinstance(privacy["epsilon"], Mapping) or set(privacy["epsilon"]) != set(clients):
+            raise ValueError(f"unlearning privacy epsilon must give the epsilon of each client in {clients!r}")
 
 
 def _validate_models(kind: str, body: Mapping[str, Any]) -> None:

@@ -442,6 +442,7 @@ class Ledger:
         initiated_by: Mapping[str, str] | None = None,
         reasons: Mapping[str, str] | None = None,
         shard: Mapping[str, object] | None = None,
+        privacy: Mapping[str, Any] | None = None,
     ) -> LedgerEntry:
         """An unlearning removed ``clients`` before ``round`` (the first round trained without them).
 
@@ -457,9 +458,13 @@ class Ledger:
         federation's operator, with the reason in ``reasons``). ``shard``
         (index, count, clients) names the shard of a sharded federation this
         ledger is, so the entry, and every certificate quoting it, says that
-        only that shard's model changed.
+        only that shard's model changed. ``privacy``: the DP the history was
+        trained under and the ε each withdrawn client spent
+        (:func:`fedforget.server.rounds.privacy_accounting.withdrawn_privacy`).
         """
         origin: dict[str, Any] = {}
+        if privacy is not None:
+            origin["privacy"] = dict(privacy)
         if initiated_by is not None:
             origin["initiated_by"] = dict(initiated_by)
         if reasons:

@@ -43,6 +43,7 @@ class HistoryPosition:
         self._settle = settle
         self._next_round: int | None = None
         self._last_model: Arrays | None = None
+        self._trajectory: int | None = None
         self._flower_rounds: dict[int, int] | None = None
         """While Flower's ``Strategy.start`` runs: its round number -> the history's."""
         self._inherited_identities: dict[str, str] | None = None
@@ -52,6 +53,7 @@ class HistoryPosition:
         """The store may have changed (flushed, forked, switched): read it again when next needed."""
         self._next_round = None
         self._last_model = None
+        self._trajectory = None
 
     def follow_flower(self, on: bool) -> None:
         """Inside ``Strategy.start``: number Flower's rounds as the history's next ones."""
@@ -69,6 +71,12 @@ class HistoryPosition:
         if self._flower_rounds is None:
             return server_round
         return self._flower_rounds.get(server_round, server_round)
+
+    def trajectory(self) -> int:
+        """The trajectory rounds are recorded into (read once the store is settled)."""
+        self._next()
+        assert self._trajectory is not None
+        return self._trajectory
 
     def require_next(self, server_round: int) -> int:
         expected = self._next()
@@ -115,6 +123,7 @@ class HistoryPosition:
             self._settle()
             self._refuse_unfinished_unlearning()
             self._next_round = self.store.last_completed_round() + 1
+            self._trajectory = self.store.current_trajectory()
             if self._inherited_identities is None:
                 earlier = any(self.store.reader(t.id).last_round() > 0 for t in self.store.trajectories())
                 stored = self.store.get_meta(IDENTITY_META, {}) if earlier else {}

@@ -52,6 +52,8 @@ from fedforget.server.rounds.background_writer import BackgroundWriter
 from fedforget.server.rounds.client_identity import IDENTITY_META, ClientIdResolver
 from fedforget.server.rounds.grids import ConsentingGrid
 from fedforget.server.rounds.history_position import HistoryPosition, RecordingError
+from fedforget.server.rounds.private_aggregation import PrivateAggregation, settle_privacy
+from fedforget.privacy import CLIPPING_NORM, NOISE_STD, PrivacySettings, local_dp_config
 from fedforget.server.store.history_store import HistoryStore
 from fedforget.server.unlearning.events import completed_unlearnings, interrupted_clients, withdrawn_clients
 
@@ -122,6 +124,15 @@ class RecordingFedAvg(FedAvg):
         Seeds Flower's client sampling per round (see the module docstring),
         so that a run with ``fraction_train`` < 1 samples the same clients
         when it is repeated or resumed. ``None`` leaves Flower's draw unseeded.
+    privacy:
+        Differentially private training (:mod:`fedforget.privacy`). Do not wrap
+        this strategy in one of Flower's DP wrappers: the wrapper would noise the
+        average after it was recorded, so the history would not hold the model
+        the clients receive. Given here, the same wrapper runs *inside* the
+        round (:mod:`~fedforget.server.rounds.private_aggregation`) and the
+        history records the clipped updates and the noised model. Under
+        ``local`` DP the train config tells each client z and C, and every
+        reply must say it added the noise.
     **fedavg_kwargs:
         Passed to Flower's ``FedAvg`` unchanged.
     """
@@ -133,6 +144,7 @@ class RecordingFedAvg(FedAvg):
         identities: ClientIdResolver | None = None,
         local_epochs: float | None = None,
         sampling_seed: int | None = None,
+        privacy: PrivacySettings | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -150,6 +162,12 @@ class RecordingFedAvg(FedAvg):
         self.last_recorded: RecordedRound | None = None
         self.train_config: dict[str, Any] | None = None
         """The train config of the last round configured (``server-round`` left out)."""
+        self.privacy = privacy
+        secret = settle_privacy(store, privacy)
+        self._private = (
+            PrivateAggregation(privacy, secret, self._average, self._recorded_metrics)
+            if privacy is not None and secret is not None else None
+        )
 
     # -- the store -------------------------------------------------------------
 
@@ -235,6 +253,9 @@ class RecordingFedAvg(FedAvg):
         history_round = self._position.round_to_configure(server_round)
         model = wire.arrays_from_record(arrays)
         self._position.check_start(history_round, model)
+        if self.privacy is not None and not self.privacy.central:
+            for key, value in local_dp_config(self.privacy).items():
+                config[key] = value
         self.train_config = {k: v for k, v in config.items() if k != "server-round"}
         if self._only is not None:
             messages = self._messages_to(self._only, history_round, arrays, config, grid)
@@ -314,13 +335,13 @@ class RecordingFedAvg(FedAvg):
         # round is a function of its inputs, so an exact retrain reproduces training bit for bit.
         known = self.identities.known()
         kept = sorted(self._drop_withdrawn(list(replies)), key=lambda m: known.get(m.metadata.src_node_id, ""))
-        arrays, metrics = super().aggregate_train(history_round, kept)
         sent = self._sent.pop(history_round, None)
-        if arrays is None:
-            return arrays, metrics
         if sent is None:
             raise RecordingError(f"round {history_round} was aggregated without being configured by this strategy")
         model_sent, config_sent = sent
+        arrays, metrics, privacy_facts = self._aggregate(history_round, kept, model_sent)
+        if arrays is None:
+            return arrays, metrics
         contributions, client_epochs = [], 0.0
         for msg in (m for m in kept if not m.has_error()):
             client_id = self.identities.client_id(msg.metadata.src_node_id)
@@ -329,6 +350,7 @@ class RecordingFedAvg(FedAvg):
             contributions.append(Contribution(client_id, subtract(returned, model_sent), self._num_examples(msg)))
             client_epochs += self._epochs(client_id, reported, config_sent)
         round_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        round_metrics = {k: v for k, v in round_metrics.items() if not k.startswith("dp-")} | privacy_facts
         self.record_round(
             history_round, wire.arrays_from_record(arrays), contributions, metrics=round_metrics,
             client_epochs=client_epochs,
@@ -379,6 +401,40 @@ class RecordingFedAvg(FedAvg):
         self._position.recorded(server_round, model_after)
         self.last_recorded = recorded
         return recorded
+
+    def _aggregate(
+        self, history_round: int, kept: list[Message], model_sent: Arrays
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
+        """The round's average: FedAvg's, or through Flower's DP wrapper; with the round's DP facts."""
+        if self._private is not None:
+            return self._private.aggregate(
+                self._position.trajectory(), history_round, kept, wire.record_from_arrays(model_sent)
+            )
+        arrays, metrics = self._average(history_round, kept)
+        if self.privacy is None or arrays is None:
+            return arrays, metrics, {}
+        # Local DP: the clients clipped and noised; each must say so, or the history would claim noise it lacks.
+        z, clip = self.privacy.noise_multiplier, self.privacy.clipping_norm
+        for msg in (m for m in kept if not m.has_error()):
+            reported = next(iter(msg.content.metric_records.values()))
+            if float(reported.get(NOISE_STD, 0.0)) < z * clip or float(reported.get(CLIPPING_NORM, np.inf)) > clip:  # type: ignore[arg-type]
+                raise RecordingError(
+                    f"round {history_round}: node {msg.metadata.src_node_id} replied without local DP noise of std "
+                    f"{z * clip:g} after clipping to {clip:g} (it reported {NOISE_STD}={reported.get(NOISE_STD)}); its "
+                    "ClientApp needs fedforget.client.local_privacy.local_dp_mod"
+                )
+        return arrays, metrics, {NOISE_STD: z * clip, CLIPPING_NORM: clip}
+
+    def _average(self, history_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvg average, unchanged."""
+        return super().aggregate_train(history_round, replies)
+
+    def _recorded_metrics(self, server_round: int) -> dict[str, float] | None:
+        """The metrics the current trajectory recorded for ``server_round`` (settled store), or None."""
+        self.flush()
+        for view in self.store.reader().rounds(server_round, server_round):
+            return dict(view.metrics)
+        return None
 
     # -- evaluation ----------------------------------------------------------
 

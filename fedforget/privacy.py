@@ -1,0 +1,202 @@
+"""Differentially private training: its settings, each round's noise seed, and the privacy accounting.
+
+The mechanisms themselves are Flower's (``flwr.serverapp.strategy``'s DP
+wrappers, ``flwr.clientapp.mod.LocalDpMod``); the accountant is Google's
+``dp-accounting`` (Rényi DP), the backend Flower's own ``flwr[dp]`` extra
+installs. Nothing here adds noise or clips. This module imports neither
+Flower nor torch, so settings are checked before either is loaded.
+
+Three mechanisms, all per-client (user-level) DP with every client in every
+round (no sampling amplification):
+
+- ``central-fixed``: the server clips each reply's update to ``clipping_norm``
+  and adds N(0, (z·C/n)²) to the average (``DifferentialPrivacyServerSideFixedClipping``);
+- ``central-adaptive``: the same, with the clipping norm adapted each round
+  toward the median update norm from a noised count
+  (``DifferentialPrivacyServerSideAdaptiveClipping``, Andrew et al. 2021);
+- ``local``: each client clips its own update and adds N(0, (z·C)²) before
+  replying (``LocalDpMod``); the server averages what arrives.
+
+Accounting is per client and from what was recorded, not from the settings:
+client k in a noised round with aggregation weight w_k, clipping norm C and
+noise std s is a Gaussian release with noise multiplier s / (w_k·C) (FedAvg
+weights by examples, so a client's sensitivity is w_k·C, not C/n); central
+adaptive clipping also composes its noised clipped-count query. Every noised
+round of every trajectory the client took part in counts: a retrain's rounds
+are new releases of the staying clients' data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fedforget.errors import FedforgetError
+
+MECHANISMS = ("central-fixed", "central-adaptive", "local")
+DEFAULT_DELTA = 1e-5
+"""δ of every reported (ε, δ): below 1/N for the largest federation here (MNIST, 60000 examples)."""
+
+NOISE_STD = "dp-noise-std"
+"""Round metric: the std of the Gaussian noise each coordinate of the round's released model (or, under
+local DP, of each reply) received. A round without it was not noised (an unlearning strategy computed it)."""
+CLIPPING_NORM = "dp-clipping-norm"
+"""Round metric: the L2 norm every update of the round was clipped to."""
+COUNT_STD = "dp-count-std"
+"""Round metric (central-adaptive): the std of the noise on the clipped-update count."""
+NEXT_CLIPPING_NORM = "dp-next-clipping-norm"
+"""Round metric (central-adaptive): the clipping norm the next round starts from."""
+
+PRIVACY_META = "privacy"
+"""History-store meta: the run's :class:`PrivacySettings`; a resume must use the same."""
+NOISE_SEED_META = "privacy_noise_seed"
+"""History-store meta: the secret from which every central round's noise seed is derived.
+
+As sensitive as the raw updates: whoever holds it and a released model can take the noise off.
+It never leaves the server (not in the ledger, not in a certificate, not in the train config)."""
+
+
+class PrivacyError(FedforgetError, ValueError):
+    """A differential-privacy setting is invalid, or a history's privacy record is inconsistent."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """How training is made differentially private.
+
+    Parameters
+    ----------
+    mechanism:
+        One of :data:`MECHANISMS`.
+    noise_multiplier:
+        z: the noise std divided by the sensitivity of one client.
+    clipping_norm:
+        C: the L2 bound on each update (the initial one under ``central-adaptive``).
+    delta:
+        The δ at which ε is reported.
+    """
+
+    mechanism: str
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float = DEFAULT_DELTA
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise PrivacyError(f"--dp {self.mechanism!r} is not known; choose one of: {', '.join(MECHANISMS)}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise PrivacyError(f"--noise-multiplier must be a positive number, got {self.noise_multiplier}")
+        if not (math.isfinite(self.clipping_norm) and self.clipping_norm > 0):
+            raise PrivacyError(f"--clipping-norm must be a positive number, got {self.clipping_norm}")
+        if not 0 < self.delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {self.delta}")
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PrivacySettings:
+        return cls(
+            mechanism=str(data["mechanism"]),
+            noise_multiplier=float(data["noise_multiplier"]),  # type: ignore[arg-type]
+            clipping_norm=float(data["clipping_norm"]),  # type: ignore[arg-type]
+            delta=float(data.get("delta", DEFAULT_DELTA)),  # type: ignore[arg-type]
+        )
+
+    @property
+    def central(self) -> bool:
+        """The server adds the noise (and holds the noise seed)."""
+        return self.mechanism != "local"
+
+    @property
+    def local_epsilon(self) -> float:
+        """The ε to give Flower's ``LocalDpMod`` (with sensitivity C) so that its noise std is z·C.
+
+        ``LocalDpMod`` calibrates the classic Gaussian mechanism, std = C·√(2 ln(1.25/δ))/ε; this
+        inverts that formula so that all three mechanisms take the same z and are accounted alike.
+        """
+        return math.sqrt(2.0 * math.log(1.25 / self.delta)) / self.noise_multiplier
+
+
+def round_noise_seed(secret: int, trajectory: int, server_round: int) -> np.ndarray:
+    """The numpy seed of one central round's noise: a function of the run's secret, the trajectory and the round.
+
+    The trajectory is part of it on purpose: a retrain (a new trajectory) draws
+    *fresh* noise. Re-using the original round's noise would couple the retrain
+    to the model already released: their difference would then show the
+    withdrawn client's clipped contribution almost free of noise. The same
+    trajectory and round always give the same noise, so any recorded round can
+    be recomputed bit for bit from its stored inputs.
+    """
+    return np.random.SeedSequence([int(secret), int(trajectory), int(server_round)]).generate_state(8)
+
+
+def client_noise_multiplier(metrics: Mapping[str, float], weight: float) -> float:
+    """z_k of one client in one noised round: noise std over that client's sensitivity (w_k·C)."""
+    updates = float(metrics[NOISE_STD]) / (float(weight) * float(metrics[CLIPPING_NORM]))
+    count_std = float(metrics.get(COUNT_STD, 0.0))
+    if count_std <= 0:
+        return updates
+    # Two Gaussian queries compose like one with 1/z² = Σ 1/z_i²; the clipped count's
+    # sensitivity is one bit, i.e. 1/2 once centred (Andrew et al. 2021, Theorem 1).
+    return 1.0 / math.sqrt(updates**-2 + (2.0 * count_std) ** -2)
+
+
+def epsilon_spent(noise_multipliers: Iterable[float], delta: float) -> float:
+    """ε at ``delta`` of the composition of Gaussian releases with these noise multipliers (RDP accountant)."""
+    from dp_accounting import dp_event, rdp
+
+    accountant = rdp.RdpAccountant()
+    counts: dict[float, int] = {}
+    for z in noise_multipliers:
+        counts[float(z)] = counts.get(float(z), 0) + 1
+    if not counts:
+        return 0.0
+    for z, count in counts.items():
+        accountant.compose(dp_event.GaussianDpEvent(z), count)
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_multiplier_for(epsilon: float, delta: float, rounds: int) -> float:
+    """The smallest z whose ``rounds`` full-participation releases spend at most ``epsilon`` at ``delta``.
+
+    Solved with dp-accounting's own calibration over the same RDP accountant,
+    so a target ε sets the noise without any tuning on data.
+    """
+    from dp_accounting import calibrate_dp_mechanism, dp_event, rdp
+
+    return float(
+        calibrate_dp_mechanism(
+            rdp.RdpAccountant, lambda z: dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), rounds),
+            epsilon, delta,
+        )
+    )
+
+
+LOCAL_NOISE_MULTIPLIER = "dp-local-noise-multiplier"
+LOCAL_CLIPPING_NORM = "dp-local-clipping-norm"
+LOCAL_DELTA = "dp-local-delta"
+
+
+def local_dp_config(settings: PrivacySettings) -> dict[str, float]:
+    """The train-config keys that tell a client to clip and noise its own reply (local DP)."""
+    return {
+        LOCAL_NOISE_MULTIPLIER: settings.noise_multiplier,
+        LOCAL_CLIPPING_NORM: settings.clipping_norm,
+        LOCAL_DELTA: settings.delta,
+    }
+
+
+def local_settings_from_config(config: Mapping[str, object]) -> PrivacySettings | None:
+    """The local DP a train config asks for, or None."""
+    if LOCAL_NOISE_MULTIPLIER not in config:
+        return None
+    return PrivacySettings(
+        "local",
+        float(config[LOCAL_NOISE_MULTIPLIER]),  # type: ignore[arg-type]
+        float(config[LOCAL_CLIPPING_NORM]),  # type: ignore[arg-type]
+        float(config.get(LOCAL_DELTA, DEFAULT_DELTA)),  # type: ignore[arg-type]
+    )

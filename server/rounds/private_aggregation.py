@@ -1,0 +1,215 @@
+"""A round's average made differentially private by Flower's own DP wrappers, with its noise reproducible.
+
+Wrapping :class:`~fedforget.server.rounds.recording.RecordingFedAvg` in a
+Flower DP wrapper would record the wrong history: the wrapper adds its noise
+*after* the inner strategy has aggregated (and recorded), so the store would
+hold a model no client ever received. Here the order is turned inside out:
+the recording strategy calls the wrapper, around a plain FedAvg average, and
+records what comes out of it:
+
+- the replies, after the wrapper clipped them in place (so the stored updates
+  are the clipped ones that were averaged);
+- the noised average (the model the clients receive next round);
+- the noise std and clipping norm of the round, as round metrics, from which
+  the accountant works.
+
+Flower draws the noise from numpy's global generator. Each call is made with
+that generator seeded from :func:`fedforget.privacy.round_noise_seed` (the
+run's secret, the trajectory and the round), and its state is restored after,
+so a round's noise is a function of what the store records. Another thread
+drawing from numpy's global generator during the call would take some of that
+stream; nothing in fedforget's server does.
+
+Under ``local`` DP the clients add the noise themselves (Flower's
+``LocalDpMod``) and the server averages plainly: there is no server-side seed,
+by design, since a server that could recompute the clients' noise could remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import compute_stdv
+
+from fedforget.privacy import (
+    CLIPPING_NORM,
+    COUNT_STD,
+    NEXT_CLIPPING_NORM,
+    NOISE_SEED_META,
+    NOISE_STD,
+    PRIVACY_META,
+    PrivacySettings,
+    round_noise_seed,
+)
+from fedforget.server.rounds.history_position import RecordingError
+from fedforget.server.store.history_store import HistoryStore
+
+Average = Callable[[int, list[Message]], "tuple[ArrayRecord | None, MetricRecord | None]"]
+PreviousMetrics = Callable[[int], "dict[str, float] | None"]
+
+
+def settle_privacy(store: HistoryStore, settings: PrivacySettings | None) -> int | None:
+    """Check ``settings`` against the history's, record them in a new history; the noise secret (central DP).
+
+    A history keeps one privacy regime from its first round: rounds trained
+    without noise before DP was switched on would make every ε reported a lie,
+    and a DP history continued without noise would silently lose its guarantee.
+    """
+    stored = store.get_meta(PRIVACY_META)
+    if settings is None:
+        if stored is not None:
+            raise RecordingError(
+                f"the history in {store.path} was trained with differential privacy ({stored}); continue it with "
+                "the same settings (simulate --dp ... / RecordingFedAvg(privacy=...)), not without"
+            )
+        return None
+    if stored is not None and PrivacySettings.from_json(stored) != settings:  # type: ignore[arg-type]
+        raise RecordingError(
+            f"the history in {store.path} was trained with DP settings {stored}, not {settings.to_json()}: "
+            "continue it with the same mechanism, noise multiplier, clipping norm and delta"
+        )
+    if stored is None:
+        if any(store.reader(t.id).last_round() > 0 for t in store.trajectories()):
+            raise RecordingError(
+                f"the history in {store.path} already holds rounds trained without differential privacy; "
+                "DP must be on from the first round for its epsilon to mean anything: start a new history"
+            )
+        store.set_meta(PRIVACY_META, settings.to_json())
+    if not settings.central:
+        return None
+    secret = store.get_meta(NOISE_SEED_META)
+    if secret is None:
+        secret = secrets.randbits(63)
+        store.set_meta(NOISE_SEED_META, secret)
+    return int(secret)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def seeded_numpy(seed: np.ndarray) -> Iterator[None]:
+    """numpy's global generator seeded with ``seed`` inside, and as it was outside."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class _Averaging(Strategy):
+    """The inner strategy a Flower DP wrapper expects: here only the recording strategy's FedAvg average."""
+
+    def __init__(self, average: Average) -> None:
+        self._average = average
+
+    def aggregate_train(self, server_round: int, replies):  # type: ignore[no-untyped-def,override]
+        return self._average(server_round, list(replies))
+
+    def _unused(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("the DP wrapper only averages here; the recording strategy does the rest")
+
+    configure_train = configure_evaluate = aggregate_evaluate = summary = _unused  # type: ignore[assignment]
+
+
+class PrivateAggregation:
+    """Clip, average and noise one round's replies with Flower's server-side DP wrapper.
+
+    Parameters
+    ----------
+    settings:
+        The mechanism (``central-fixed`` or ``central-adaptive``), z and C.
+    noise_secret:
+        The run's secret (store meta), from which each round's noise seed is derived.
+    average:
+        The plain FedAvg average of a list of replies (the recording strategy's own).
+    previous_metrics:
+        The recorded metrics of a round of the current trajectory (None if there
+        is none): where adaptive clipping resumes its norm after a fork or restart.
+    """
+
+    def __init__(
+        self, settings: PrivacySettings, noise_secret: int, average: Average, previous_metrics: PreviousMetrics
+    ) -> None:
+        if not settings.central:
+            raise ValueError(f"{settings.mechanism} DP adds no server-side noise; the server averages plainly")
+        self.settings = settings
+        self._secret = noise_secret
+        self._inner = _Averaging(average)
+        self._previous_metrics = previous_metrics
+        self._adaptive: DifferentialPrivacyServerSideAdaptiveClipping | None = None
+        self._last: tuple[int, int] | None = None
+        """(trajectory, round) the adaptive wrapper's clipping norm follows."""
+
+    def aggregate(
+        self, trajectory: int, server_round: int, replies: list[Message], model_sent: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
+        """The noised average of ``replies`` (clipped in place), and the round's DP facts to record."""
+        answered = sum(1 for m in replies if not m.has_error())
+        if answered == 0:
+            return None, None, {}
+        for msg in (m for m in replies if not m.has_error()):
+            # Flower's clipping scales by min(1, C/norm): a NaN norm passes unclipped and poisons the model.
+            if not all(np.isfinite(a).all() for record in msg.content.array_records.values() for a in record.to_numpy_ndarrays()):
+                raise RecordingError(
+                    f"round {server_round}: node {msg.metadata.src_node_id} returned non-finite weights (its local "
+                    "training diverged); no clipping can bound that update: lower the learning rate"
+                )
+        with seeded_numpy(round_noise_seed(self._secret, trajectory, server_round)):
+            if self.settings.mechanism == "central-fixed":
+                return self._fixed(server_round, replies, model_sent, answered)
+            return self._adaptive_round(trajectory, server_round, replies, model_sent, answered)
+
+    def _fixed(
+        self, server_round: int, replies: list[Message], model_sent: ArrayRecord, answered: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
+        z, clip = self.settings.noise_multiplier, self.settings.clipping_norm
+        wrapper = DifferentialPrivacyServerSideFixedClipping(self._inner, z, clip, answered)
+        wrapper.current_arrays = model_sent
+        arrays, metrics = wrapper.aggregate_train(server_round, replies)
+        return arrays, metrics, {NOISE_STD: compute_stdv(z, clip, answered), CLIPPING_NORM: clip}
+
+    def _adaptive_round(
+        self, trajectory: int, server_round: int, replies: list[Message], model_sent: ArrayRecord, answered: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
+        wrapper = self._adaptive_wrapper(trajectory, server_round, answered)
+        wrapper.current_arrays = model_sent
+        clip_used = float(wrapper.clipping_norm)
+        arrays, metrics = wrapper.aggregate_train(server_round, replies)
+        self._last = (trajectory, server_round)
+        # Flower adapts the norm before drawing the update noise, so the std is computed as it was.
+        std = compute_stdv(wrapper.noise_multiplier, wrapper.clipping_norm, answered)
+        return arrays, metrics, {
+            NOISE_STD: std, CLIPPING_NORM: clip_used, COUNT_STD: float(wrapper.clipped_count_stddev),
+            NEXT_CLIPPING_NORM: float(wrapper.clipping_norm),
+        }
+
+    def _adaptive_wrapper(
+        self, trajectory: int, server_round: int, answered: int
+    ) -> DifferentialPrivacyServerSideAdaptiveClipping:
+        """The wrapper for this round: the running one, or a new one starting from the recorded norm.
+
+        The clipped count's noise std is max(n/20, z): n/20 is Andrew et al.'s
+        recommendation, and z keeps Flower's requirement z < 2σ_b at the large z
+        that small federations need (the update noise is then at most 2/√3 z).
+        """
+        current = self._adaptive
+        if current is not None and self._last == (trajectory, server_round - 1) and current.num_sampled_clients == answered:
+            return current
+        if current is not None and self._last == (trajectory, server_round - 1):
+            norm = float(current.clipping_norm)
+        else:
+            before = self._previous_metrics(server_round - 1) if server_round > 1 else None
+            norm = float(before[NEXT_CLIPPING_NORM]) if before and NEXT_CLIPPING_NORM in before else self.settings.clipping_norm
+        z = self.settings.noise_multiplier
+        self._adaptive = DifferentialPrivacyServerSideAdaptiveClipping(
+            self._inner, z, answered, initial_clipping_norm=norm, clipped_count_stddev=max(answered / 20.0, z),
+        )
+        return self._adaptive

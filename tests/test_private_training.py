@@ -1,0 +1,236 @@
+"""Differentially private training: the history, the ledger and the accountant tell the truth about it.
+
+One small digits federation (3 clients, 3 rounds, a fifth of digits, central
+DP with fixed clipping, client 1 withdrawn before round 3 and retrained away)
+on the in-process grid, shared by the module. A client mod records the sha256 model hash of every model a
+ClientApp receives, so the ledger can be checked against what the clients
+really got, not against what the server thinks it sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flower_fixtures import initial_model, local_federation
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
+
+from fedforget import wire
+from fedforget.arrays import model_hash
+from fedforget.client.certificate_check import verify_certificate
+from fedforget.privacy import (
+    CLIPPING_NORM,
+    NOISE_SEED_META,
+    NOISE_STD,
+    PrivacySettings,
+    epsilon_spent,
+    noise_multiplier_for,
+    round_noise_seed,
+)
+from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.ledger.log import Ledger
+from fedforget.server.rounds.history_position import RecordingError
+from fedforget.server.rounds.private_aggregation import seeded_numpy, settle_privacy
+from fedforget.server.rounds.privacy_accounting import privacy_account
+from fedforget.server.store.history_store import HistoryStore, ModelSpec
+from fedforget.server.withdrawal.consent import Withdrawal
+from fedforget.simulations.withdrawing_clients import FederationPaths, prepare_federation
+from fedforget.strategies.registry import StrategyChoice
+
+SETTINGS = PrivacySettings("central-fixed", noise_multiplier=1.0, clipping_norm=0.5)
+FRACTION = 0.2
+"""These tests check what is recorded and accounted, not accuracy: a fifth of digits keeps them fast."""
+
+
+class ReceivedModels:
+    """A client mod: the hash of the model in every training message a ClientApp receives, by server round."""
+
+    def __init__(self) -> None:
+        self.by_round: dict[int, set[str]] = {}
+
+    def __call__(self, msg, context, call_next):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == "train":
+            config = msg.content.config_records[wire.CONFIG_KEY]
+            arrays = wire.arrays_from_record(msg.content[wire.ARRAYS_KEY])
+            self.by_round.setdefault(int(config[wire.SERVER_ROUND]), set()).add(model_hash(arrays))
+        return call_next(msg, context)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp")
+    paths = FederationPaths(root)
+    prepare_federation(paths, [])
+    received = ReceivedModels()
+    fed = local_federation(
+        root / "store", clients=3, rounds=3, withdrawals=[Withdrawal("1", 3)], privacy=SETTINGS, mods=[received],
+        train_fraction=FRACTION,
+        accountability=Accountability(
+            ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
+            federation_id="test-federation",
+        ),
+    )
+    outcome = fed.run.execute(initial_model())
+    fed.strategy.flush()
+    return fed, outcome, received, paths
+
+
+def _flat(arrays) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in arrays.values()])
+
+
+def test_the_ledger_hashes_are_the_models_the_clients_received(dp_run):
+    fed, _, received, paths = dp_run
+    with Ledger.open(paths.ledger, readonly=True) as ledger:
+        rounds = [e.body for e in ledger.entries() if e.kind == "round"]
+    ledger_hash = {(r["trajectory"], r["round"]): r["model_hash"] for r in rounds}
+    for server_round, hashes in sorted(received.by_round.items()):
+        if server_round == 1:
+            continue
+        trained_then = {r["trajectory"] for r in rounds if r["round"] == server_round and r["participants"]}
+        assert hashes == {ledger_hash[(t, server_round - 1)] for t in trained_then}, server_round
+    assert set(received.by_round) == {1, 2, 3} and len(received.by_round[2]) == 2  # the original and the retrain
+
+
+def test_the_stored_updates_are_the_clipped_ones_and_each_rounds_noise_comes_from_the_recorded_seed(dp_run):
+    fed, _, _, _ = dp_run
+    store = fed.store
+    secret = int(store.get_meta(NOISE_SEED_META))
+    retrain = 2  # client 1's updates in trajectory 1 were crypto-shredded; the retrain's are all readable
+    for server_round in (1, 2, 3):
+        view = next(store.reader(retrain).rounds(server_round, server_round))
+        step = sum(p.weight * _flat(u) for p, u in view.updates())
+        for _, update in view.updates():
+            assert np.linalg.norm(_flat(update)) <= SETTINGS.clipping_norm * (1 + 1e-5)
+        residual = _flat(view.model_after()) - _flat(view.model_before()) - step
+        assert view.metrics[NOISE_STD] == pytest.approx(1.0 * 0.5 / len(view.participants))
+
+        def noise(trajectory: int) -> np.ndarray:
+            zeros = [np.zeros_like(np.asarray(v)) for v in view.model_after().values()]
+            with seeded_numpy(round_noise_seed(secret, trajectory, server_round)):
+                add_gaussian_noise_inplace(zeros, view.metrics[NOISE_STD])
+            return np.concatenate([z.astype(np.float64).ravel() for z in zeros])
+
+        np.testing.assert_allclose(residual, noise(retrain), atol=1e-4)
+        # The retrain drew fresh noise: the original trajectory's draw for this round does not explain it.
+        assert np.abs(residual - noise(1)).max() > 0.1
+
+
+def test_each_client_is_accounted_for_every_noised_round_it_was_in(dp_run):
+    fed, _, _, _ = dp_run
+    account = privacy_account(fed.store, SETTINGS)
+    assert account.noised_rounds == 2 + 3 and account.rounds_without_noise == 0
+    by_client: dict[str, list[float]] = {}
+    for trajectory, first in ((1, 1), (2, 1)):
+        for view in fed.store.reader(trajectory).rounds(first):
+            for p in view.participants:
+                by_client.setdefault(p.client_id, []).append(view.metrics[NOISE_STD] / (p.weight * view.metrics[CLIPPING_NORM]))
+    assert len(by_client["1"]) == 2 and len(by_client["0"]) == 5
+    for client, multipliers in by_client.items():
+        assert account.epsilon_by_client[client] == pytest.approx(epsilon_spent(multipliers, SETTINGS.delta))
+    assert account.epsilon == max(account.epsilon_by_client.values()) > account.epsilon_by_client["1"]
+
+
+def test_the_ledger_and_the_certificate_state_the_dp_and_the_withdrawn_clients_epsilon(dp_run):
+    fed, outcome, _, paths = dp_run
+    expected = privacy_account(fed.store, SETTINGS).epsilon_by_client["1"]
+    with Ledger.open(paths.ledger, readonly=True) as ledger:
+        (unlearning,) = [e.body for e in ledger.entries() if e.kind == "unlearning"]
+    assert unlearning["privacy"]["mechanism"] == "central-fixed"
+    assert unlearning["privacy"]["clipping_norm"] == 0.5 and unlearning["privacy"]["noise_multiplier"] == 1.0
+    assert unlearning["privacy"]["epsilon"] == {"1": pytest.approx(expected)}
+    certificate = outcome.unlearning[0]["certificates"]["1"]
+    report = verify_certificate(certificate, paths.server_public_key)
+    assert report.valid
+    assert report.summary["privacy"]["epsilon"] == pytest.approx(expected)
+    assert any("differential privacy" in line and f"{expected:.4g}" in line for line in report.attests)
+
+
+STRATEGIES = ("retrain", "calibrated", "replay", "subtract", "fedrecovery")
+
+
+@pytest.fixture(scope="module")
+def unlearned_every_way(tmp_path_factory):
+    """One DP history (2 clients, 2 rounds), then client 1 unlearned from it by every strategy, each into its own trajectory.
+
+    As ``fedforget bench unlearning`` does: one training shared by every
+    strategy, so the strategies are compared on the same noised history.
+    """
+    fed = local_federation(
+        tmp_path_factory.mktemp("every-way") / "store", clients=2, rounds=2, privacy=SETTINGS, train_fraction=FRACTION
+    )
+    fed.run.execute(initial_model())
+    fed.strategy.flush()
+    source = fed.store.current_trajectory()
+    fed.strategy.exclude(["1"])
+    trajectories: dict[str, int] = {}
+    for strategy in STRATEGIES:
+        _, _, trajectories[strategy] = fed.run.run_unlearner(StrategyChoice(strategy).build(), ["1"], 2, source)
+        fed.strategy.flush()
+    return fed, source, trajectories
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_unlearns_a_dp_history(unlearned_every_way, strategy):
+    fed, source, trajectories = unlearned_every_way
+    trajectory = trajectories[strategy]
+    (own,) = [t for t in fed.store.trajectories() if t.id == trajectory]
+    assert own.parent == source
+    new = fed.store.reader(trajectory)
+    assert all("1" not in {p.client_id for p in v.participants} for v in new.rounds(own.base_version + 1))
+    assert np.isfinite(_flat(new.model(2))).all()
+    account = privacy_account(fed.store, SETTINGS, trajectories={source, trajectory})
+    assert account.epsilon_by_client["1"] > 0
+    # Rounds the strategy computed itself are not DP releases, and the account says so.
+    computed = [v for v in new.rounds(own.base_version + 1) if NOISE_STD not in v.metrics]
+    assert account.rounds_without_noise == len(computed)
+    if strategy == "retrain":  # retraining is a fresh DP release of the staying client, noised every round
+        assert not computed and account.noised_rounds == 2 + 2
+
+
+def test_a_local_dp_reply_without_noise_is_refused(tmp_path):
+    from local_grid import LocalGrid
+    import plain_client
+
+    from fedforget.server.rounds.loop import FederatedRun, RunSettings
+    from fedforget.server.rounds.recording import RecordingFedAvg
+    from fedforget.strategies.retrain import Retrain
+
+    from fedforget.client.app import model_arrays
+
+    initial = model_arrays(plain_client.Net())
+    store = HistoryStore.create(tmp_path / "s", federation_id="f", model_spec=ModelSpec.from_arrays(initial))
+    strategy = RecordingFedAvg(
+        store, privacy=PrivacySettings("local", 1.0, 1.0), fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1
+    )
+    run = FederatedRun(
+        LocalGrid(plain_client.app, 2), store, strategy, Retrain(),
+        RunSettings(num_rounds=1, train_config={"lr": 0.1}, expected_clients=2),
+    )
+    with pytest.raises(RecordingError, match="without local DP noise"):
+        run.execute(initial)
+
+
+def test_a_local_dp_history_records_the_noised_replies(tmp_path):
+    fed = local_federation(tmp_path / "store", clients=2, rounds=1, privacy=PrivacySettings("local", 1.0, 0.5),
+                           train_fraction=FRACTION)
+    fed.run.execute(initial_model())
+    fed.strategy.flush()
+    view = next(fed.store.reader().rounds())
+    assert view.metrics[NOISE_STD] == 0.5 and fed.store.get_meta(NOISE_SEED_META) is None
+    for _, update in view.updates():  # clipped to 0.5, then N(0, 0.5²) on every coordinate
+        assert np.linalg.norm(_flat(update)) > 10 * 0.5
+
+
+def test_a_history_keeps_one_privacy_regime(tmp_path):
+    store = HistoryStore.create(tmp_path / "s", federation_id="f", model_spec=ModelSpec.from_arrays(initial_model()))
+    secret = settle_privacy(store, SETTINGS)
+    assert settle_privacy(store, SETTINGS) == secret
+    with pytest.raises(RecordingError, match="with differential privacy"):
+        settle_privacy(store, None)
+    with pytest.raises(RecordingError, match="not"):
+        settle_privacy(store, PrivacySettings("central-fixed", 2.0, 0.5))
+
+
+def test_the_noise_multiplier_derived_from_an_epsilon_target_meets_it():
+    z = noise_multiplier_for(8.0, 1e-5, 20)
+    assert epsilon_spent([z] * 20, 1e-5) <= 8.0 < epsilon_spent([0.97 * z] * 20, 1e-5)
