@@ -53,6 +53,7 @@ from fedforget.simulations.runner import data_settings
 from fedforget.simulations.sharded import shard_assignment
 from fedforget.simulations.task import SimulationTask, test_dataset
 from fedforget.simulations.verification import model_from_arrays
+from fedforget.strategies.empty_shard import EmptyShard
 from fedforget.strategies.retrain import Retrain
 
 ACCURACY_TARGET_PTS = 1.5
@@ -115,7 +116,7 @@ class ShardedTraining:
 
     @property
     def unlearnable(self) -> bool:
-        """Whether the withdrawn client's shard keeps a client to retrain with (else: not measured)."""
+        """Whether the withdrawn client's shard keeps a client to retrain with (else the shard is emptied)."""
         return len(self.assignment.shards[self.withdrawn_shard]) > 1
 
 
@@ -134,10 +135,12 @@ def _train_and_unlearn(run: BenchRun, counts: Sequence[int], out: Path) -> dict[
                 federated = _shard_run(grid, identities, config, training.stores[index], members)
                 with federated.store:
                     federated.execute(initial)
-                    if index == training.withdrawn_shard and training.unlearnable:
+                    if index == training.withdrawn_shard:
                         source = federated.store.current_trajectory()
                         federated.strategy.exclude([run.client])
-                        outcome, seconds, _ = federated.run_unlearner(Retrain(), [run.client], config.rounds, source)
+                        # Alone in its shard, the client leaves it empty: what the run does then (EmptyShard).
+                        unlearner = Retrain() if training.unlearnable else EmptyShard()
+                        outcome, seconds, _ = federated.run_unlearner(unlearner, [run.client], config.rounds, source)
                         training.unlearning = {
                             "client_epochs": outcome.client_epochs,
                             "round_trips": float(outcome.round_trips),
@@ -199,6 +202,7 @@ def _shard_run(
 
 def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, dict[str, float]]:
     """Per K: ensemble accuracy and ASR before and after, exactness, and cost, relative to K = 1."""
+    nan = float("nan")
     config = run.config
     test = test_dataset(config.dataset)
     x, y = test.tensors[0].numpy(), test.tensors[1].numpy()
@@ -214,14 +218,17 @@ def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, 
             with HistoryStore.open(store_dir, readonly=True) as store:
                 original.append(store.reader(1).model(config.rounds))
                 unlearned.append(store.read_model(config.rounds))
-        if not training.unlearnable:
-            figures[count] = _not_unlearnable(count, evaluate(ensemble(original), test).accuracy,
-                                              attack_success_rate(ensemble(original), x, y, trigger))
-            continue
-        with HistoryStore.open(training.independent, readonly=True) as store:
-            independent_model = store.read_model(config.rounds)
-        independent = list(unlearned)
-        independent[training.withdrawn_shard] = independent_model
+        if training.unlearnable:
+            with HistoryStore.open(training.independent, readonly=True) as store:
+                independent_model = store.read_model(config.rounds)
+            independent = list(unlearned)
+            independent[training.withdrawn_shard] = independent_model
+            exact = float(_bitwise_equal(unlearned[training.withdrawn_shard], independent_model))
+        else:
+            # The emptied shard leaves the served ensemble; training it without its only client trains nothing.
+            del unlearned[training.withdrawn_shard]
+            independent = unlearned
+            exact = float("nan")  # no shard model to compare: the shard is gone from both ensembles
         served = {"original": ensemble(original), "unlearned": ensemble(unlearned), "independent": ensemble(independent)}
         figures[count] = {
             "shards": float(count),
@@ -231,9 +238,7 @@ def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, 
             "backdoor_asr_before": attack_success_rate(served["original"], x, y, trigger),
             "backdoor_asr": attack_success_rate(served["unlearned"], x, y, trigger),
             "independent_retrain_backdoor_asr": attack_success_rate(served["independent"], x, y, trigger),
-            "bitwise_equal_to_independent_retrain": float(
-                _bitwise_equal(unlearned[training.withdrawn_shard], independent_model)
-            ),
+            "bitwise_equal_to_independent_retrain": exact,
             **training.unlearning,
         }
     base = figures[1]
@@ -241,25 +246,10 @@ def _figures(run: BenchRun, trainings: dict[int, ShardedTraining]) -> dict[int, 
         mine["accuracy_cost_pts"] = 100 * (base["test_accuracy"] - mine["test_accuracy"])
         mine["client_epochs_ratio"] = mine["client_epochs"] / base["client_epochs"]
         mine["round_trips_ratio"] = mine["round_trips"] / base["round_trips"]
-        mine["speedup_client_epochs"] = base["client_epochs"] / mine["client_epochs"]
+        # An emptied shard costs no client work: no finite speed-up (NaN), the ratios above say 0.
+        mine["speedup_client_epochs"] = base["client_epochs"] / mine["client_epochs"] if mine["client_epochs"] else nan
         mine["speedup_wall"] = base["seconds"] / mine["seconds"]
     return figures
-
-
-def _not_unlearnable(count: int, accuracy: float, asr: float) -> dict[str, float]:
-    """Figures of a K whose withdrawn client is alone in its shard: accuracy only.
-
-    A shard without clients cannot be retrained and retiring a shard is not
-    supported (``fedforget simulate`` refuses such a withdrawal), so the
-    unlearning figures are NaN.
-    """
-    nan = float("nan")
-    return {
-        "shards": float(count), "withdrawn_shard_clients": 1.0, "test_accuracy": accuracy,
-        "unlearned_test_accuracy": nan, "backdoor_asr_before": asr, "backdoor_asr": nan,
-        "independent_retrain_backdoor_asr": nan, "bitwise_equal_to_independent_retrain": nan,
-        "client_epochs": nan, "round_trips": nan, "seconds": nan,
-    }
 
 
 def _bitwise_equal(a: Arrays, b: Arrays) -> bool:
@@ -340,8 +330,8 @@ def print_table(console: Console, result: dict[str, object], seeds: int) -> None
         title=f"{result['label']}: sharded (SISA) federations against the unsharded one, K = 1 "
         f"(mean over {seeds} seed{'s' * (seeds > 1)})",
         caption=f"Targets at K=4 on MNIST: acc cost ≤ {ACCURACY_TARGET_PTS} pts, epochs ≤ {EPOCHS_TARGET_RATIO} of the "
-        "unsharded retrain's, ASR after = the independent shard retrain's. nan: the withdrawn client is alone in "
-        "its shard, which cannot be retrained (not measured).",
+        "unsharded retrain's, ASR after = the independent shard retrain's. A K whose withdrawn client is alone in "
+        "its shard empties that shard (no client work: speed-up nan, bit-exact nan: no shard model left).",
     )
     table.add_column("K", justify="right")
     for _, title, _ in _COLUMNS:
@@ -361,7 +351,7 @@ def plot_tradeoff(path: Path, results: list[dict[str, object]]) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for result in results:
         shards = result["shards"]  # type: ignore[assignment]
-        # A K whose withdrawn client is alone in its shard has no unlearning to plot (NaN).
+        # A K whose withdrawn client is alone in its shard costs no client work: no finite speed-up to plot (NaN).
         counts = [k for k in sorted(shards, key=int) if np.isfinite(shards[k]["speedup_client_epochs"])]  # type: ignore[arg-type,index]
         speedups = [shards[k]["speedup_client_epochs"] for k in counts]  # type: ignore[index]
         costs = [shards[k]["accuracy_cost_pts"] for k in counts]  # type: ignore[index]
