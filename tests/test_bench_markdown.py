@@ -39,3 +39,15 @@ def test_a_full_document_gives_one_table_per_federation_without_a_retrain_row() 
     assert "**digits, Dirichlet α=0.3**" in text and "**mnist, Dirichlet α=0.3**" in text
     assert text.count("| `subtract` |") == 2 and "| `retrain` |" not in text
     assert "held out: mnist" in text and "all met" in text
+
+
+def test_the_over_forgetting_verdict_and_its_flagged_seeds_are_shown_per_variant() -> None:
+    retrain = _with_std({**MEETS, "accuracy_gap_pts": 0.0, "round_trips": 15.0})
+    flagged = {**_with_std(MEETS), "over_forgetting": True, "over_forgetting_seeds": 2}
+    clean = {**_with_std(MEETS), "over_forgetting": False, "over_forgetting_seeds": 0}
+    document = {"seeds": 3, "chosen_on": "digits", "held_out": [], "dataset": "digits", "partition": "iid",
+                "strategies": {"retrain": retrain, "relabel": flagged, "misdirect": clean, "old": _with_std(MEETS)}}
+    rows = {line.split(" | ")[0]: line for line in bench_markdown(document).splitlines() if line.startswith("| `")}
+    assert "| yes (2 seeds flagged) |" in rows["| `relabel`"]
+    assert "| no |" in rows["| `misdirect`"]
+    assert "| – |" in rows["| `old`"]  # a bench.json from before the flag existed
