@@ -93,12 +93,12 @@ class MisdirectSettings:
     layer: str = ""
     """Name of the module whose output is steered; empty: the second-to-last ``nn.Linear`` (the
     pre-activation of the features the classifier head reads)."""
-    steering: float = 2.0
+    steering: float = 1.0
     lr: float = 0.05
     epochs: float = 2.0
     """Step budget: at most this many epochs over the forget data."""
     batch_size: int = 32
-    accuracy_floor: float = 0.5
+    accuracy_floor: float = 0.3
     """Stop rule: stop once accuracy on the forget data (true labels) falls to this value."""
     momentum: float = 0.0
 

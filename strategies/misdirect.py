@@ -9,10 +9,18 @@ with whole-client withdrawal it has none, so the remaining clients' recovery
 rounds (:mod:`fedforget.strategies.client_side`) play that role; they
 contribute training, never raw data.
 
-Stop rule, chosen on digits only (``fedforget bench unlearning --quick``):
-the client stops once its accuracy on its own data (true labels) falls to
-``misdirect_accuracy_floor`` = 0.5, or after ``misdirect_epochs`` = 2 epochs,
-whichever comes first.
+Stop rule and steering, chosen on digits only (the quick bench's federation,
+seeds 0 and 1, steering 0.5/1/2/4 × floor 0.3/0.5, budget 2 epochs): the
+client stops once its accuracy on its own data (true labels) falls to
+``misdirect_accuracy_floor`` = 0.3, or after ``misdirect_epochs`` = 2 epochs,
+whichever comes first; ``misdirect_steering`` = 1. That is the smallest
+steering whose backdoor ASR after recovery averaged under 0.5 (0.48 and
+0.42) with the accuracy gap under 2 points (+1.9, −0.3). Steering 2 and 4
+brought the ASR down to 0.03-0.34 only by losing 5 to 21 points of accuracy
+and 23 to 78 points on some class: no setting tried met the forgetting
+targets. The misdirected layer sits upstream of the head, which keeps the
+backdoor's mapping, and the recovery rounds restore the features it reads:
+without recovery the ASR was 0.28-0.32, after four recovery rounds 0.43-0.91.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ class MisdirectStrategySettings(StrategySettings):
         "", "module whose output is steered (e.g. features.3); empty: the second-to-last nn.Linear"
     )
     misdirect_steering: float = setting(
-        2.0, "c = this × the mean activation norm on the client's data (RMU's steering coefficient, made relative)",
+        1.0, "c = this × the mean activation norm on the client's data (RMU's steering coefficient, made relative)",
         minimum=0.0, exclusive_minimum=True,
     )
     misdirect_lr: float = setting(0.05, "the client's learning rate (the simulation's digits lr)",
@@ -44,7 +52,7 @@ class MisdirectStrategySettings(StrategySettings):
                                       minimum=0.0, exclusive_minimum=True)
     misdirect_batch_size: int = setting(32, "the misdirection's batch size", minimum=1)
     misdirect_accuracy_floor: float = setting(
-        0.5, "stop rule: the client stops once its accuracy on its own data falls to this (chosen on digits)",
+        0.3, "stop rule: the client stops once its accuracy on its own data falls to this (chosen on digits)",
         minimum=0.0, maximum=1.0,
     )
     recovery_rounds: int = setting(

@@ -10,11 +10,15 @@ model w_T, followed by the recovery rounds of every client-side strategy
 over-forgets; the evidence flags it when it does
 (:mod:`fedforget.evidence.forgetting`).
 
-Stop rule, chosen on digits only (``fedforget bench unlearning --quick``):
-the client stops once its accuracy on its own data (true labels) falls to
-``relabel_accuracy_floor`` = 0.5, or after ``relabel_epochs`` = 2 epochs,
-whichever comes first. See the settings' help for how each default was
-picked.
+Stop rule, chosen on digits only (the quick bench's federation, seeds 0 and
+1): the client stops once its accuracy on its own data (true labels) falls
+to ``relabel_accuracy_floor`` = 0.5, or after ``relabel_epochs`` = 2 epochs,
+whichever comes first. Floors 0.1, 0.3, 0.5 and 0.7 and both modes were
+tried on seed 0 (budget 5 epochs), floors 0.3 and 0.5 on seed 1: after the
+recovery rounds the backdoor ASR was 0.10-0.20 for all of them (0.003 before recovery: the recovery rounds bring part of the backdoor
+back), and floor 0.5 with random labels lost the least accuracy (0.0 and
++0.3 points) with no class more than 6 points below the retrain's.
+Complementary labels left a higher ASR (0.20 on seed 0).
 """
 
 from __future__ import annotations

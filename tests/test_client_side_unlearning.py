@@ -217,7 +217,7 @@ def toy(tmp_path, withdrawn: str = "a", online: bool = True, examples=None):
         (Relabel, RelabelStrategySettings(relabel_mode="complementary", relabel_accuracy_floor=0.4),
          RelabelSettings(lr=0.05, epochs=2.0, batch_size=32, accuracy_floor=0.4, mode="complementary")),
         (Misdirect, MisdirectStrategySettings(misdirect_layer="features.2", misdirect_steering=3.0),
-         MisdirectSettings(layer="features.2", steering=3.0, lr=0.05, epochs=2.0, batch_size=32, accuracy_floor=0.5)),
+         MisdirectSettings(layer="features.2", steering=3.0, lr=0.05, epochs=2.0, batch_size=32, accuracy_floor=0.3)),
     ],
 )
 def test_the_client_runs_its_method_from_the_current_model_then_the_others_recover(tmp_path, strategy, settings, expected):
