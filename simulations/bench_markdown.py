@@ -80,7 +80,27 @@ def run_markdown(run: Mapping[str, object]) -> str:
             f"| {over_forgetting_cell(f)} "
             f"| {'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
         )
-    return "\n".join(lines)
+    forgetting = forgetting_markdown(strategies)
+    return "\n".join(lines) + (f"\n\n{forgetting}" if forgetting else "")
+
+
+_FORGETTING_HEADER = (
+    "| variant | forget-set acc (retrain's) | forget gap (pts) | remaining clients' acc gap (pts) "
+    "| worst class drop (pts) | over-forgetting |\n|---|---|---|---|---|---|"
+)
+
+
+def forgetting_markdown(strategies: Mapping[str, Mapping[str, float]]) -> str:
+    """What over-forgetting is judged by, per variant: empty for a bench.json from before it was measured."""
+    rows = [
+        f"| `{label}` | {f['forget_accuracy']:.3f} ({f['retrain_forget_accuracy']:.3f}) "
+        f"| {f['forget_accuracy_gap_pts']:+.2f} ± {f['forget_accuracy_gap_pts_std']:.2f} "
+        f"| {f['remaining_accuracy_gap_pts']:+.2f} ± {f['remaining_accuracy_gap_pts_std']:.2f} "
+        f"| {f['worst_class_drop_pts']:.1f} ± {f['worst_class_drop_pts_std']:.1f} | {over_forgetting_cell(f)} |"
+        for label, f in strategies.items()
+        if label != "retrain" and "over_forgetting" in f
+    ]
+    return "" if not rows else "\n".join(["Over-forgetting, against the retrain:", "", _FORGETTING_HEADER, *rows])
 
 
 def bench_markdown(document: Mapping[str, object]) -> str:
