@@ -6,6 +6,9 @@ on an in-process toy Federation writing a real HistoryStore in tmp_path.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -47,11 +50,19 @@ def mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def trained(data: TensorDataset) -> nn.Module:
+@functools.cache
+def _fitted() -> nn.Module:
+    data = clusters()
     model = mlp()
     train_local(model, data, epochs=20, lr=0.1, batch_size=16, seed=0)
     assert evaluate(model, data).accuracy == 1.0
     return model
+
+
+def trained(data: TensorDataset) -> nn.Module:
+    """A fresh copy of the MLP fitted to ``clusters()`` (fitted once per session: the tests only read it)."""
+    assert torch.equal(data.tensors[0], clusters().tensors[0])
+    return copy.deepcopy(_fitted())
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
