@@ -20,7 +20,8 @@ brought the ASR down to 0.03-0.34 only by losing 5 to 21 points of accuracy
 and 23 to 78 points on some class: no setting tried met the forgetting
 targets. The misdirected layer sits upstream of the head, which keeps the
 backdoor's mapping, and the recovery rounds restore the features it reads:
-without recovery the ASR was 0.28-0.32, after four recovery rounds 0.43-0.91.
+at steering 1 and floor 0.5 the ASR was 0.28-0.32 without recovery, and
+0.43-0.91 after four recovery rounds.
 """
 
 from __future__ import annotations
