@@ -65,8 +65,13 @@ def test_verification_document_has_the_documented_shape(verified_run):
         for figure in ("test_accuracy", "forget_accuracy", "backdoor_asr", "mia_auc"):
             assert 0.0 <= entry[role][figure] <= 1.0, (role, figure)
         assert 0.0 <= entry[role]["lira_auc"] <= 1.0
+        assert 0.0 <= entry[role]["remaining_accuracy"] <= 1.0
+        assert len(entry[role]["class_accuracy"]) == 10 and all(0.0 <= a <= 1.0 for a in entry[role]["class_accuracy"])
     assert set(entry["distance_to_retrain"]) >= {"l2", "js"}
     assert entry["evidence_seconds"] < 30
+    # Exact retraining forgets exactly as much as the retrain: never over-forgetting.
+    assert entry["over_forgetting"]["flagged"] is False and entry["over_forgetting"]["forget_gap_pts"] == 0.0
+    assert entry["over_forgetting"]["seeds_flagged"] == 0
 
 
 def test_original_model_remembers_the_canary_and_the_retrain_does_not(verified_run):
