@@ -3,8 +3,9 @@
 The app answers Flower's standard ``train`` and ``evaluate`` messages exactly as
 Flower's FedAvg expects (one ArrayRecord, one MetricRecord with
 ``num-examples``), so it works with any FedAvg-style server, and the server
-records it as it would any Flower ClientApp. It also answers ``train.ascent``,
-the self-unlearning gradient-ascent strategy needs from a withdrawing client.
+records it as it would any Flower ClientApp. It also answers ``train.unlearn``,
+what the client-side unlearning strategies (gradient ascent, relabel,
+misdirect) ask a withdrawing client to run on its own data.
 """
 
 from __future__ import annotations
@@ -122,36 +123,17 @@ def make_client_app(task: ClientTask, mods: Sequence[Mod] = ()) -> ClientApp:
         )
         return Message(content=RecordDict({wire.METRICS_KEY: metrics}), reply_to=msg)
 
-    @app.train("ascent")
-    def ascend(msg: Message, context: Context) -> Message:
-        """Projected gradient ascent on this client's own data: it unlearns itself (Halimi et al.)."""
-        from fedforget.client.ascent import projected_gradient_ascent
-        from fedforget.strategies.base import AscentSettings
+    @app.train("unlearn")
+    def unlearn(msg: Message, context: Context) -> Message:
+        """Client-side unlearning on this client's own data (gradient ascent, relabelling or misdirection)."""
+        from fedforget.client.unlearning import unlearn_on_client
+        from fedforget.strategies.client_methods import method_from_config
 
-        config = msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord())
+        config = dict(msg.content.config_records.get(wire.CONFIG_KEY, ConfigRecord()))
+        seed = int(config.pop(wire.SEED, 0))  # type: ignore[call-overload]
         model = task.build_model(context)
         load_weights(model, wire.arrays_from_record(msg.content[wire.ARRAYS_KEY]))
-        settings = AscentSettings(
-            radius=float(config[wire.ASCENT_RADIUS]),
-            lr=float(config.get(wire.LEARNING_RATE, 0.01)),
-            epochs=float(config.get(wire.LOCAL_EPOCHS, 5.0)),
-            batch_size=int(config.get(wire.BATCH_SIZE, DEFAULT_BATCH_SIZE)),
-            accuracy_floor=float(config.get(wire.ASCENT_ACCURACY_FLOOR, 0.1)),
-            momentum=float(config.get(wire.ASCENT_MOMENTUM, 0.9)),
-            clip_norm=float(config[wire.ASCENT_CLIP_NORM]) if wire.ASCENT_CLIP_NORM in config else None,
-        )
-        train = task.load_data(context).train
-        arrays, epochs = projected_gradient_ascent(
-            model,
-            train,
-            wire.arrays_from_record(msg.content[wire.REFERENCE_KEY]),
-            settings,
-            seed=int(config.get(wire.SEED, 0)),
-            momentum=settings.momentum,
-            clip_norm=settings.clip_norm,
-            # About ten early-stopping checks per epoch: each one evaluates all local data.
-            check_every=max(1, len(train) // (settings.batch_size * 10)),  # type: ignore[arg-type]
-        )
+        arrays, epochs = unlearn_on_client(model, task.load_data(context).train, method_from_config(config), seed=seed)
         content = RecordDict(
             {
                 wire.ARRAYS_KEY: wire.record_from_arrays(arrays),

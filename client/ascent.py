@@ -16,7 +16,7 @@ a floor τ (``AscentSettings.accuracy_floor``). The strategy side (reference
 model, radius, recovery rounds) is :mod:`fedforget.strategies.gradient_ascent`.
 
 Kept free of Flower (pure torch) so the same loop serves the ClientApp's
-``train.ascent`` handler and the tests.
+``train.unlearn`` handler (method "ascent") and the tests.
 """
 
 from __future__ import annotations

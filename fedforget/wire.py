@@ -28,14 +28,14 @@ BATCH_SIZE = "batch-size"
 SEED = "seed"
 SERVER_ROUND = "server-round"
 
-ASCENT_MESSAGE = "train.ascent"
-"""Message type asking a withdrawing client to run projected gradient ascent (Halimi et al.)."""
-REFERENCE_KEY = "reference"
-"""RecordDict key of the reference model whose L2 ball the ascent stays in."""
-ASCENT_RADIUS = "ascent-radius"
-ASCENT_ACCURACY_FLOOR = "ascent-accuracy-floor"
-ASCENT_MOMENTUM = "ascent-momentum"
-ASCENT_CLIP_NORM = "ascent-clip-norm"
+CLIENT_UNLEARNING_MESSAGE = "train.unlearn"
+"""Message type asking a withdrawing client to unlearn itself on its own data.
+
+Its ConfigRecord names the method (gradient ascent, relabelling,
+misdirection) and holds its settings, as
+:func:`fedforget.strategies.client_methods.method_config` writes them, plus
+``seed``; its ArrayRecord is the model to start from."""
+
 
 def arrays_from_record(record: ArrayRecord) -> Arrays:
     """Copy an ArrayRecord into plain numpy arrays, keeping names and order."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from fedforget.evidence.forgetting import CLASS_DROP_PTS, FORGET_GAP_PTS
+
 ACCURACY_GAP_PTS = 1.0
 ASR_OVER_RETRAIN = 0.02
 MIA_AUC_GAP = 0.03
@@ -19,10 +21,24 @@ TARGETS = (
     f"{ROUND_TRIPS_RATIO:g} of retrain's"
 )
 
+OVER_FORGETTING = (
+    f"Over-forgetting: forget-set accuracy more than {FORGET_GAP_PTS:g} points below the retrain's, or a class's "
+    f"test accuracy more than {CLASS_DROP_PTS:g} points below it (judged on the mean over seeds)"
+)
+
 _HEADER = (
     "| variant | round trips / retrain | client epochs / retrain | modelled deployed speed-up | acc gap (pts) "
-    "| ASR | MIA AUC − retrain | targets |\n|---|---|---|---|---|---|---|---|"
+    "| ASR | MIA AUC − retrain | over-forgetting | targets |\n|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def over_forgetting_cell(figures: Mapping[str, object]) -> str:
+    """"yes"/"no" (the verdict on the mean figures), with the seeds flagged on their own; "–" for benches before it."""
+    if "over_forgetting" not in figures:
+        return "–"
+    verdict = "yes" if figures["over_forgetting"] else "no"
+    seeds = figures.get("over_forgetting_seeds")
+    return verdict if not seeds else f"{verdict} ({seeds} seed{'s' * (seeds != 1)} flagged)"
 
 
 def missed_targets(figures: Mapping[str, float]) -> list[str]:
@@ -61,9 +77,30 @@ def run_markdown(run: Mapping[str, object]) -> str:
             f"| {f['accuracy_gap_pts']:+.2f} ± {f['accuracy_gap_pts_std']:.2f} "
             f"| {f['backdoor_asr']:.3f} ± {f['backdoor_asr_std']:.3f} "
             f"| {f['mia_auc_gap']:+.3f} ± {f['mia_auc_gap_std']:.3f} "
+            f"| {over_forgetting_cell(f)} "
             f"| {'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
         )
-    return "\n".join(lines)
+    forgetting = forgetting_markdown(strategies)
+    return "\n".join(lines) + (f"\n\n{forgetting}" if forgetting else "")
+
+
+_FORGETTING_HEADER = (
+    "| variant | forget-set acc (retrain's) | forget gap (pts) | remaining clients' acc gap (pts) "
+    "| worst class drop (pts) | over-forgetting |\n|---|---|---|---|---|---|"
+)
+
+
+def forgetting_markdown(strategies: Mapping[str, Mapping[str, float]]) -> str:
+    """What over-forgetting is judged by, per variant: empty for a bench.json from before it was measured."""
+    rows = [
+        f"| `{label}` | {f['forget_accuracy']:.3f} ({f['retrain_forget_accuracy']:.3f}) "
+        f"| {f['forget_accuracy_gap_pts']:+.2f} ± {f['forget_accuracy_gap_pts_std']:.2f} "
+        f"| {f['remaining_accuracy_gap_pts']:+.2f} ± {f['remaining_accuracy_gap_pts_std']:.2f} "
+        f"| {f['worst_class_drop_pts']:.1f} ± {f['worst_class_drop_pts_std']:.1f} | {over_forgetting_cell(f)} |"
+        for label, f in strategies.items()
+        if label != "retrain" and "over_forgetting" in f
+    ]
+    return "" if not rows else "\n".join(["Over-forgetting, against the retrain:", "", _FORGETTING_HEADER, *rows])
 
 
 def bench_markdown(document: Mapping[str, object]) -> str:
@@ -72,6 +109,7 @@ def bench_markdown(document: Mapping[str, object]) -> str:
     seeds = document["seeds"]
     head = (
         f"Mean ± std over {seeds} seed{'s' * (seeds != 1)}. Targets for the best approximate strategy: {TARGETS}. "  # type: ignore[operator]
+        f"{OVER_FORGETTING}. "
         f"Settings chosen on {document['chosen_on']}"
         + (f"; held out: {', '.join(document['held_out'])}." if document["held_out"] else ".")  # type: ignore[arg-type]
     )

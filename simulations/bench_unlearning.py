@@ -33,12 +33,13 @@ from rich.table import Table
 
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.evidence.distance import mean_js_divergence, parameter_l2
+from fedforget.evidence.forgetting import CLASS_DROP_PTS, FORGET_GAP_PTS, over_forgetting_of
 from fedforget.files import ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from fedforget.server.rounds.loop import FederatedRun, RunSettings
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.simulations.bench_markdown import TARGETS, bench_markdown
-from fedforget.simulations.config import SimulationConfig
+from fedforget.simulations.config import NUM_CLASSES, SimulationConfig
 from fedforget.simulations.models import build_model
 from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
 from fedforget.simulations.runner import data_settings, privacy_report
@@ -57,6 +58,8 @@ METRICS = (
     "speedup_vs_retrain",
     "accuracy_gap_pts",
     "forget_accuracy_gap_pts",
+    "remaining_accuracy_gap_pts",
+    "worst_class_drop_pts",
     "backdoor_asr",
     "retrain_backdoor_asr",
     "mia_auc",
@@ -93,6 +96,8 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant.of("calibrated", "calibrated"),
     Variant.of("fedrecovery", "fedrecovery"),
     Variant.of("gradient-ascent", "gradient-ascent"),
+    Variant.of("relabel", "relabel"),
+    Variant.of("misdirect", "misdirect"),
 )
 """Every strategy with its defaults, plus the variants the README's tables discuss."""
 
@@ -283,6 +288,12 @@ def _figures(
             "speedup_vs_retrain": base["seconds"] / cost["seconds"],
             "accuracy_gap_pts": 100 * (float(retrain["test_accuracy"]) - float(mine["test_accuracy"])),  # type: ignore[arg-type]
             "forget_accuracy_gap_pts": 100 * (float(retrain["forget_accuracy"]) - float(mine["forget_accuracy"])),  # type: ignore[arg-type]
+            "forget_accuracy": float(mine["forget_accuracy"]),  # type: ignore[arg-type]
+            "retrain_forget_accuracy": float(retrain["forget_accuracy"]),  # type: ignore[arg-type]
+            "remaining_accuracy_gap_pts": (
+                100 * (float(retrain["remaining_accuracy"]) - float(mine["remaining_accuracy"]))  # type: ignore[arg-type]
+            ),
+            **_over_forgetting_figures(mine, retrain),
             "backdoor_asr": float(mine["backdoor_asr"] or 0.0),  # type: ignore[arg-type]
             "retrain_backdoor_asr": float(retrain["backdoor_asr"] or 0.0),  # type: ignore[arg-type]
             "mia_auc": float(mine["mia_auc"]),  # type: ignore[arg-type]
@@ -298,13 +309,24 @@ def _figures(
     return table
 
 
+def _over_forgetting_figures(mine: dict[str, object], retrain: dict[str, object]) -> dict[str, float]:
+    """The over-forgetting judgement of one seed: the two measures it uses, and the flag (1.0 or 0.0)."""
+    judged = over_forgetting_of(mine, retrain)
+    return {
+        "worst_class_drop_pts": judged.worst_class_drop_pts,
+        "class_accuracy_min": min((a for a in mine["class_accuracy"] if a is not None), default=float("nan")),  # type: ignore[attr-defined]
+        "over_forgetting_seed": 1.0 if judged.flagged else 0.0,
+    }
+
+
 def _model_figures(module: object, data: object, trigger: object) -> dict[str, object]:
     """The evidence figures of one model; NaN throughout for a model whose weights diverged."""
     import torch
 
     if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):  # type: ignore[attr-defined]
         nan = float("nan")
-        return {"test_accuracy": nan, "forget_accuracy": nan, "backdoor_asr": nan, "mia_auc": nan}
+        return {"test_accuracy": nan, "forget_accuracy": nan, "remaining_accuracy": nan, "backdoor_asr": nan,
+                "mia_auc": nan, "class_accuracy": [nan] * NUM_CLASSES}
     return model_figures(module, data, trigger, [])[0]  # type: ignore[arg-type]
 
 
@@ -364,7 +386,7 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
                 with HistoryStore.open(workdir / "store") as store:
                     privacy.append(privacy_report(store, settings))
         result = RunResult(
-            run, {label: mean_std([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed, privacy
+            run, {label: summarise([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed, privacy
         )
         results.append(result)
         print_table(console, result, plan.seeds)
@@ -399,6 +421,25 @@ def _document(plan: BenchPlan, results: list[RunResult], complete: bool) -> dict
         (only,) = results
         document.update(only.to_json())
     return document
+
+
+def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Mean ± std over seeds, and the over-forgetting verdict on those means.
+
+    ``over_forgetting`` (a bool in ``bench.json``) judges the mean forget-set
+    gap and the mean worst-class drop against the thresholds of
+    :mod:`fedforget.evidence.forgetting`; ``over_forgetting_seeds`` counts
+    the seeds flagged on their own.
+    """
+    summary: dict[str, object] = dict(mean_std(per_seed))
+    flagged = [s.get("over_forgetting_seed", 0.0) for s in per_seed]
+    for key in ("over_forgetting_seed", "over_forgetting_seed_std"):
+        summary.pop(key, None)
+    summary["over_forgetting_seeds"] = int(sum(flagged))
+    summary["over_forgetting"] = bool(
+        summary["forget_accuracy_gap_pts"] > FORGET_GAP_PTS or summary["worst_class_drop_pts"] > CLASS_DROP_PTS  # type: ignore[operator]
+    )
+    return summary  # type: ignore[return-value]
 
 
 def mean_std(values: list[dict[str, float]]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
 from fedforget.simulations.user_model import UserModelError, declared_training, is_user_model
-from fedforget.strategies.registry import StrategyChoice
+from fedforget.strategies.registry import StrategyChoice, unlearner_class
 from fedforget.strategies.settings import SettingsError, UnlearningContext
 
 if TYPE_CHECKING:
@@ -226,8 +226,9 @@ class SimulationConfig:
         if not 0 <= self.backdoor_target < NUM_CLASSES:
             raise ConfigError(f"--backdoor-target must be a class 0..{NUM_CLASSES - 1}, got {self.backdoor_target}")
         _at_least("--shadows", self.shadows, 0)
-        if self.strategy == "gradient-ascent" and len({w.round for w in self.withdrawals}) != len(self.withdrawals):
-            raise ConfigError("--strategy gradient-ascent unlearns one client at a time: give each its own round")
+        if (unlearner_class(self.strategy).one_client_per_request
+                and len({w.round for w in self.withdrawals}) != len(self.withdrawals)):
+            raise ConfigError(f"--strategy {self.strategy} unlearns one client at a time: give each its own round")
         _at_least("--seeds", self.seeds, 1)
         try:
             check_shard_count(self.shards, self.clients)

@@ -47,6 +47,14 @@ def print_verification(verification: dict[str, object], out: Path, console: Cons
             table.add_row(role, *(_cell(entry[role], key) for key, _ in FIGURES))
         console.print(table)
         console.print(LEGEND)
+        judged = entry.get("over_forgetting")
+        if isinstance(judged, dict):
+            console.print(
+                "[bold red]OVER-FORGETTING[/]: " + escape("; ".join(judged["reasons"]))
+                if judged["flagged"] else
+                f"over-forgetting: no (forget-set accuracy {judged['forget_gap_pts']:+.1f} points below the "
+                f"retrain's, worst class {judged['worst_class_drop_pts']:.1f} points below it)"
+            )
         if meaningless:
             console.print(f"[bold red]WARNING[/]: {escape(str(meaningless))}")
         distance = entry["distance_to_retrain"]

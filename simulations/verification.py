@@ -22,6 +22,7 @@ from torch import nn
 from fedforget.arrays import Arrays, save_arrays
 from fedforget.evidence.backdoor import Trigger, attack_success_rate, natural_target_rate
 from fedforget.evidence.distance import accuracy, mean_js_divergence, parameter_l2
+from fedforget.evidence.forgetting import class_accuracy, over_forgetting_of
 from fedforget.ensemble import model_from_served_arrays
 from fedforget.evidence.membership import (
     AttackResult,
@@ -81,12 +82,17 @@ def model_figures(
     data: EvidenceData,
     trigger: Trigger | None,
     shadows: list[nn.Module],
-) -> tuple[dict[str, float | None], dict[str, AttackResult]]:
-    """The figures of one model, plus the attack results (with ROC curves) for the plots."""
+) -> tuple[dict[str, object], dict[str, AttackResult]]:
+    """The figures of one model, plus the attack results (with ROC curves) for the plots.
+
+    ``class_accuracy`` (test accuracy per class) and ``remaining_accuracy``
+    (on the staying clients' data) are what over-forgetting is judged by.
+    """
     population = population_attack(model, data.members, data.nonmembers)
     attacks = {"population": population}
-    figures: dict[str, float | None] = {
+    figures: dict[str, object] = {
         "test_accuracy": accuracy(model, *data.test),
+        "class_accuracy": class_accuracy(model, *data.test, NUM_CLASSES),
         "forget_accuracy": accuracy(model, *data.members),
         "remaining_accuracy": accuracy(model, *data.remaining),
         "backdoor_asr": None if trigger is None else attack_success_rate(model, *data.test, trigger),
@@ -176,6 +182,8 @@ def verify_events(
                 {role: figures[role]["test_accuracy"] for role in MODEL_ROLES}, NUM_CLASSES  # type: ignore[index]
             ),
             **figures,
+            # Under-forgetting shows in the backdoor ASR and membership AUC; forgetting too much shows here.
+            "over_forgetting": over_forgetting_of(figures["unlearned"], figures["retrain"]).to_json(),  # type: ignore[arg-type]
             "distance_to_retrain": {
                 "l2": _l2_between_served(arrays["unlearned"], arrays["retrain"]),
                 "js": mean_js_divergence(modules["unlearned"], modules["retrain"], data.test[0]),
@@ -267,6 +275,10 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
         )
         for role in (*MODEL_ROLES, "distance_to_retrain"):
             combined[role] = _mean_std([seed_entry[role] for seed_entry in per_seed])
+        # The verdict on the mean figures, like the bench's; and how many seeds were flagged on their own.
+        verdict = over_forgetting_of(combined["unlearned"], combined["retrain"]).to_json()  # type: ignore[arg-type]
+        verdict["seeds_flagged"] = sum(bool(e["over_forgetting"]["flagged"]) for e in per_seed)
+        combined["over_forgetting"] = verdict
         for key in ("evidence_seconds", "shadow_training_seconds"):
             combined.update(_mean_std([{key: seed_entry[key]} for seed_entry in per_seed]))
         entries.append(combined)
@@ -279,9 +291,16 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
     }
 
 
-def _mean_std(values: list[dict[str, float | None]]) -> dict[str, float | None]:
-    summary: dict[str, float | None] = {}
+def _mean_std(values: list[dict[str, object]]) -> dict[str, object]:
+    """Mean and std of every figure over seeds; a list (per-class accuracy) element by element."""
+    summary: dict[str, object] = {}
     for key in values[0]:
+        if isinstance(values[0][key], list):
+            columns = list(zip(*(v[key] for v in values)))  # type: ignore[call-overload]
+            means = [_mean_std([{"x": n} for n in column]) for column in columns]
+            summary[key] = [m["x"] for m in means]
+            summary[f"{key}_std"] = [m["x_std"] for m in means]
+            continue
         numbers = [v[key] for v in values]
         if any(n is None for n in numbers):
             summary[key] = summary[f"{key}_std"] = None

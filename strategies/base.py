@@ -16,6 +16,8 @@ from typing import ClassVar, Protocol
 
 
 from fedforget.arrays import Arrays
+# AscentSettings is re-exported: strategies and tests have always imported it from here.
+from fedforget.strategies.client_methods import AscentSettings as AscentSettings, ClientMethod
 from fedforget.strategies.settings import StrategySettings, UnlearningContext
 
 
@@ -68,24 +70,6 @@ class ClientUpdate:
     update: Arrays
     num_examples: int
     epochs: float
-
-
-@dataclass(frozen=True)
-class AscentSettings:
-    """Projected gradient ascent a withdrawing client runs on its own data (Halimi et al. 2022)."""
-
-    radius: float
-    """L2 radius of the ball around the reference model the iterate is projected onto."""
-    lr: float = 0.01
-    epochs: float = 5.0
-    batch_size: int = 32
-    accuracy_floor: float = 0.1
-    """Early stopping: stop once accuracy on the client's own data falls to this value."""
-    momentum: float = 0.9
-    """SGD momentum of the ascent, as in the reference implementation (IBM/federated-unlearning):
-    without it, ascent from a model that fits the client's data confidently barely moves."""
-    clip_norm: float | None = 5.0
-    """Gradient-norm clipping of the ascent, as in the reference implementation."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +138,12 @@ class Federation(ABC):
         """
 
     @abstractmethod
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
-        """Have the (still online) withdrawing client run projected gradient ascent on its own data.
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
+        """Have the (still online) withdrawing client run one unlearning method on its own data from ``model``.
 
-        Returns the client's resulting model and the epochs it spent. Raises
+        ``method`` is the method's settings (gradient ascent, relabelling,
+        misdirection: :mod:`fedforget.strategies.client_methods`). Returns the
+        client's resulting model and the epochs it spent. Raises
         :class:`ClientOfflineError` if the client cannot be reached.
         """
 
@@ -216,6 +200,8 @@ class Unlearner(ABC):
     Settings: ClassVar[type[StrategySettings]]
     exact: ClassVar[bool] = False
     """Whether the result is what training without the clients gives: then no trace of them can remain."""
+    one_client_per_request: ClassVar[bool] = False
+    """Whether a request may name only one client (client-side methods run on that client's own data)."""
 
     def __init__(self, settings: StrategySettings | None = None, context: UnlearningContext | None = None) -> None:
         chosen = self.Settings() if settings is None else settings
@@ -262,7 +248,7 @@ class Unlearner(ABC):
 class MeteredFederation(Federation):
     """A federation handle that counts what the clients were asked to do.
 
-    One call that needs clients (a round, a local training, an ascent) is one
+    One call that needs clients (a round, a local training, a client-side unlearning) is one
     round trip, however many clients answer; client epochs are summed over
     the clients that answered.
     """
@@ -301,11 +287,9 @@ class MeteredFederation(Federation):
     def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
         self.inner.record_round(server_round, model_after, updates)
 
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
         started = time.perf_counter()
-        result, epochs = self.inner.gradient_ascent(client_id, model, reference, settings)
+        result, epochs = self.inner.client_unlearning(client_id, model, method)
         self.client_seconds += time.perf_counter() - started
         self.round_trips += 1
         self.client_epochs += float(epochs)

@@ -15,7 +15,8 @@ averaged into w_T, and the withdrawing client u:
    w_ref to randomly initialised models;
 3. the client runs projected gradient ascent on its own data from w_ref
    inside ‖w − w_ref‖ ≤ δ, stopping early when its accuracy falls to a floor
-   (:func:`fedforget.client.ascent.projected_gradient_ascent`);
+   (:func:`fedforget.client.ascent.projected_gradient_ascent`, asked for
+   with :meth:`~fedforget.strategies.base.Federation.client_unlearning`);
 4. a few FedAvg rounds with the remaining clients ("post-training").
 
 How the history and this framework stand in (interpretation):
@@ -206,6 +207,7 @@ class GradientAscent(Unlearner):
     """
 
     name: ClassVar[str] = "gradient-ascent"
+    one_client_per_request: ClassVar[bool] = True
     Settings: ClassVar[type[StrategySettings]] = GradientAscentSettings
     settings: GradientAscentSettings
 
@@ -248,7 +250,7 @@ class GradientAscent(Unlearner):
             batch_size=s.ascent_batch_size,
             accuracy_floor=s.ascent_accuracy_floor,
         )
-        model, ascent_epochs = federation.gradient_ascent(client, reference, reference, ascent)
+        model, ascent_epochs = federation.client_unlearning(client, reference, ascent)  # ball and start: w_ref
         model, _ = recover_and_record(
             federation, model, completed, info,
             rounds=s.recovery_rounds, epochs=self.context.local_epochs, withdrawn=frozenset({client}),

@@ -15,6 +15,8 @@ from fedforget.strategies.base import Unlearner
 from fedforget.strategies.calibrated import Calibrated
 from fedforget.strategies.fedrecovery import FedRecovery
 from fedforget.strategies.gradient_ascent import GradientAscent
+from fedforget.strategies.misdirect import Misdirect
+from fedforget.strategies.relabel import Relabel
 from fedforget.strategies.replay import Replay
 from fedforget.strategies.retrain import Retrain
 from fedforget.strategies.settings import SettingInfo, SettingsError, StrategySettings, UnlearningContext
@@ -89,7 +91,7 @@ def setting_options() -> dict[str, SettingOption]:
     return options
 
 
-for _builtin in (Retrain, Replay, Subtract, Calibrated, FedRecovery, GradientAscent):
+for _builtin in (Retrain, Replay, Subtract, Calibrated, FedRecovery, GradientAscent, Relabel, Misdirect):
     register_unlearner(_builtin)
 
 

@@ -39,3 +39,20 @@ def test_a_full_document_gives_one_table_per_federation_without_a_retrain_row() 
     assert "**digits, Dirichlet α=0.3**" in text and "**mnist, Dirichlet α=0.3**" in text
     assert text.count("| `subtract` |") == 2 and "| `retrain` |" not in text
     assert "held out: mnist" in text and "all met" in text
+
+
+def test_the_over_forgetting_verdict_and_its_flagged_seeds_are_shown_per_variant() -> None:
+    retrain = _with_std({**MEETS, "accuracy_gap_pts": 0.0, "round_trips": 15.0})
+    forgetting = _with_std({"forget_accuracy": 0.8, "retrain_forget_accuracy": 0.95, "forget_accuracy_gap_pts": 15.0,
+                            "remaining_accuracy_gap_pts": 2.0, "worst_class_drop_pts": 30.0})
+    flagged = {**_with_std(MEETS), **forgetting, "over_forgetting": True, "over_forgetting_seeds": 2}
+    clean = {**_with_std(MEETS), **forgetting, "over_forgetting": False, "over_forgetting_seeds": 0}
+    document = {"seeds": 3, "chosen_on": "digits", "held_out": [], "dataset": "digits", "partition": "iid",
+                "strategies": {"retrain": retrain, "relabel": flagged, "misdirect": clean, "old": _with_std(MEETS)}}
+    main, detail = bench_markdown(document).split("Over-forgetting, against the retrain:")
+    rows = {line.split(" | ")[0]: line for line in main.splitlines() if line.startswith("| `")}
+    assert "| yes (2 seeds flagged) |" in rows["| `relabel`"]
+    assert "| no |" in rows["| `misdirect`"]
+    assert "| – |" in rows["| `old`"]  # a bench.json from before the flag existed
+    assert "| `relabel` | 0.800 (0.950) | +15.00 ± 0.00 | +2.00 ± 0.00 | 30.0 ± 0.0 | yes (2 seeds flagged) |" in detail
+    assert "`old`" not in detail

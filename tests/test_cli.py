@@ -319,7 +319,7 @@ def test_simulate_offers_every_strategy_setting_with_each_owners_default():
     for option in setting_options():
         assert any(line.startswith(f"--{option} ") for line in lines), option
     expected = {
-        "--recovery-rounds": "[default: (subtract: 3, fedrecovery: 0, gradient-ascent: 2)]",
+        "--recovery-rounds": "[default: (subtract: 3, fedrecovery: 0, gradient-ascent: 2, relabel: 2, misdirect: 2)]",
         "--calibration-ratio": "[default: (calibrated: 1)]",
         "--calibration-interval": "[default: (calibrated: none)]",
         "--abnormality-threshold": "[default: (replay: 10)]",

@@ -241,8 +241,8 @@ class CrashingRetrain(Retrain):
             def record_round(self, server_round, model_after, updates):
                 federation.record_round(server_round, model_after, updates)
 
-            def gradient_ascent(self, client_id, model, reference, settings):
-                return federation.gradient_ascent(client_id, model, reference, settings)
+            def client_unlearning(self, client_id, model, method):
+                return federation.client_unlearning(client_id, model, method)
 
         return super().unlearn(request, history, Dying())
 

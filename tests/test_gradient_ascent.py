@@ -20,7 +20,7 @@ from fedforget.arrays import Arrays
 from fedforget.client.ascent import parameter_distance, projected_gradient_ascent
 from fedforget.client.training import evaluate, train_local
 from fedforget.server.store.history_store import HistoryStore
-from fedforget.strategies.base import AscentSettings, ClientOfflineError, UnlearningRequest
+from fedforget.strategies.base import AscentSettings, ClientMethod, ClientOfflineError, UnlearningRequest
 from fedforget.strategies.gradient_ascent import GradientAscent, GradientAscentSettings, random_model_radius
 from fedforget.strategies.settings import UnlearningContext
 
@@ -219,14 +219,15 @@ def toy_federation(
     def constant_steps(client: str, model: Arrays, epochs: float, _round: int) -> Arrays:
         return {k: np.full(v.shape, (remaining.index(client) + 1.0) * epochs, v.dtype) for k, v in model.items()}
 
-    def ascent(client: str, model: Arrays, reference: Arrays, settings: AscentSettings) -> tuple[Arrays, float]:
+    def ascent(client: str, model: Arrays, settings: ClientMethod) -> tuple[Arrays, float]:
         if not online:
             raise ClientOfflineError(f"client {client} is not connected")
+        assert isinstance(settings, AscentSettings)
         if data is None:
             return {k: v + np.float32(0.25) for k, v in model.items()}, 1.5
-        return projected_gradient_ascent(load(linear(), model), data[client], reference, settings, seed=0)
+        return projected_gradient_ascent(load(linear(), model), data[client], model, settings, seed=0)
 
-    return ToyFederation(store, examples, constant_steps, withdrawn=[withdrawn], ascent=ascent)
+    return ToyFederation(store, examples, constant_steps, withdrawn=[withdrawn], client_step=ascent)
 
 
 def gradient_ascent(
@@ -257,10 +258,9 @@ def test_reference_is_the_papers_formula_when_the_client_was_in_the_last_round(t
                                ascent_accuracy_floor=0.2, recovery_rounds=0)
     outcome = strategy.run(UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
 
-    (client, start, reference, settings), = federation.ascents
+    (client, start, settings), = federation.client_steps
     assert client == "b"
-    assert_close(reference, expected)
-    assert_close(start, expected)  # the ascent starts at w_ref, as the reference code does
+    assert_close(start, expected)  # the ascent starts at w_ref, the centre of its ball, as the reference code does
     assert settings == AscentSettings(radius=0.7, lr=0.05, epochs=2.0, batch_size=8, accuracy_floor=0.2)
     assert_close(outcome.model, {k: v + 0.25 for k, v in expected.items()})
     assert outcome.client_epochs == 1.5 and outcome.round_trips == 1 and outcome.rounds_replayed == 0
@@ -269,7 +269,7 @@ def test_reference_is_the_papers_formula_when_the_client_was_in_the_last_round(t
     uniform = toy_federation(store, examples, "b")
     gradient_ascent(ascent_radius=0.7, recovery_rounds=0, reference_weights="uniform").unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(1), uniform)
-    assert_close(uniform.ascents[0][2], expected)
+    assert_close(uniform.client_steps[0][1], expected)
 
 
 def test_recorded_weights_invert_the_weighted_aggregation(tmp_path):
@@ -281,12 +281,12 @@ def test_recorded_weights_invert_the_weighted_aggregation(tmp_path):
     federation = toy_federation(store, examples, "b")
     gradient_ascent(ascent_radius=1.0, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
-    assert_close(federation.ascents[0][2], others)
+    assert_close(federation.client_steps[0][1], others)
     # The paper's uniform formula, literally:
     literal = toy_federation(store, examples, "b")
     gradient_ascent(ascent_radius=1.0, recovery_rounds=0, reference_weights="uniform").unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(1), literal)
-    assert_close(literal.ascents[0][2], {k: (3 * floats(models[T])[k] - local["b"][k]) / 2 for k in models[0]})
+    assert_close(literal.client_steps[0][1], {k: (3 * floats(models[T])[k] - local["b"][k]) / 2 for k in models[0]})
 
 
 def test_client_missing_from_the_last_rounds_uses_its_last_recorded_round(tmp_path):
@@ -300,7 +300,7 @@ def test_client_missing_from_the_last_rounds_uses_its_last_recorded_round(tmp_pa
     federation = toy_federation(store, examples, "b")
     outcome = gradient_ascent(ascent_radius=1.0, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"b"}), T), store.reader(), federation)
-    assert_close(federation.ascents[0][2], expected)
+    assert_close(federation.client_steps[0][1], expected)
     assert outcome.details["reference_round"] == t
 
 
@@ -312,7 +312,7 @@ def test_retention_interval_picks_the_last_retained_round(tmp_path):
         UnlearningRequest(frozenset({"a"}), 4), store.reader(), federation)
     assert outcome.details["reference_round"] == 3  # rounds 1 and 3 kept their updates
     w_u = {k: floats(models[2])[k] + updates[2]["a"][k] for k in models[0]}
-    assert_close(federation.ascents[0][2], {k: floats(models[4])[k] + (floats(models[3])[k] - w_u[k]) / 2
+    assert_close(federation.client_steps[0][1], {k: floats(models[4])[k] + (floats(models[3])[k] - w_u[k]) / 2
                                             for k in models[0]})
 
 
@@ -322,9 +322,9 @@ def test_recovery_rounds_and_the_new_trajectory(tmp_path):
     federation = toy_federation(store, examples, "a")
     outcome = gradient_ascent(0.5, ascent_radius=1.0, recovery_rounds=2).run(  # recovery trains the federation's E
         UnlearningRequest(frozenset({"a"}), 3), store.reader(), federation)
-    assert federation.calls == [("gradient_ascent", "a"), ("local_training", 3), ("local_training", 3),
+    assert federation.calls == [("client_unlearning", "a"), ("local_training", 3), ("local_training", 3),
                                 ("start_trajectory", 2), ("record_round", 3)]
-    ascended = {k: v + 0.25 for k, v in federation.ascents[0][1].items()}
+    ascended = {k: v + 0.25 for k, v in federation.client_steps[0][1].items()}
     step = (30 * 1.0 + 20 * 2.0) / 50 * 0.5  # FedAvg of b's (1·E) and c's (2·E) constant updates
     assert_close(outcome.model, {k: v + 2 * step for k, v in ascended.items()})
     assert outcome.client_epochs == pytest.approx(1.5 + 2 * 2 * 0.5)  # ascent + 2 rounds × 2 clients × 0.5
@@ -352,7 +352,7 @@ def test_offline_client_leaves_the_store_untouched(tmp_path):
     federation = toy_federation(store, examples, "a", online=False)
     with pytest.raises(ClientOfflineError):
         gradient_ascent(ascent_radius=1.0).unlearn(UnlearningRequest(frozenset({"a"}), 2), store.reader(), federation)
-    assert federation.calls == [("gradient_ascent", "a")] and len(store.trajectories()) == 1
+    assert federation.calls == [("client_unlearning", "a")] and len(store.trajectories()) == 1
 
 
 def test_client_that_never_took_part_changes_nothing(tmp_path):
@@ -396,8 +396,8 @@ def test_radius_from_random_models(tmp_path):
     federation = toy_federation(store, examples, "a")
     outcome = gradient_ascent(model_factory=module_factory, recovery_rounds=0).unlearn(
         UnlearningRequest(frozenset({"a"}), 2, seed=5), store.reader(), federation)
-    expected = random_model_radius(federation.ascents[0][2], module_factory, seed=5)
-    assert federation.ascents[0][3].radius == pytest.approx(expected)
+    expected = random_model_radius(federation.client_steps[0][1], module_factory, seed=5)
+    assert federation.client_steps[0][2].radius == pytest.approx(expected)
     assert outcome.details["radius"] == pytest.approx(expected)
 
 
@@ -410,7 +410,7 @@ def test_end_to_end_with_the_real_ascent(tmp_path):
     outcome = gradient_ascent(ascent_radius=0.5, ascent_lr=0.5, ascent_epochs=2.0, ascent_batch_size=16,
                               ascent_accuracy_floor=0.0, recovery_rounds=0).run(
         UnlearningRequest(frozenset({"a"}), 2), store.reader(), federation)
-    reference = federation.ascents[0][2]
+    reference = federation.client_steps[0][1]
     assert parameter_distance(load(linear(), outcome.model), reference) <= 0.5 * (1 + 1e-6)
     # The client's own count of ascent epochs is what the federation handle meters (it may stop at the floor).
     assert 0 < outcome.details["ascent_epochs"] <= 2.0

@@ -17,6 +17,7 @@ from fedforget.arrays import Arrays
 from fedforget.strategies import base
 from fedforget.strategies.base import (
     AscentSettings,
+    ClientMethod,
     ClientUpdate,
     Federation,
     HistoryView,
@@ -66,9 +67,7 @@ class SlowClients(Federation):
     def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
         self.recorded.append(server_round)
 
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
         self.clock.now += self.client_seconds
         return model, 2.5
 
@@ -89,7 +88,7 @@ class Busy(Unlearner):
         self.clock.now += 1.0
         federation.local_training(2, MODEL, local_epochs=0.5, clients=["b", "c"])
         self.clock.now += 1.0
-        federation.gradient_ascent("u", MODEL, MODEL, AscentSettings(radius=1.0))
+        federation.client_unlearning("u", MODEL, AscentSettings(radius=1.0))
         federation.start_trajectory(0, {})
         federation.record_round(3, MODEL, [])
         self.clock.now += 1.0
@@ -111,7 +110,7 @@ def test_each_request_is_one_round_trip_and_epochs_are_summed_over_answers(clock
     assert (meter.round_trips, meter.client_epochs) == (2, 3.0 + 3 * 0.5)
     meter.local_training(2, MODEL, local_epochs=2.0, clients=["c"])  # one client asked: still one round trip
     assert (meter.round_trips, meter.client_epochs) == (3, 4.5 + 2.0)
-    meter.gradient_ascent("u", MODEL, MODEL, AscentSettings(radius=1.0))
+    meter.client_unlearning("u", MODEL, AscentSettings(radius=1.0))
     assert (meter.round_trips, meter.client_epochs) == (4, 6.5 + 2.5)
     meter.start_trajectory(0, {})
     meter.record_round(3, MODEL, [])

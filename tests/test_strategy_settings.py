@@ -97,7 +97,7 @@ def test_a_setting_of_another_strategy_names_its_owners() -> None:
     with pytest.raises(SettingsError) as caught:
         StrategyChoice("replay", {"calibration-ratio": 0.5})
     assert str(caught.value) == "setting 'calibration-ratio' does not apply to strategy 'replay': it is a setting of calibrated"
-    with pytest.raises(SettingsError, match="it is a setting of subtract, fedrecovery, gradient-ascent"):
+    with pytest.raises(SettingsError, match="it is a setting of subtract, fedrecovery, gradient-ascent, relabel, misdirect"):
         StrategyChoice("retrain", {"recovery_rounds": 1})  # Python field names are accepted too
 
 
@@ -110,7 +110,7 @@ def test_settings_are_named_by_option_or_field_and_recorded_in_full() -> None:
 
 def test_one_option_may_have_a_different_default_per_strategy() -> None:
     option = setting_options()["recovery-rounds"]
-    assert option.defaults == {"subtract": 3, "fedrecovery": 0, "gradient-ascent": 2}
+    assert option.defaults == {"subtract": 3, "fedrecovery": 0, "gradient-ascent": 2, "relabel": 2, "misdirect": 2}
     assert option.info.kind is int
 
 
@@ -150,7 +150,7 @@ def test_an_unknown_strategy_lists_the_known_ones() -> None:
         unlearner_class("fedrecover")
     assert str(caught.value) == (
         "unknown unlearning strategy 'fedrecover'; available: retrain, replay, subtract, calibrated, fedrecovery, "
-        "gradient-ascent"
+        "gradient-ascent, relabel, misdirect"
     )
 
 

@@ -65,8 +65,13 @@ def test_verification_document_has_the_documented_shape(verified_run):
         for figure in ("test_accuracy", "forget_accuracy", "backdoor_asr", "mia_auc"):
             assert 0.0 <= entry[role][figure] <= 1.0, (role, figure)
         assert 0.0 <= entry[role]["lira_auc"] <= 1.0
+        assert 0.0 <= entry[role]["remaining_accuracy"] <= 1.0
+        assert len(entry[role]["class_accuracy"]) == 10 and all(0.0 <= a <= 1.0 for a in entry[role]["class_accuracy"])
     assert set(entry["distance_to_retrain"]) >= {"l2", "js"}
     assert entry["evidence_seconds"] < 30
+    # Exact retraining forgets exactly as much as the retrain: never over-forgetting.
+    assert entry["over_forgetting"]["flagged"] is False and entry["over_forgetting"]["forget_gap_pts"] == 0.0
+    assert entry["over_forgetting"]["seeds_flagged"] == 0
 
 
 def test_original_model_remembers_the_canary_and_the_retrain_does_not(verified_run):
@@ -130,7 +135,8 @@ def test_client_verify_rejects_a_bad_data_file(verified_run, tmp_path):
 
 def test_seeds_are_summarised_by_mean_and_sample_std():
     def doc(seed, asr):
-        figures = {"test_accuracy": 0.9, "forget_accuracy": 0.8, "backdoor_asr": asr, "mia_auc": 0.5}
+        figures = {"test_accuracy": 0.9, "forget_accuracy": 0.8, "backdoor_asr": asr, "mia_auc": 0.5,
+                   "class_accuracy": [0.9, 0.7 + 0.1 * seed]}
         return {
             "seed": seed, "trigger": None, "backdoor_clients": ["1"],
             "unlearning": [{
@@ -138,6 +144,7 @@ def test_seeds_are_summarised_by_mean_and_sample_std():
                 "original": figures, "unlearned": figures, "retrain": figures,
                 "distance_to_retrain": {"l2": 0.0, "js": 0.0},
                 "evidence_seconds": 1.0, "shadow_training_seconds": 2.0,
+                "over_forgetting": {"flagged": seed == 2},
             }],
         }
 
@@ -146,4 +153,8 @@ def test_seeds_are_summarised_by_mean_and_sample_std():
     assert original["backdoor_asr"] == pytest.approx(0.9)
     assert original["backdoor_asr_std"] == pytest.approx(0.1)
     assert original["test_accuracy_std"] == 0.0
+    assert original["class_accuracy"] == pytest.approx([0.9, 0.8])  # per class, over seeds
+    assert original["class_accuracy_std"] == pytest.approx([0.0, 0.1])
+    judged = summary["unlearning"][0]["over_forgetting"]
+    assert judged["flagged"] is False and judged["seeds_flagged"] == 1  # identical models: the mean is not flagged
     assert summary["seeds"] == [0, 1, 2]

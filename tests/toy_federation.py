@@ -26,7 +26,7 @@ import numpy as np
 
 from fedforget.arrays import Arrays
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.strategies.base import AscentSettings, ClientUpdate, Federation, RoundResult
+from fedforget.strategies.base import ClientMethod, ClientUpdate, Federation, RoundResult
 
 Trainer = Callable[[str, Arrays, float, int], Arrays]
 """A client's local training: (client id, model it starts from, local epochs, server round) → its update."""
@@ -34,7 +34,8 @@ Trainer = Callable[[str, Arrays, float, int], Arrays]
 HandUpdate = Callable[[int, str, Arrays], Arrays]
 """What client ``c`` sent in round ``r`` of the recorded history, given the model it trained from."""
 
-Ascent = Callable[[str, Arrays, Arrays, AscentSettings], tuple[Arrays, float]]
+ClientStep = Callable[[str, Arrays, ClientMethod], tuple[Arrays, float]]
+"""The withdrawing client's own unlearning: (client id, model it starts from, method) → its model, epochs."""
 
 
 # --------------------------------------------------------------------------- plain float64 maths
@@ -150,7 +151,7 @@ class ToyFederation(Federation):
     that record nothing.
 
     ``calls`` logs every request in order as (kind, round or client); the
-    richer logs (``local_calls``, ``started``, ``recorded``, ``ascents``)
+    richer logs (``local_calls``, ``started``, ``recorded``, ``client_steps``)
     keep the arguments. Recorded updates are not kept here (a test reads
     them back from the store), so that holding them never hides a leak.
     """
@@ -163,7 +164,7 @@ class ToyFederation(Federation):
         *,
         withdrawn: Sequence[str] = (),
         offline: Sequence[str] = (),
-        ascent: Ascent | None = None,
+        client_step: ClientStep | None = None,
         round_epochs: float = 1.0,
     ) -> None:
         self.store = store
@@ -173,12 +174,12 @@ class ToyFederation(Federation):
         self.trainer = trainer
         self.withdrawn = set(withdrawn)
         self.offline = set(offline)
-        self.ascent = ascent
+        self.client_step = client_step
         self.calls: list[tuple[str, object]] = []
         self.local_calls: list[LocalCall] = []
         self.started: list[tuple[int, dict[str, object]]] = []
         self.recorded: list[tuple[int, list[str]]] = []
-        self.ascents: list[tuple[str, Arrays, Arrays, AscentSettings]] = []
+        self.client_steps: list[tuple[str, Arrays, ClientMethod]] = []
         self.round_clients: list[tuple[str, ...] | None] = []
         """The ``clients=`` of every ``train_round``, in order (None: the federation's own choice)."""
 
@@ -240,14 +241,12 @@ class ToyFederation(Federation):
             raise AssertionError("this test's federation has no store: the strategy was not expected to record")
         return self.store
 
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
-        self.calls.append(("gradient_ascent", client_id))
-        self.ascents.append((client_id, model, reference, settings))
-        if self.ascent is None:
-            raise AssertionError("this test's strategy was not expected to ask for gradient ascent")
-        return self.ascent(client_id, model, reference, settings)
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
+        self.calls.append(("client_unlearning", client_id))
+        self.client_steps.append((client_id, model, method))
+        if self.client_step is None:
+            raise AssertionError("this test's strategy was not expected to ask a client to unlearn itself")
+        return self.client_step(client_id, model, method)
 
 
 # --------------------------------------------------------------------------- a history in memory

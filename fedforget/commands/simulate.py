@@ -90,7 +90,8 @@ def simulate_command(
         typer.Option(
             help="Unlearning strategy: retrain (exact), subtract (the client's own contributions, in stages), "
             "replay (FedRecover: history replay with estimated updates), calibrated (FedEraser), fedrecovery "
-            "(FedRecovery), gradient-ascent (Halimi et al.); their settings are under Strategy settings."
+            "(FedRecovery), gradient-ascent (Halimi et al.), relabel (fine-tuning with wrong labels), misdirect "
+            "(RMU-style misdirection); their settings are under Strategy settings."
         ),
     ] = _DEFAULTS["strategy"],
     retention_interval: Annotated[

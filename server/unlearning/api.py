@@ -119,7 +119,7 @@ class Unlearning:
         """Remove ``clients``' contributions from the global model, now; return the model to continue from.
 
         ``strategy`` is a name (``retrain``, ``subtract``, ``replay``,
-        ``calibrated``, ``fedrecovery``, ``gradient-ascent``, or one you
+        ``calibrated``, ``fedrecovery``, ``gradient-ascent``, ``relabel``, ``misdirect``, or one you
         registered) or an :class:`~fedforget.strategies.base.Unlearner`;
         ``settings`` are the named strategy's settings by option name (e.g.
         ``{"recovery-rounds": 2}``); it learns the federation's own epochs and

@@ -25,7 +25,8 @@ from fedforget.errors import FedforgetError
 from fedforget.server.rounds.one_round import RunError, train_recorded_round
 from fedforget.server.rounds.recording import Contribution, RecordingFedAvg
 from fedforget.server.unlearning.events import UNLEARNING_KIND
-from fedforget.strategies.base import AscentSettings, ClientOfflineError, ClientUpdate, Federation, RoundResult
+from fedforget.strategies.base import ClientOfflineError, ClientUpdate, Federation, RoundResult
+from fedforget.strategies.client_methods import ClientMethod, method_config
 
 _log = getLogger(__name__)
 
@@ -184,46 +185,28 @@ class FlowerFederation(Federation):
         )
         self.strategy.flush()
 
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
-        grid = self._connected("gradient ascent")
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
+        grid = self._connected(f"client-side unlearning ({method.method})")
         clients = self.strategy.identities.resolve(grid, list(grid.get_node_ids()))
         node = next((n for n, c in clients.items() if c == client_id), None)
         if node is None:
             raise ClientOfflineError(
-                f"client {client_id} is not connected: gradient-ascent unlearning needs the withdrawing "
-                "client online; use a strategy that needs no work from it (retrain, calibrated, subtract)"
+                f"client {client_id} is not connected: client-side unlearning ({method.method}) needs the "
+                "withdrawing client online; use a strategy that needs no work from it (retrain, calibrated, subtract)"
             )
-        config = ConfigRecord(
-            {
-                wire.ASCENT_RADIUS: settings.radius,
-                wire.LEARNING_RATE: settings.lr,
-                wire.LOCAL_EPOCHS: settings.epochs,
-                wire.BATCH_SIZE: settings.batch_size,
-                wire.ASCENT_ACCURACY_FLOOR: settings.accuracy_floor,
-                wire.ASCENT_MOMENTUM: settings.momentum,
-                wire.SEED: self.train_config.get(wire.SEED, 0),
-            }
-        )
-        if settings.clip_norm is not None:
-            config[wire.ASCENT_CLIP_NORM] = settings.clip_norm
-        content = RecordDict(
-            {
-                wire.ARRAYS_KEY: wire.record_from_arrays(model),
-                wire.REFERENCE_KEY: wire.record_from_arrays(reference),
-                wire.CONFIG_KEY: config,
-            }
-        )
-        message = Message(content=content, message_type=wire.ASCENT_MESSAGE, dst_node_id=node)
+        config = ConfigRecord({**method_config(method), wire.SEED: self.train_config.get(wire.SEED, 0)})
+        content = RecordDict({wire.ARRAYS_KEY: wire.record_from_arrays(model), wire.CONFIG_KEY: config})
+        message = Message(content=content, message_type=wire.CLIENT_UNLEARNING_MESSAGE, dst_node_id=node)
         replies = list(grid.send_and_receive([message], timeout=self.round_timeout))
         if not replies:
-            raise ClientOfflineError(f"client {client_id} did not answer the gradient-ascent request in time")
+            raise ClientOfflineError(
+                f"client {client_id} did not answer the client-side unlearning ({method.method}) request in time"
+            )
         (reply,) = replies
         if reply.has_error():
-            raise RunError(f"client {client_id} failed its gradient ascent: {reply.error.reason}")
+            raise RunError(f"client {client_id} failed its client-side unlearning ({method.method}): {reply.error.reason}")
         metrics = next(iter(reply.content.metric_records.values()))
         return (
             wire.arrays_from_record(reply.content.array_records[wire.ARRAYS_KEY]),
-            float(metrics.get(wire.LOCAL_EPOCHS, settings.epochs)),
+            float(metrics[wire.LOCAL_EPOCHS]),  # type: ignore[arg-type]
         )
