@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedforget.errors import FedforgetError
 from fedforget.server.state_dir import StateDir
+from fedforget.server.store.update_encoding import UPDATE_ENCODING_HELP, UpdateEncoding
 
 UNLEARNING_PREFIX = "unlearning."
 """Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``):
@@ -199,8 +200,10 @@ class _Reader:
                 f"shards ({config.shards}) must be at most min-nodes ({config.min_nodes}): the shards are formed "
                 "from the organisations connected at the start, and every shard needs one"
             )
-        if config.store_dtype not in ("float32", "float16"):
-            self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
+        try:
+            UpdateEncoding.parse(config.store_dtype)
+        except ValueError:
+            self._errors.append(f"store-dtype must be {UPDATE_ENCODING_HELP}, got {config.store_dtype!r}")
 
     def raise_errors(self) -> None:
         if self._errors:

@@ -57,6 +57,10 @@ def bench_unlearning(
     round_cost: Annotated[
         float, typer.Option(help="Seconds a deployed round trip costs, for the modelled deployment speed-up.")
     ] = 9.7,
+    store_dtype: Annotated[
+        str, typer.Option(help="How the history stores updates: float32, float16, int8 or topk:F (e.g. topk:0.05).")
+    ] = "float32",
+    retention_interval: Annotated[int, typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")] = 1,
 ) -> None:
     """Every unlearning strategy against exact retraining: forgetting, accuracy, and cost in client work."""
     from dataclasses import replace
@@ -78,6 +82,7 @@ def bench_unlearning(
     with _simulation_failures():
         if variant:
             plan = plan.only(variant)
+        plan = plan.with_history(store_dtype, retention_interval)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
 
 
@@ -162,6 +167,34 @@ def bench_overhead(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+@bench_app.command("memory")
+def bench_memory(
+    out: Annotated[Path, typer.Option(help="Directory for the histories and bench-memory.json.")] = Path(
+        "runs/bench-memory"
+    ),
+    model: Annotated[str, typer.Option(help="The model whose shapes the history has.")] = "resnet-small",
+    rounds: Annotated[str, typer.Option(help="Round counts to compare, comma-separated.")] = "10,40",
+    clients: Annotated[int, typer.Option(help="Clients in every round.")] = 3,
+    store_dtype: Annotated[str, typer.Option(help="How the history stores updates.")] = "float16",
+    strategy: Annotated[
+        Optional[list[str]], typer.Option(help="Strategies to measure (repeatable).", show_default="all that read history")
+    ] = None,
+) -> None:
+    """An unlearning's peak memory on histories of different lengths, same model: does it stream?"""
+    from fedforget.simulations.bench_memory import DEFAULT_STRATEGIES, MemoryPlan, run_memory_benchmark
+
+    try:
+        counts = tuple(int(part) for part in rounds.split(","))
+    except ValueError:
+        fail(f"--rounds {rounds!r}: expected comma-separated whole numbers, e.g. 10,40", ExitCode.USAGE)
+    plan = MemoryPlan(model, counts, clients, store_dtype, tuple(strategy or DEFAULT_STRATEGIES))
+    with _simulation_failures():
+        document = run_memory_benchmark(plan, out)
+    for name, growth in document["growth"].items():  # type: ignore[union-attr]
+        print(f"{name:12s} peak RSS x{growth['peak_rss_ratio']:.2f}, traced peak x{growth['traced_peak_ratio']:.2f} "
+              f"from {min(counts)} to {max(counts)} rounds")
 
 
 @bench_app.command("deployment")
