@@ -12,15 +12,16 @@ clients in every round, Gaussian updates of the model's shapes; the numbers
 do not matter for memory), then each strategy unlearns client ``0`` in a
 fresh Python process that imports neither torch nor Flower. Its clients are
 a :class:`NoiseFederation` (in-process, answering with Gaussian updates).
-The child reports its peak resident set size (``getrusage``) before and
-after the unlearning, and the peak of numpy's and Python's allocations
-during it (``tracemalloc``), which excludes the interpreter and libraries.
+The child reports its peak resident set size (``VmHWM`` in
+``/proc/self/status``; not ``getrusage``, whose ``ru_maxrss`` Linux carries
+over from the parent across ``execve``) before and after the unlearning,
+and the peak of numpy's and Python's allocations during it
+(``tracemalloc``), which excludes the interpreter and libraries.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,14 @@ class NoiseFederation(Federation):
         raise NotImplementedError("bench memory does not measure gradient ascent (it needs the client's data)")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux ``VmHWM``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("bench memory reads the peak RSS from /proc/self/status (VmHWM): it runs on Linux only")
+
+
 def measure_unlearning(store_path: Path, strategy: str) -> dict[str, float]:
     """In this process: unlearn client 0 from the store's first trajectory with ``strategy``; memory figures (MiB)."""
     with HistoryStore.open(store_path) as store:
@@ -117,12 +126,12 @@ def measure_unlearning(store_path: Path, strategy: str) -> dict[str, float]:
         rounds = store.last_completed_round()
         clients = store.reader().clients()
         unlearner = StrategyChoice(strategy).build(UnlearningContext(local_epochs=1.0))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before = peak_rss_mib()
         tracemalloc.start()
         unlearner.run(UnlearningRequest(frozenset({WITHDRAWN}), rounds), store.reader(), NoiseFederation(store, clients))
         _, traced = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        after = peak_rss_mib()
         model_mib = store.model_spec.nbytes / 2**20
     return {"peak_rss_mib": after, "rss_before_mib": before, "traced_peak_mib": traced / 2**20,
             "traced_peak_models": traced / 2**20 / model_mib, "model_mib": model_mib}

@@ -154,16 +154,26 @@ def bench_overhead(
     dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
     clients: Annotated[int, typer.Option(help="Simulated clients.")] = 10,
     rounds: Annotated[int, typer.Option(help="Rounds per configuration.")] = 10,
+    model: Annotated[
+        Optional[str], typer.Option(help="Another model: resnet-small (~1.2M parameters) or package.module:function.",
+                                    show_default="the dataset's CNN")
+    ] = None,
+    store_dtype: Annotated[
+        Optional[list[str]], typer.Option(help="Also measure this update encoding, e.g. topk:0.05 (repeatable).",
+                                          show_default="fp32 and fp16 only")
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Also write the figures as JSON here.", show_default="not written")
     ] = None,
 ) -> None:
-    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
+    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16, others)."""
     require_dataset(dataset)
     from fedforget.simulations.bench_overhead import run_overhead_benchmark
 
     with _simulation_failures():
-        result = run_overhead_benchmark(dataset=dataset, clients=clients, rounds=rounds)
+        result = run_overhead_benchmark(
+            dataset=dataset, clients=clients, rounds=rounds, model=model, encodings=tuple(store_dtype or ())
+        )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
