@@ -181,7 +181,7 @@ def test_a_model_factory_s_training_defaults_replace_the_dataset_s(tmp_path, pla
     [
         ("toy_models:negative_lr", "training_defaults['lr'] must be a positive number"),
         ("toy_models:nothing_here", "cannot be loaded"),
-        ("digits", "'digits' is not known: choose one of resnet-small"),
+        ("digits", "unknown model 'digits': choose one of resnet-small"),
     ],
 )
 def test_an_unusable_model_factory_is_a_usage_error(tmp_path, planned_runs, spec, message):
@@ -384,3 +384,10 @@ def test_an_optional_setting_still_checks_its_values(tmp_path, simulated):
                                        "--calibration-ratio", "none"])
     assert not_optional.exit_code == 2 and "Invalid value for '--calibration-ratio'" in not_optional.output
     assert len(simulated) == 1
+
+
+def test_a_named_model_brings_its_training_defaults(tmp_path, planned_runs):
+    result = runner.invoke(app, ["simulate", "--dataset", "mnist", "--model", "resnet-small", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    (config, _), = planned_runs
+    assert (config.model, config.lr, config.batch_size, config.local_epochs) == ("resnet-small", 0.01, 32, 1)
