@@ -200,7 +200,7 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
     result: dict[str, object] = {"model_bytes_fp32": measured.model_bytes, "configurations": {}}
     for name in measured.configurations:
         median = statistics.median(measured.round_seconds[name])
-        entry: dict[str, float] = {"round_time_ratio": median / base}
+        entry: dict[str, float] = {"round_time_ratio": median / base, "round_seconds_median": median}
         if name != "off":
             recording = statistics.mean(measured.recording_seconds[name])
             entry["recording_share_of_round"] = recording / median
