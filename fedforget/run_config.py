@@ -18,6 +18,7 @@ from pathlib import Path
 from fedforget.errors import FedforgetError
 from fedforget.privacy import PrivacyError, PrivacySettings
 from fedforget.server.state_dir import StateDir
+from fedforget.server.store.update_encoding import UPDATE_ENCODING_HELP, UpdateEncoding
 
 UNLEARNING_PREFIX = "unlearning."
 """Strategy settings live under ``[tool.flwr.app.config.unlearning]`` (``unlearning.calibration-ratio``):
@@ -232,8 +233,10 @@ class _Reader:
                 self._errors.append("dp with shards > 1 is not supported: each shard would be its own DP release")
         elif config.noise_multiplier or config.clipping_norm:
             self._errors.append("noise-multiplier and clipping-norm set differential privacy up: give dp too")
-        if config.store_dtype not in ("float32", "float16"):
-            self._errors.append(f"store-dtype must be float32 or float16, got {config.store_dtype!r}")
+        try:
+            UpdateEncoding.parse(config.store_dtype)
+        except ValueError:
+            self._errors.append(f"store-dtype must be {UPDATE_ENCODING_HELP}, got {config.store_dtype!r}")
 
     def raise_errors(self) -> None:
         if self._errors:

@@ -67,6 +67,14 @@ def run_markdown(run: Mapping[str, object]) -> str:
         "",
         _HEADER,
     ]
+    store: Mapping[str, object] = run.get("store") or {}  # type: ignore[assignment]
+    if "bytes_ratio_to_fp32" in store:
+        lines[1:1] = [
+            "",
+            f"History: updates stored as `{store['update_encoding']}`, Δt {store['retention_interval']}: "
+            f"{store['update_bytes_per_client_round']:.0f} bytes per client-round, "
+            f"{store['bytes_ratio_to_fp32']:.3f}x the fp32 model's {store['fp32_model_bytes']:.0f} bytes.",
+        ]
     for label, f in strategies.items():
         if label == "retrain":
             continue

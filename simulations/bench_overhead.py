@@ -1,7 +1,9 @@
 """``fedforget bench overhead``: what recording history costs, measured side by side.
 
 One simulation engine session trains the same federation with Flower's plain
-``FedAvg`` and with fedforget's ``RecordingFedAvg`` (fp32 and fp16 stores),
+``FedAvg`` and with fedforget's ``RecordingFedAvg`` (fp32 and fp16 stores, and
+any other update encoding asked for, e.g. ``topk:0.05``), with the dataset's
+CNN or another ``--model`` (``resnet-small``: ~1.2M parameters),
 interleaved in repeated blocks so that drift on a shared machine hits every
 configuration alike. It prints ratios, never absolute verdicts: per-round time
 with recording over time without, and stored bytes per client-round over the
@@ -29,21 +31,28 @@ from fedforget import wire
 from fedforget.client.app import make_client_app, model_arrays
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.store.index import Index
+from fedforget.server.store.update_encoding import UpdateEncoding
 from fedforget.server.rounds.recording import RecordingFedAvg
 from fedforget.simulations.models import build_model
 from fedforget.simulations.ray_engine import quiet_engines, run_on_ray
 from fedforget.simulations.task import DataSettings, SimulationTask
 
 CONFIGURATIONS = ("off", "fp32", "fp16")
+_ENCODING = {"fp32": "float32", "fp16": "float16"}
 
 
 @dataclass
 class _Measurements:
-    round_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
-    recording_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
-    authentication_seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONFIGURATIONS})
+    configurations: tuple[str, ...] = CONFIGURATIONS
+    round_seconds: dict[str, list[float]] = field(default_factory=dict)
+    recording_seconds: dict[str, list[float]] = field(default_factory=dict)
+    authentication_seconds: dict[str, list[float]] = field(default_factory=dict)
     bytes_per_client_round: dict[str, float] = field(default_factory=dict)
     model_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for figures in (self.round_seconds, self.recording_seconds, self.authentication_seconds):
+            figures.update({c: [] for c in self.configurations})
 
 
 class _TimedStore:
@@ -109,15 +118,28 @@ def _round_times(grid: Grid, strategy: FedAvg, initial: ArrayRecord, rounds: int
 
 
 def run_overhead_benchmark(
-    *, dataset: str = "digits", clients: int = 10, rounds: int = 10, blocks: int = 2
+    *,
+    dataset: str = "digits",
+    clients: int = 10,
+    rounds: int = 10,
+    blocks: int = 2,
+    model: str | None = None,
+    encodings: tuple[str, ...] = (),
 ) -> dict[str, object]:
-    """Measure and print recording overhead; return the figures."""
+    """Measure and print recording overhead; return the figures.
+
+    ``model``: another model than the dataset's CNN (a name or
+    ``package.module:function``); ``encodings``: update encodings measured
+    besides fp32 and fp16 (e.g. ``("topk:0.05",)``).
+    """
     if clients < 2 or rounds < 3:
         raise ValueError("the benchmark needs at least 2 clients and 3 rounds per configuration")
+    for encoding in encodings:
+        UpdateEncoding.parse(encoding)
     quiet_engines()
     console = Console()
-    measured = _Measurements()
-    initial_arrays = model_arrays(build_model(dataset, seed=0))
+    measured = _Measurements(CONFIGURATIONS + tuple(e for e in encodings if e not in _ENCODING.values()))
+    initial_arrays = model_arrays(build_model(model or dataset, seed=0))
     spec = ModelSpec.from_arrays(initial_arrays)
     measured.model_bytes = spec.nbytes
     options = {"fraction_evaluate": 0.0, "min_train_nodes": clients, "min_available_nodes": clients}
@@ -128,7 +150,7 @@ def run_overhead_benchmark(
     def main(grid: Grid, context: Context) -> None:
         initial = wire.record_from_arrays(initial_arrays)
         for block in range(blocks):
-            for name in CONFIGURATIONS:
+            for name in measured.configurations:
                 console.print(f"  block {block + 1}/{blocks}: recording {name} ...")
                 if name == "off":
                     times = _round_times(grid, FedAvg(**options), initial, rounds)
@@ -138,7 +160,7 @@ def run_overhead_benchmark(
                     workdir / f"{name}-{block}",
                     federation_id="bench-overhead",
                     model_spec=spec,
-                    update_dtype="float16" if name == "fp16" else "float32",
+                    update_dtype=_ENCODING.get(name, name),
                 ) as store:
                     timed = _TimedStore(store)
                     strategy = RecordingFedAvg(timed, **options)  # type: ignore[arg-type]
@@ -150,10 +172,13 @@ def run_overhead_benchmark(
                     stats = store.stats()
                     measured.bytes_per_client_round[name] = stats.update_bytes / stats.update_blobs
 
-    console.print(f"[bold]bench overhead[/]: {dataset}, {clients} clients, {rounds} rounds x {blocks} blocks")
+    console.print(
+        f"[bold]bench overhead[/]: {dataset}, {model or 'its CNN'} ({spec.num_params} parameters), {clients} clients, "
+        f"{rounds} rounds x {blocks} blocks"
+    )
     run_on_ray(
         server_app=app,
-        client_app=make_client_app(SimulationTask(DataSettings(dataset=dataset, num_clients=clients))),
+        client_app=make_client_app(SimulationTask(DataSettings(dataset=dataset, num_clients=clients), model=model)),
         num_supernodes=clients,
         verbose=False,
         say=console.print,
@@ -173,9 +198,9 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
     ):
         table.add_column(column, justify="right")
     result: dict[str, object] = {"model_bytes_fp32": measured.model_bytes, "configurations": {}}
-    for name in CONFIGURATIONS:
+    for name in measured.configurations:
         median = statistics.median(measured.round_seconds[name])
-        entry: dict[str, float] = {"round_time_ratio": median / base}
+        entry: dict[str, float] = {"round_time_ratio": median / base, "round_seconds_median": median}
         if name != "off":
             recording = statistics.mean(measured.recording_seconds[name])
             entry["recording_share_of_round"] = recording / median

@@ -16,6 +16,13 @@ computation measured in this run.
 
 Every tunable setting of every strategy was chosen on digits (the quick
 run); MNIST and Fashion-MNIST are held out, measured by the full run.
+
+``--store-dtype`` (e.g. ``int8``, ``topk:0.05``) and ``--retention-interval``
+record the history as a deployment with that setting would, so the figures
+say what a lossy or thinned history costs every strategy that reads it
+(retrain reads nothing, so its figures are the same yardstick); ``store``
+in ``bench.json`` gives the update bytes per client-round against the fp32
+model's bytes.
 """
 
 from __future__ import annotations
@@ -154,6 +161,14 @@ class BenchPlan:
     round_cost: float = DEPLOYED_ROUND_SECONDS
     full: bool = False
 
+    def with_history(self, store_dtype: str, retention_interval: int) -> BenchPlan:
+        """The same plan recording every federation's history with this update encoding and Δt."""
+        runs = tuple(
+            replace(run, config=replace(run.config, store_dtype=store_dtype, retention_interval=retention_interval))
+            for run in self.runs
+        )
+        return replace(self, runs=runs)
+
     @classmethod
     def quick(cls, seeds: int = 3) -> BenchPlan:
         return cls(runs=(quick_run(),), variants=DEFAULT_VARIANTS + CALIBRATED_GRID, seeds=seeds)
@@ -205,19 +220,26 @@ class BenchPlan:
 # --------------------------------------------------------------------------- one session
 
 
-def _unlearn_every_way(run: BenchRun, variants: Sequence[Variant], out: Path) -> dict[str, dict[str, object]]:
-    """Train once with history, then unlearn the same client with every variant (one simulation session)."""
+def _unlearn_every_way(
+    run: BenchRun, variants: Sequence[Variant], out: Path
+) -> tuple[dict[str, dict[str, object]], dict[str, float]]:
+    """Train once with history, then unlearn the same client with every variant (one simulation session).
+
+    Returns each variant's measured cost, and the recorded history's size
+    (:func:`_history_size`) before any unlearning added to it.
+    """
     config = run.config
-    initial = model_arrays(build_model(config.dataset, seed=config.seed))
+    initial = model_arrays(build_model(config.model_spec, seed=config.seed))
     context = config.unlearning_context()
     results: dict[str, dict[str, object]] = {}
+    history: dict[str, float] = {}
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, _: Context) -> None:
         with HistoryStore.create(
             out / "store", federation_id=f"bench-{config.seed}", model_spec=ModelSpec.from_arrays(initial),
-            retention_interval=config.retention_interval,
+            retention_interval=config.retention_interval, update_dtype=config.store_dtype,
         ) as store:
             strategy = RecordingFedAvg(
                 store, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, privacy=config.privacy()
@@ -232,6 +254,7 @@ def _unlearn_every_way(run: BenchRun, variants: Sequence[Variant], out: Path) ->
                 ),
             )
             federated.execute(initial)
+            history.update(_history_size(store))
             source = store.current_trajectory()
             strategy.exclude([run.client])
             for variant in variants:
@@ -256,7 +279,20 @@ def _unlearn_every_way(run: BenchRun, variants: Sequence[Variant], out: Path) ->
     missing = [v.label for v in variants if v.label not in results]
     if missing:
         raise RuntimeError(f"the benchmark session ended early; variants not measured: {missing}")
-    return results
+    return results, history
+
+
+def _history_size(store: HistoryStore) -> dict[str, float]:
+    """Stored update bytes per client-round (Δt's unstored rounds count as 0), and that over the fp32 model's bytes."""
+    stats = store.stats()
+    per_client_round = stats.update_bytes / max(stats.client_rounds, 1)
+    return {
+        "update_bytes_per_client_round": per_client_round,
+        "fp32_model_bytes": float(store.model_spec.nbytes),
+        "bytes_ratio_to_fp32": per_client_round / store.model_spec.nbytes,
+        "client_rounds": float(stats.client_rounds),
+        "retained_updates": float(stats.retained_updates),
+    }
 
 
 def _figures(
@@ -271,7 +307,7 @@ def _figures(
             label: store.reader(int(m["trajectory"])).model(config.rounds)  # type: ignore[call-overload]
             for label, m in measured.items()
         }
-    modules = {label: model_from_arrays(config.dataset, arrays) for label, arrays in models.items()}
+    modules = {label: model_from_arrays(config.model_spec, arrays) for label, arrays in models.items()}
     figures = {label: _model_figures(module, data, trigger) for label, module in modules.items()}
     retrain, base = figures["retrain"], _costs(measured["retrain"])
 
@@ -346,6 +382,8 @@ class RunResult:
     per_seed: list[dict[str, dict[str, float]]] = field(default_factory=list)
     privacy: list[dict[str, object]] = field(default_factory=list)
     """Each seed's DP account (as ``report.json``'s ``privacy``); empty without ``--dp``."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Each seed's recorded history size (:func:`_history_size`)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -357,6 +395,11 @@ class RunResult:
             "strategies": self.summary,
             "per_seed": self.per_seed,
             "privacy": self.privacy or None,
+            "store": {
+                "update_encoding": self.run.config.store_dtype,
+                "retention_interval": self.run.config.retention_interval,
+                **(mean_std(self.history) if self.history else {}),
+            },
         }
 
 
@@ -370,6 +413,7 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
     for number, run in enumerate(plan.runs, start=1):
         per_seed: list[dict[str, dict[str, float]]] = []
         privacy: list[dict[str, object]] = []
+        sizes: list[dict[str, float]] = []
         for index in range(plan.seeds):
             seeded = replace(run, config=replace(run.config, seed=run.config.seed + index))
             console.print(
@@ -379,14 +423,15 @@ def run_unlearning_benchmark(plan: BenchPlan, out: Path, console: Console | None
             )
             workdir = Path(tempfile.mkdtemp(prefix=f"{run.config.dataset}-{run.config.partition}-{seeded.config.seed}-",
                                             dir=out))
-            measured = _unlearn_every_way(seeded, plan.variants, workdir)
+            measured, size = _unlearn_every_way(seeded, plan.variants, workdir)
+            sizes.append(size)
             per_seed.append(_figures(seeded, workdir, measured, plan.round_cost))
             settings = seeded.config.privacy()
             if settings is not None:
                 with HistoryStore.open(workdir / "store") as store:
                     privacy.append(privacy_report(store, settings))
         result = RunResult(
-            run, {label: summarise([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed, privacy
+            run, {label: summarise([s[label] for s in per_seed]) for label in per_seed[0]}, per_seed, privacy, sizes
         )
         results.append(result)
         print_table(console, result, plan.seeds)
@@ -478,6 +523,13 @@ def print_table(console: Console, result: RunResult, seeds: int) -> None:
         table.add_row(label, *(f"{fmt.format(figures[key])} ± {fmt.format(figures[key + '_std']).lstrip('+')}"
                                for key, _, fmt in _COLUMNS))
     console.print(table)
+    if result.history:
+        size = mean_std(result.history)
+        console.print(
+            f"history: updates stored as {result.run.config.store_dtype}, Δt {result.run.config.retention_interval}: "
+            f"{size['update_bytes_per_client_round']:.0f} bytes per client-round = "
+            f"{size['bytes_ratio_to_fp32']:.3f} x the fp32 model ({size['fp32_model_bytes']:.0f} bytes)"
+        )
 
 
 def plot_pareto(path: Path, results: list[RunResult]) -> None:

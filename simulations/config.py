@@ -14,17 +14,18 @@ from typing import TYPE_CHECKING
 from fedforget.errors import FedforgetError
 from fedforget.privacy import PrivacyError, PrivacySettings
 from fedforget.sharding import ShardingError, check_shard_count
+from fedforget.server.store.update_encoding import UPDATE_ENCODING_HELP, UpdateEncoding
 from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.datasets import DATASET_NAMES
 from fedforget.simulations.partitioning import PARTITION_SCHEMES
-from fedforget.simulations.user_model import UserModelError, declared_training, is_user_model
+from fedforget.simulations.model_registry import is_model_choice, model_names, resolve_model
+from fedforget.simulations.user_model import UserModelError, declared_training
 from fedforget.strategies.registry import StrategyChoice, unlearner_class
 from fedforget.strategies.settings import SettingsError, UnlearningContext
 
 if TYPE_CHECKING:
     from fedforget.evidence.backdoor import Trigger
 
-STORE_DTYPES = ("float32", "float16")
 NUM_CLASSES = 10  # every built-in dataset has ten classes
 
 
@@ -85,9 +86,9 @@ def training_defaults(dataset: str, model: str | None = None) -> TrainingDefault
     if base is None or model is None:
         return base
     try:
-        declared = declared_training(model)
+        declared = declared_training(resolve_model(model))
     except UserModelError as exc:
-        raise ConfigError(f"--model-factory: {exc}") from exc
+        raise ConfigError(f"--model: {exc}") from exc
     return TrainingDefaults(**{**asdict(base), **declared})  # type: ignore[arg-type]
 
 
@@ -124,11 +125,13 @@ class SimulationConfig:
     lr: float | None = None
     batch_size: int | None = None
     model: str | None = None
-    """Your own architecture, ``package.module:function`` (see ``user_model``); None: the dataset's."""
+    """A named model (``resnet-small``, see ``model_registry``) or your own ``package.module:function``
+    (see ``user_model``); None: the dataset's CNN."""
     strategy: str = "retrain"
     withdrawals: tuple[Withdrawal, ...] = field(default_factory=tuple)
     retention_interval: int = 1
     store_dtype: str = "float32"
+    """How the store encodes updates: float32, float16, int8 or topk:F (see ``server/store/update_encoding``)."""
     backdoors: tuple[str, ...] = field(default_factory=tuple)
     """Clients that plant a BadNets-style canary: evidence of forgetting is measurable."""
     backdoor_fraction: float = 0.7
@@ -168,17 +171,20 @@ class SimulationConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
         _one_of("--dataset", self.dataset, DATASET_NAMES)
-        if self.model is not None and not is_user_model(self.model):
+        if self.model is not None and not is_model_choice(self.model):
             raise ConfigError(
-                f"--model-factory {self.model!r} must be package.module:function (your own model); "
-                "for a built-in one, choose it with --dataset"
+                f"--model {self.model!r} is not known: choose one of {', '.join(model_names())} or give your own "
+                "as package.module:function (without --model, the dataset's CNN)"
             )
         _one_of("--partition", self.partition, PARTITION_SCHEMES)
         try:
             self.strategy_choice()
         except SettingsError as exc:
             raise ConfigError(str(exc)) from None
-        _one_of("--store-dtype", self.store_dtype, STORE_DTYPES)
+        try:
+            UpdateEncoding.parse(self.store_dtype)
+        except ValueError:
+            raise ConfigError(f"--store-dtype {self.store_dtype!r} is not known; choose {UPDATE_ENCODING_HELP}") from None
         _at_least("--clients", self.clients, 1)
         _at_least("--rounds", self.rounds, 1)
         _at_least("--retention-interval", self.retention_interval, 1)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .datasets import DATASET_NAMES
-from .user_model import is_user_model, load_factory
+from .model_registry import is_model_choice, model_names, resolve_model
+from .user_model import load_factory
 
 
 class DigitsCNN(nn.Module):
@@ -68,7 +69,8 @@ class LeNet28(nn.Module):
 
 
 def build_model(spec: str, *, seed: int | None = None) -> nn.Module:
-    """Build a freshly initialised model: a built-in dataset's (``digits``) or yours (``package.module:function``).
+    """Build a freshly initialised model: a dataset's own (``digits``), a named one (``resnet-small``,
+    :mod:`.model_registry`) or yours (``package.module:function``).
 
     With ``seed`` the initial weights are reproducible: the server and every
     client (and a later retraining from scratch) can start from the same model
@@ -85,14 +87,15 @@ def build_model(spec: str, *, seed: int | None = None) -> nn.Module:
 
 
 def _factory(spec: str) -> Callable[[], nn.Module]:
-    if is_user_model(spec):
-        return load_factory(spec)  # type: ignore[return-value]
+    if is_model_choice(spec):
+        return load_factory(resolve_model(spec))  # type: ignore[return-value]
     if spec == "digits":
         return DigitsCNN
     if spec in ("mnist", "fashion-mnist"):
         return LeNet28
     raise ValueError(
-        f"unknown model {spec!r}: give a dataset ({', '.join(DATASET_NAMES)}) or package.module:function"
+        f"unknown model {spec!r}: give a dataset ({', '.join(DATASET_NAMES)}), a model name "
+        f"({', '.join(model_names())}) or package.module:function"
     )
 
 

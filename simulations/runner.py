@@ -146,12 +146,12 @@ def check_model_fits(config: SimulationConfig) -> None:
             logits = model(torch.tensor(data.x_test[:2]))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ConfigError(
-            f"--model-factory {config.model}: cannot classify {config.dataset} images of shape "
+            f"--model {config.model}: cannot classify {config.dataset} images of shape "
             f"{data.input_shape}: {exc}"
         ) from exc
     if tuple(logits.shape) != (2, data.num_classes):
         raise ConfigError(
-            f"--model-factory {config.model}: for a batch of 2 {config.dataset} images it returned shape "
+            f"--model {config.model}: for a batch of 2 {config.dataset} images it returned shape "
             f"{tuple(logits.shape)}; it must return (batch, {data.num_classes}) class scores"
         )
 

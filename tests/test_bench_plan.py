@@ -47,3 +47,11 @@ def test_the_cli_rejects_dp_without_its_noise_multiplier_as_a_usage_error(tmp_pa
     assert result.exit_code == 2, result.output
     assert "--noise-multiplier" in result.output
     assert not (tmp_path / "b").exists()
+def test_a_plan_records_every_history_with_the_asked_encoding_and_refuses_an_unknown_one(tmp_path) -> None:
+    plan = BenchPlan.full_plan(seeds=1).with_history("topk:0.05", 2)
+    assert {(r.config.store_dtype, r.config.retention_interval) for r in plan.runs} == {("topk:0.05", 2)}
+    result = CliRunner().invoke(
+        app, ["bench", "unlearning", "--quick", "--store-dtype", "int4", "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "--store-dtype 'int4' is not known" in result.output, result.output
+    assert not (tmp_path / "b" / "bench.json").exists()

@@ -46,7 +46,7 @@ def test_every_command_has_help(command):
         (["--rounds", "3", "--withdraw", "1@9"], "between 1 and the last round, 3"),
         (["--withdraw", "one-at-two"], "expected CLIENT@ROUND"),
         (["--partition", "zipf"], "--partition 'zipf' is not known"),
-        (["--store-dtype", "int8"], "--store-dtype 'int8' is not known"),
+        (["--store-dtype", "int4"], "--store-dtype 'int4' is not known"),
         (["--clients", "2", "--withdraw", "0@2", "--withdraw", "1@2"], "at least one client must remain"),
         (["--clients", "4", "--backdoor", "9"], "--backdoor 9: there is no client '9'"),
         (["--backdoor-fraction", "1.5"], "--backdoor-fraction must be in (0, 1]"),
@@ -170,7 +170,7 @@ def test_each_dataset_trains_with_its_own_defaults_unless_told_otherwise(tmp_pat
 
 
 def test_a_model_factory_s_training_defaults_replace_the_dataset_s(tmp_path, planned_runs):
-    result = runner.invoke(app, ["simulate", "--model-factory", "toy_models:linear_digits", "--out", str(tmp_path / "a")])
+    result = runner.invoke(app, ["simulate", "--model", "toy_models:linear_digits", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     (config, _), = planned_runs
     assert (config.model, config.lr, config.batch_size, config.local_epochs) == ("toy_models:linear_digits", 0.3, 8, 2.0)
@@ -181,11 +181,11 @@ def test_a_model_factory_s_training_defaults_replace_the_dataset_s(tmp_path, pla
     [
         ("toy_models:negative_lr", "training_defaults['lr'] must be a positive number"),
         ("toy_models:nothing_here", "cannot be loaded"),
-        ("digits", "must be package.module:function"),
+        ("digits", "unknown model 'digits': choose one of resnet-small"),
     ],
 )
 def test_an_unusable_model_factory_is_a_usage_error(tmp_path, planned_runs, spec, message):
-    result = runner.invoke(app, ["simulate", "--model-factory", spec, "--out", str(tmp_path / "run")])
+    result = runner.invoke(app, ["simulate", "--model", spec, "--out", str(tmp_path / "run")])
     assert result.exit_code == ExitCode.USAGE and message in result.output
     assert not planned_runs
 
@@ -384,3 +384,10 @@ def test_an_optional_setting_still_checks_its_values(tmp_path, simulated):
                                        "--calibration-ratio", "none"])
     assert not_optional.exit_code == 2 and "Invalid value for '--calibration-ratio'" in not_optional.output
     assert len(simulated) == 1
+
+
+def test_a_named_model_brings_its_training_defaults(tmp_path, planned_runs):
+    result = runner.invoke(app, ["simulate", "--dataset", "mnist", "--model", "resnet-small", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    (config, _), = planned_runs
+    assert (config.model, config.lr, config.batch_size, config.local_epochs) == ("resnet-small", 0.01, 32, 1)

@@ -104,3 +104,28 @@ def test_digits_central_training_reaches_95_percent(one_thread: None) -> None:
     with torch.no_grad():
         accuracy = float(np.mean(model(x_test).argmax(dim=1).numpy() == data.y_test))
     assert accuracy >= 0.95, f"test accuracy {accuracy:.3f} after 10 epochs"
+
+
+def test_resnet_small_is_a_named_model_of_about_a_million_parameters_without_buffers() -> None:
+    model = build_model("resnet-small", seed=0)
+    assert 1_000_000 <= _num_parameters(model) <= 10_000_000
+    assert list(model.buffers()) == [] and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    same = build_model("fedforget.simulations.resnet:resnet_small", seed=0)  # the name is an alias of this
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), same.state_dict().values()))
+
+
+def test_a_registered_model_name_is_built_and_a_name_is_taken_once() -> None:
+    from fedforget.simulations.model_registry import MODELS, register_model
+    from fedforget.simulations.user_model import UserModelError
+
+    register_model("identity-test", "torch.nn:Identity")
+    try:
+        assert isinstance(build_model("identity-test"), torch.nn.Identity)
+        with pytest.raises(UserModelError, match="already registered"):
+            register_model("identity-test", "torch.nn:Linear")
+    finally:
+        del MODELS["identity-test"]
+    with pytest.raises(ValueError, match="unknown model 'resnet-huge'.*resnet-small"):
+        build_model("resnet-huge")

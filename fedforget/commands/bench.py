@@ -71,6 +71,10 @@ def bench_unlearning(
     clipping_norm: Annotated[
         Optional[float], typer.Option(help="DP clipping norm C.", show_default="none (needed with --dp)")
     ] = None,
+    store_dtype: Annotated[
+        str, typer.Option(help="How the history stores updates: float32, float16, int8 or topk:F (e.g. topk:0.05).")
+    ] = "float32",
+    retention_interval: Annotated[int, typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")] = 1,
 ) -> None:
     """Every unlearning strategy against exact retraining: forgetting, accuracy, and cost in client work."""
     from dataclasses import replace
@@ -92,7 +96,7 @@ def bench_unlearning(
     with _simulation_failures():
         if variant:
             plan = plan.only(variant)
-        plan = plan.with_privacy(dp, noise_multiplier, clipping_norm)
+        plan = plan.with_privacy(dp, noise_multiplier, clipping_norm).with_history(store_dtype, retention_interval)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
 
 
@@ -164,19 +168,57 @@ def bench_overhead(
     dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
     clients: Annotated[int, typer.Option(help="Simulated clients.")] = 10,
     rounds: Annotated[int, typer.Option(help="Rounds per configuration.")] = 10,
+    model: Annotated[
+        Optional[str], typer.Option(help="Another model: resnet-small (~1.2M parameters) or package.module:function.",
+                                    show_default="the dataset's CNN")
+    ] = None,
+    store_dtype: Annotated[
+        Optional[list[str]], typer.Option(help="Also measure this update encoding, e.g. topk:0.05 (repeatable).",
+                                          show_default="fp32 and fp16 only")
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Also write the figures as JSON here.", show_default="not written")
     ] = None,
 ) -> None:
-    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16)."""
+    """Round time with history recording on vs off, and bytes stored per client-round (fp32, fp16, others)."""
     require_dataset(dataset)
     from fedforget.simulations.bench_overhead import run_overhead_benchmark
 
     with _simulation_failures():
-        result = run_overhead_benchmark(dataset=dataset, clients=clients, rounds=rounds)
+        result = run_overhead_benchmark(
+            dataset=dataset, clients=clients, rounds=rounds, model=model, encodings=tuple(store_dtype or ())
+        )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+@bench_app.command("memory")
+def bench_memory(
+    out: Annotated[Path, typer.Option(help="Directory for the histories and bench-memory.json.")] = Path(
+        "runs/bench-memory"
+    ),
+    model: Annotated[str, typer.Option(help="The model whose shapes the history has.")] = "resnet-small",
+    rounds: Annotated[str, typer.Option(help="Round counts to compare, comma-separated.")] = "10,40",
+    clients: Annotated[int, typer.Option(help="Clients in every round.")] = 3,
+    store_dtype: Annotated[str, typer.Option(help="How the history stores updates.")] = "float16",
+    strategy: Annotated[
+        Optional[list[str]], typer.Option(help="Strategies to measure (repeatable).", show_default="all that read history")
+    ] = None,
+) -> None:
+    """An unlearning's peak memory on histories of different lengths, same model: does it stream?"""
+    from fedforget.simulations.bench_memory import DEFAULT_STRATEGIES, MemoryPlan, run_memory_benchmark
+
+    try:
+        counts = tuple(int(part) for part in rounds.split(","))
+    except ValueError:
+        fail(f"--rounds {rounds!r}: expected comma-separated whole numbers, e.g. 10,40", ExitCode.USAGE)
+    plan = MemoryPlan(model, counts, clients, store_dtype, tuple(strategy or DEFAULT_STRATEGIES))
+    with _simulation_failures():
+        document = run_memory_benchmark(plan, out)
+    for name, growth in document["growth"].items():  # type: ignore[union-attr]
+        print(f"{name:12s} peak RSS x{growth['peak_rss_ratio']:.2f}, traced peak x{growth['traced_peak_ratio']:.2f} "
+              f"from {min(counts)} to {max(counts)} rounds")
 
 
 @bench_app.command("deployment")

@@ -67,7 +67,8 @@ def client_verify(
     model_factory: Annotated[
         Optional[str],
         typer.Option(
-            help="Your architecture instead: package.module:function returning the nn.Module.", show_default="none"
+            help="Another architecture instead: a built-in name (resnet-small) or your package.module:function "
+            "returning the nn.Module.", show_default="none"
         ),
     ] = None,
     trigger_target: Annotated[

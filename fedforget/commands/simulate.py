@@ -39,7 +39,7 @@ def _per_dataset(name: str) -> str:
     for dataset, defaults in DATASET_TRAINING.items():
         by_value.setdefault(getattr(defaults, name), []).append(dataset)
     shown = "; ".join(f"{', '.join(datasets)} {value:g}" for value, datasets in by_value.items())  # type: ignore[str-format]
-    return f"{shown}; or your --model-factory's training_defaults"
+    return f"{shown}; or the --model's training_defaults"
 
 
 @with_strategy_options
@@ -50,11 +50,12 @@ def simulate_command(
         typer.Option(help="Directory for the history store and report.json.", show_default="a new runs/simulation-N"),
     ] = None,
     dataset: Annotated[str, typer.Option(help="digits (bundled), mnist or fashion-mnist.")] = _DEFAULTS["dataset"],
-    model_factory: Annotated[
+    model: Annotated[
         Optional[str],
         typer.Option(
-            help="Your own model instead of the dataset's: package.module:function returning an nn.Module; "
-            "it may carry training_defaults (lr, batch_size, local_epochs).",
+            help="Another model than the dataset's: a built-in name (resnet-small: ~1.2M parameters) or your "
+            "own package.module:function returning an nn.Module; it may carry training_defaults "
+            "(lr, batch_size, local_epochs).",
             show_default="the dataset's CNN",
         ),
     ] = None,
@@ -98,7 +99,8 @@ def simulate_command(
         int, typer.Option(help="Keep client updates every N rounds (FedEraser's Δt).")
     ] = _DEFAULTS["retention_interval"],
     store_dtype: Annotated[
-        str, typer.Option(help="Stored update precision: float32 or float16.")
+        str, typer.Option(help="How stored updates are encoded: float32, float16, int8 or topk:F (keep a fraction F of each "
+            "array, with error feedback), e.g. topk:0.05.")
     ] = _DEFAULTS["store_dtype"],
     backdoor: Annotated[
         Optional[list[str]],
@@ -162,7 +164,7 @@ def simulate_command(
     Each strategy's own settings are options too (under Strategy settings, with each owner's default).
     """
     given: dict[str, Any] = {
-        "dataset": dataset, "model": model_factory, "clients": clients, "rounds": rounds,
+        "dataset": dataset, "model": model, "clients": clients, "rounds": rounds,
         "local_epochs": local_epochs, "lr": lr, "batch_size": batch_size, "partition": partition, "alpha": alpha,
         "classes_per_partition": classes_per_partition, "seed": seed, "strategy": strategy,
         "retention_interval": retention_interval, "store_dtype": store_dtype,
@@ -171,7 +173,7 @@ def simulate_command(
         "fraction_train": fraction_train, "withdrawals": withdraw, "backdoors": backdoor,
         "dp": dp, "noise_multiplier": noise_multiplier, "clipping_norm": clipping_norm,
     }
-    option_of = {"model": "model_factory", "withdrawals": "withdraw", "backdoors": "backdoor"}
+    option_of = {"withdrawals": "withdraw", "backdoors": "backdoor"}
     if resume:
         if out is None:
             fail("--resume continues the run in --out: name it, e.g. --out runs/simulation-1", ExitCode.USAGE)

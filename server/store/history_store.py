@@ -46,7 +46,6 @@ from typing import Any, TextIO
 
 from fedforget.files import fsync_dir, write_bytes_atomic
 from fedforget.server.store.blob_codec import (
-    FLOAT_DTYPES,
     Arrays,
     CodecError,
     ModelSpec,
@@ -76,6 +75,7 @@ from fedforget.server.store.reader import (
     UpdateInfo,
     round_rows,
 )
+from fedforget.server.store.update_encoding import ErrorFeedback, UpdateEncoding
 from fedforget.server.store.writer import RoundWriter, _PendingUpdate
 
 __all__ = [
@@ -127,6 +127,7 @@ class HistoryStore(RoundWriter):
         self._private_copy: Path | None = None
         self._pending: dict[str, _PendingUpdate] = {}
         self._pending_round: tuple[int, int] | None = None
+        self._feedback = ErrorFeedback()
         return self
 
     @classmethod
@@ -148,13 +149,13 @@ class HistoryStore(RoundWriter):
             raise TypeError(f"model_spec must be a ModelSpec, got {type(model_spec).__name__}")
         if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) or retention_interval < 1:
             raise ValueError(f"retention_interval must be an integer >= 1, got {retention_interval!r}")
-        if update_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"update_dtype must be one of {FLOAT_DTYPES}, got {update_dtype!r}")
+        encoding = UpdateEncoding.parse(update_dtype)
         made_dir = _prepare_new_directory(path)
         key_path = Path(os.path.abspath(key_file)) if key_file is not None else path / KEY_FILE
         self = cls._blank(path, key_path, readonly=False)
         self.federation_id, self.model_spec = federation_id, model_spec
-        self.retention_interval, self.update_dtype = retention_interval, update_dtype
+        self.retention_interval, self.update_dtype = retention_interval, str(encoding)
+        self.update_encoding = encoding
         created: list[Path] = []
         key_created = False
         try:
@@ -180,7 +181,7 @@ class HistoryStore(RoundWriter):
                     "format_version": STORE_FORMAT_VERSION,
                     "federation_id": federation_id,
                     "model_spec": model_spec.to_dict(),
-                    "options": {"retention_interval": retention_interval, "update_dtype": update_dtype, "model_dtype": "float32"},
+                    "options": {"retention_interval": retention_interval, "update_dtype": self.update_dtype, "model_dtype": "float32"},
                     "key_file": str(key_path) if key_file is not None else None,
                     "created_at": now,
                 }
@@ -239,7 +240,8 @@ class HistoryStore(RoundWriter):
             self.federation_id = str(doc["federation_id"])
             self.model_spec = ModelSpec.from_json(doc["model_spec"])
             self.retention_interval = int(options["retention_interval"])
-            self.update_dtype = str(options["update_dtype"])
+            self.update_encoding = UpdateEncoding.parse(str(options["update_dtype"]))
+            self.update_dtype = str(self.update_encoding)
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"cannot read {path / STORE_FILE}: {exc}") from exc
         index_path = path / INDEX_FILE
@@ -471,6 +473,7 @@ class HistoryStore(RoundWriter):
         if client_id == GLOBAL_OWNER:
             raise ValueError(f"{GLOBAL_OWNER!r} holds the global models' keys; shred models with shred_models()")
         self._require_writable("destroy a client key")
+        self._feedback.forget(client_id)
         return [key_id for key_id, _ in self._keyring.destroy("WHERE owner = ?", (client_id,))]
 
     def shred_models(self, blob_ids: list[str]) -> list[int]:

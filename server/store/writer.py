@@ -25,6 +25,7 @@ from fedforget.server.store.errors import RoundOrderError
 from fedforget.server.store.index import as_list, dumps
 from fedforget.server.store.keyring import NewKey, utc_now
 from fedforget.server.store.trajectories import Trajectories
+from fedforget.server.store.update_encoding import ErrorFeedback, UpdateEncoding
 
 if TYPE_CHECKING:
     from fedforget.server.store.blob_files import BlobFiles
@@ -74,6 +75,7 @@ class _PendingUpdate:
     weight: float
     update_hash: str
     blob: _PendingBlob | None  # None when the round's updates are not retained
+    residual: Arrays | None = None  # a lossy encoding's error, carried once the round commits
 
 
 class RoundWriter(Trajectories):
@@ -81,16 +83,22 @@ class RoundWriter(Trajectories):
 
     model_spec: ModelSpec
     update_dtype: str
+    update_encoding: UpdateEncoding
     retention_interval: int
+    _feedback: ErrorFeedback
     _index: Index
     _keyring: KeyRing
     _blobs: BlobFiles
     _pending: dict[str, _PendingUpdate]
     _pending_round: tuple[int, int] | None
 
-    def _seal_blob(self, arrays: Arrays, owner: str, float_dtype: str) -> _PendingBlob:
-        """Encode, encrypt and durably write one blob (directory not synced: the caller syncs once)."""
-        payload, used = encode_arrays(arrays, self.model_spec, float_dtype=float_dtype)
+    def _seal_model(self, arrays: Arrays) -> _PendingBlob:
+        """A global model's blob, always float32: the trajectory every strategy starts from is exact."""
+        payload, used = encode_arrays(arrays, self.model_spec, float_dtype="float32")
+        return self._seal_blob(payload, GLOBAL_OWNER, used)
+
+    def _seal_blob(self, payload: bytes, owner: str, used: str) -> _PendingBlob:
+        """Encrypt and durably write one encoded blob (directory not synced: the caller syncs once)."""
         if owner == GLOBAL_OWNER:
             new_key: NewKey | None = NewKey(owner)
             key_id, cipher = None, new_key.cipher
@@ -114,7 +122,7 @@ class RoundWriter(Trajectories):
             raise RoundOrderError(f"trajectory {traj} already has its initial model (version 0); read it with read_model(0)")
         self.model_spec.check(arrays, "initial global model")
         self._require_writable("write the initial model")
-        blob = self._seal_blob(arrays, GLOBAL_OWNER, "float32")
+        blob = self._seal_model(arrays)
         try:
             fsync_dir(self._blobs.directory)
             with self._index.transaction():
@@ -144,8 +152,23 @@ class RoundWriter(Trajectories):
         return traj
 
     def update_hash(self, update: Arrays) -> str:
-        """The hash the ledger records for an update: of its numbers as this store keeps them (see ``stored_form``)."""
-        return model_hash(stored_form(update, self.model_spec, float_dtype=self.update_dtype))
+        """The hash the ledger records for an update whose blob is not retained (see ``stored_form``).
+
+        Rounded to the store's fp16 or fp32; a lossy encoding's result depends
+        on the carried residual, so an update it does not store is hashed at fp32.
+        A retained update's hash is of exactly what its blob decodes to.
+        """
+        float_dtype = "float32" if self.update_encoding.lossy else self.update_encoding.method
+        return model_hash(stored_form(update, self.model_spec, float_dtype=float_dtype))
+
+    def _seal_update(self, traj: int, client_id: str, update: Arrays) -> _PendingUpdate:
+        """Encode (with error feedback if lossy), encrypt and write one retained update; its hash and residual."""
+        encoding = self.update_encoding
+        target = self._feedback.corrected(traj, client_id, update) if encoding.lossy else update
+        payload, used, stored = encoding.encode(target, self.model_spec)
+        residual = ErrorFeedback.left_over(target, stored) if encoding.lossy else None
+        blob = self._seal_blob(payload, client_id, used)
+        return _PendingUpdate(0, 0.0, model_hash(stored), blob, residual)
 
     def record_update(self, round: int, client_id: str, update: Arrays, *, num_examples: int, weight: float) -> None:
         """Record a client's update for the round in progress.
@@ -171,9 +194,13 @@ class RoundWriter(Trajectories):
         if self._pending_round != (traj, round):
             self._drop_pending()
             self._pending_round = (traj, round)
-        blob = self._seal_blob(update, client_id, self.update_dtype) if self.is_retained(round) else None
+        if self.is_retained(round):
+            pending = self._seal_update(traj, client_id, update)
+            pending.num_examples, pending.weight = int(num_examples), float(weight)
+        else:
+            pending = _PendingUpdate(int(num_examples), float(weight), self.update_hash(update), None)
         replaced = self._pending.pop(client_id, None)
-        self._pending[client_id] = _PendingUpdate(int(num_examples), float(weight), self.update_hash(update), blob)
+        self._pending[client_id] = pending
         if replaced is not None and replaced.blob is not None:
             self._blobs.path(replaced.blob.blob_id).unlink(missing_ok=True)
 
@@ -202,7 +229,7 @@ class RoundWriter(Trajectories):
         self._require_writable("commit a round")
         if self._pending_round not in (None, (traj, round)):
             self._drop_pending()
-        model_blob = self._seal_blob(model_after, GLOBAL_OWNER, "float32")
+        model_blob = self._seal_model(model_after)
         fsync_dir(self._blobs.directory)
         recorded_at = utc_now()
         try:
@@ -221,6 +248,9 @@ class RoundWriter(Trajectories):
         except BaseException:
             self._blobs.path(model_blob.blob_id).unlink(missing_ok=True)
             raise
+        residuals = {c: p.residual for c, p in self._pending.items() if p.residual is not None}
+        if residuals:
+            self._feedback.commit(traj, residuals)
         self._pending = {}
         self._pending_round = None
 
