@@ -34,7 +34,8 @@ import numpy as np
 
 from fedforget.arrays import Arrays
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
-from fedforget.strategies.base import AscentSettings, ClientUpdate, Federation, RoundResult, UnlearningRequest
+from fedforget.strategies.base import ClientUpdate, Federation, RoundResult, UnlearningRequest
+from fedforget.strategies.client_methods import ClientMethod
 from fedforget.strategies.registry import StrategyChoice
 from fedforget.strategies.settings import UnlearningContext
 
@@ -85,8 +86,8 @@ class NoiseFederation(Federation):
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self.store.fork(base_version=base_version, info=dict(info))
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        updates = self.local_training(server_round, model, local_epochs=1.0)
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
+        updates = self.local_training(server_round, model, local_epochs=1.0, clients=clients)
         after = _step(model, [u.update for u in updates])
         self.record_round(server_round, after, updates)
         return RoundResult(after, tuple(u.client_id for u in updates), float(len(updates)))
@@ -105,10 +106,8 @@ class NoiseFederation(Federation):
                                      weight=u.num_examples / total)
         self.store.commit_round(server_round, model_after)
 
-    def gradient_ascent(
-        self, client_id: str, model: Arrays, reference: Arrays, settings: AscentSettings
-    ) -> tuple[Arrays, float]:
-        raise NotImplementedError("bench memory does not measure gradient ascent (it needs the client's data)")
+    def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
+        raise NotImplementedError("bench memory does not measure client-side methods (they need the client's data)")
 
 
 def peak_rss_mib() -> float:
