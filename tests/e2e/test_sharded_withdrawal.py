@@ -23,7 +23,7 @@ from fedforget.simulations.local_federation import LoopbackFederation, wait_unti
 pytestmark = pytest.mark.e2e
 
 ORGANISATIONS = ["org-a", "org-b", "org-c", "org-d"]
-ROUNDS = 5
+ROUNDS = 4
 
 
 @pytest.fixture(scope="module")
