@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedforget.simulations.local_federation import LoopbackFederation, wait_until
+from fedforget.simulations.local_federation import running_federation
 
 COLD_SAMPLES = 3
 
@@ -78,24 +78,12 @@ def run_deployment_benchmark(out: Path, *, organisations: int = 3, rounds: int =
     names = [f"org-{chr(ord('a') + i)}" for i in range(organisations)]
     settings: dict[str, object] = {"num-rounds": rounds, "min-nodes": organisations, "dataset": "digits",
                                    "local-epochs": 1.0, "lr": 0.1, "batch-size": 16}
-    federation = LoopbackFederation(out, names)
-    try:
-        console.print(f"starting a TLS federation of {organisations} organisations in {out} ...")
-        federation.prepare()
-        federation.start_superlink()
-        for name in names:
-            federation.register(name)
-            federation.enroll(name)
-            federation.start_supernode(name)
-        wait_until(lambda: federation.online_nodes() == set(federation.node_ids.values()), 60, "the SuperNodes")
+    console.print(f"starting a TLS federation of {organisations} organisations in {out} ...")
+    with running_federation(out, names) as federation:
         console.print(f"running {rounds} rounds with flwr run ...")
         run = federation.start_run("run", **settings)
         if run.wait(timeout=120 + 60 * rounds) != 0:
             raise RuntimeError(f"flwr run failed; see {federation.processes.logs / 'run.log'}")
-    finally:
-        left = federation.processes.stop_all()
-    if left:
-        raise RuntimeError(f"processes left behind: {left}")
     report = json.loads((federation.state / "report.json").read_text())
     # Round 1 also pays for installing the app on every node; later rounds are the steady state.
     steady = [float(r["seconds"]) for r in report["rounds"][1:]]

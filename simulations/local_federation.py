@@ -20,7 +20,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedforget.simulations.processes import ProcessGroup
@@ -232,8 +233,9 @@ class LoopbackFederation:
 
     # -- what the server wrote ---------------------------------------------------
 
-    def ledger(self) -> list[dict[str, object]]:
-        path = self.state / "state" / "ledger.jsonl"
+    def ledger(self, path: Path | None = None) -> list[dict[str, object]]:
+        """The entries of the run's ledger (or of the ledger at ``path``, e.g. a shard's), complete lines only."""
+        path = path or self.state / "state" / "ledger.jsonl"
         if not path.exists():
             return []
         entries = []
@@ -278,3 +280,29 @@ def _toml_value(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return "'" + str(value) + "'"
+
+
+@contextmanager
+def running_federation(root: Path, organisations: list[str]) -> Iterator[LoopbackFederation]:
+    """Credentials, SuperLink, every organisation registered, enrolled and connected, and the withdrawal service.
+
+    Every process is ended on the way out, and any left behind is an error
+    (an end-to-end test must not leak processes into the next one).
+    """
+    fed = LoopbackFederation(root, organisations)
+    try:
+        fed.prepare()
+        fed.start_superlink()
+        for organisation in organisations:
+            fed.register(organisation)
+            fed.enroll(organisation)
+            fed.start_supernode(organisation)
+        fed.start_withdrawal_service()
+        wait_until(
+            lambda: fed.online_nodes() == set(fed.node_ids.values()), 60, f"the {len(organisations)} SuperNodes to connect"
+        )
+        yield fed
+    finally:
+        left = fed.processes.stop_all()
+        if left:
+            raise RuntimeError(f"processes left behind: {left}")

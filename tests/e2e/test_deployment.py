@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from fedforget.simulations.local_federation import BIN, CONNECTION, LoopbackFederation, free_port, wait_until
+from fedforget.simulations.local_federation import (
+    BIN,
+    CONNECTION,
+    LoopbackFederation,
+    free_port,
+    running_federation,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,20 +40,8 @@ ROUNDS = 6
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFederation]:
-    fed = LoopbackFederation(tmp_path_factory.mktemp("federation"), ORGANISATIONS)
-    try:
-        fed.prepare()
-        fed.start_superlink()
-        for organisation in ORGANISATIONS:
-            fed.register(organisation)
-            fed.enroll(organisation)
-            fed.start_supernode(organisation)
-        fed.start_withdrawal_service()
-        wait_until(lambda: fed.online_nodes() == set(fed.node_ids.values()), 60, "the three SuperNodes to connect")
+    with running_federation(tmp_path_factory.mktemp("federation"), ORGANISATIONS) as fed:
         yield fed
-    finally:
-        left = fed.processes.stop_all()
-        assert not left, f"processes left behind: {left}"
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(federation: LoopbackFederation) -> None:

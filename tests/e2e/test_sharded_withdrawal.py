@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from fedforget.sharding import load_assignment, shard_dir
-from fedforget.simulations.local_federation import LoopbackFederation, wait_until
+from fedforget.simulations.local_federation import LoopbackFederation, running_federation, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,32 +27,8 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFederation]:
-    fed = LoopbackFederation(tmp_path_factory.mktemp("sharded"), ORGANISATIONS)
-    try:
-        fed.prepare()
-        fed.start_superlink()
-        for organisation in ORGANISATIONS:
-            fed.register(organisation)
-            fed.enroll(organisation)
-            fed.start_supernode(organisation)
-        fed.start_withdrawal_service()
-        wait_until(lambda: fed.online_nodes() == set(fed.node_ids.values()), 60, "the three SuperNodes to connect")
+    with running_federation(tmp_path_factory.mktemp("sharded"), ORGANISATIONS) as fed:
         yield fed
-    finally:
-        left = fed.processes.stop_all()
-        assert not left, f"processes left behind: {left}"
-
-
-def _ledger(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_bytes().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            break  # a line being appended right now
-    return entries
 
 
 def _rounds(entries: list[dict]) -> list[dict]:
@@ -70,13 +45,13 @@ def test_a_signed_withdrawal_retrains_only_its_shard(federation: LoopbackFederat
     own = next(index for index, members in enumerate(assignment.shards) if len(members) == 2)
     other, leaving = 1 - own, assignment.shards[own][0]
     ledgers = {index: fed.state / "shards" / f"shard-{index}" / "state" / "ledger.jsonl" for index in (0, 1)}
-    wait_until(lambda: _rounds(_ledger(ledgers[own])), 120, "a round in the shard's ledger")
+    wait_until(lambda: _rounds(fed.ledger(ledgers[own])), 120, "a round in the shard's ledger")
 
     fed.withdraw(leaving)
     assert run.wait(timeout=240) == 0, fed.processes.log("sharded-run")[-3000:]
 
     # The withdrawing organisation's shard: unlearned once, by an entry naming the shard, and trained without it after.
-    own_entries = _ledger(ledgers[own])
+    own_entries = fed.ledger(ledgers[own])
     (unlearning,) = [e["body"] for e in own_entries if e["kind"] == "unlearning"]
     scope = {"index": own, "count": 2, "clients": list(assignment.shards[own])}
     assert unlearning["clients"] == [leaving] and unlearning["shard"] == scope
@@ -85,7 +60,7 @@ def test_a_signed_withdrawal_retrains_only_its_shard(federation: LoopbackFederat
     assert final and all(sorted(p["client"] for p in r["participants"]) == stayed for r in final)
 
     # The other shard: every round with both its organisations, one trajectory, no unlearning.
-    other_entries = _ledger(ledgers[other])
+    other_entries = fed.ledger(ledgers[other])
     assert not [e for e in other_entries if e["kind"] == "unlearning"]
     other_rounds = _rounds(other_entries)
     assert [(r["trajectory"], r["round"]) for r in other_rounds] == [(1, t) for t in range(1, ROUNDS + 1)]
