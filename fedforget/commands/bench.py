@@ -221,6 +221,32 @@ def bench_memory(
               f"from {min(counts)} to {max(counts)} rounds")
 
 
+@bench_app.command("scaling")
+def bench_scaling(
+    out: Annotated[Path, typer.Option(help="Directory for scaling.json, scaling.png and the (removed) histories.")] = Path(
+        "runs/bench-scaling"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="About 20 minutes on 2 cores: each axis once, the ~11M model at 3 rounds.")
+    ] = False,
+    strategy: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Strategies to unlearn with (repeatable).", show_default="subtract, fedrecovery, calibrated, replay"),
+    ] = None,
+) -> None:
+    """Store bytes, recording time, unlearning time and peak memory against clients, rounds and model size."""
+    from fedforget.simulations.bench_scaling import STRATEGIES, ScalingPlan, run_scaling_benchmark
+
+    plan = ScalingPlan.quick() if quick else ScalingPlan.full()
+    plan = ScalingPlan(plan.federations, tuple(strategy or STRATEGIES), plan.store_dtype)
+    try:
+        plan.check()
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    with _simulation_failures():
+        run_scaling_benchmark(plan, out)
+
+
 @bench_app.command("deployment")
 def bench_deployment(
     out: Annotated[Path, typer.Option(help="Directory for the federation's files and bench-deployment.json.")] = Path(
