@@ -114,8 +114,8 @@ class NoiseFederation(Federation):
     def start_trajectory(self, base_version: int, info: dict[str, object]) -> None:
         self.store.fork(base_version=base_version, info=dict(info))
 
-    def train_round(self, server_round: int, model: Arrays) -> RoundResult:
-        updates = self.local_training(server_round, model, local_epochs=1.0)
+    def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
+        updates = self.local_training(server_round, model, local_epochs=1.0, clients=clients)
         after = _step(model, [u.update for u in updates])
         self.record_round(server_round, after, updates)
         return RoundResult(after, tuple(u.client_id for u in updates), float(len(updates)))
@@ -139,7 +139,7 @@ class NoiseFederation(Federation):
         self.store.commit_round(server_round, model_after)
 
     def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
-        raise NotImplementedError("bench memory does not measure client-side unlearning (it needs the client's data)")
+        raise NotImplementedError("bench memory does not measure client-side methods (they need the client's data)")
 
 
 def peak_rss_mib() -> float:

@@ -100,7 +100,8 @@ class ScalingPlan:
 
     @classmethod
     def full(cls) -> ScalingPlan:
-        """LeNet and resnet-small at 10, 100 and 1,000 (sampled) clients x 10 and 40 rounds; resnet-wide at 10 x 10.
+        """LeNet and resnet-small at 10, 100 and 1,000 (sampled) clients x 10 and 40 rounds, and at 10 clients x 3
+        rounds; resnet-wide at 10 clients x 3 and 12 rounds (the largest with fewer rounds).
 
         Its largest store (resnet-small, 100 clients, 40 rounds) holds 4,000
         updates of 4.8 MB: about 19 GB of disk while it is measured (each
@@ -108,23 +109,24 @@ class ScalingPlan:
         """
         grid = [Federation.of(model, clients, rounds) for model in (SMALL_MODEL, "resnet-small")
                 for clients in (10, 100, 1000) for rounds in (10, 40)]
-        return cls(tuple(grid) + (Federation.of("resnet-wide", 10, 10),))
+        return cls(tuple(grid) + _model_axis())
 
     @classmethod
     def quick(cls) -> ScalingPlan:
-        """About 20 minutes on 2 cores: each axis once, the largest model at 3 rounds.
+        """About 15-20 minutes on 2 cores: every axis, with the fewest points.
 
-        Rounds: LeNet at 10 clients, 3 -> 10 -> 40 rounds, and resnet-small at
-        3 -> 12 (4x at ~1M parameters); clients: LeNet at 10 rounds, 10 ->
-        100 -> 1,000 (sampled); model size: 10 clients, 3 rounds, LeNet ->
-        resnet-small -> resnet-wide.
+        Rounds 10 -> 40 at 10 clients for LeNet and resnet-small, 3 -> 12 for
+        resnet-wide (4x at each size); clients 10 -> 100 -> 1,000 (sampled)
+        at 10 rounds for LeNet, 10 -> 100 for resnet-small; model size
+        LeNet -> resnet-small -> resnet-wide at 10 clients x 3 rounds (and
+        LeNet -> resnet-small at 10 x 10).
         """
         return cls((
-            Federation.of(SMALL_MODEL, 10, 3), Federation.of(SMALL_MODEL, 10, 10), Federation.of(SMALL_MODEL, 10, 40),
+            Federation.of(SMALL_MODEL, 10, 10), Federation.of(SMALL_MODEL, 10, 40),
             Federation.of(SMALL_MODEL, 100, 10), Federation.of(SMALL_MODEL, 1000, 10),
-            Federation.of("resnet-small", 10, 3), Federation.of("resnet-small", 10, 12),
-            Federation.of("resnet-wide", 10, 3),
-        ))
+            Federation.of("resnet-small", 10, 10), Federation.of("resnet-small", 10, 40),
+            Federation.of("resnet-small", 100, 10),
+        ) + _model_axis())
 
     def check(self) -> None:
         """Raise ``ValueError`` for a plan that cannot run (unknown strategy, empty, a federation too small)."""
@@ -136,6 +138,12 @@ class ScalingPlan:
         for f in self.federations:
             if f.clients < 2 or f.rounds < 1 or not 1 <= f.clients_per_round <= f.clients:
                 raise ValueError(f"bench scaling: {f} needs 2+ clients, 1+ rounds and 1..clients per round")
+
+
+def _model_axis() -> tuple[Federation, ...]:
+    """The three sizes at 10 clients x 3 rounds, and resnet-wide at 12 rounds: the ~11M model with fewer rounds."""
+    return (Federation.of(SMALL_MODEL, 10, 3), Federation.of("resnet-small", 10, 3), Federation.of("resnet-wide", 10, 3),
+            Federation.of("resnet-wide", 10, 12))
 
 
 def directory_bytes(path: Path) -> int:

@@ -223,11 +223,13 @@ def bench_memory(
 
 @bench_app.command("scaling")
 def bench_scaling(
-    out: Annotated[Path, typer.Option(help="Directory for scaling.json, scaling.png and the (removed) histories.")] = Path(
-        "runs/bench-scaling"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Directory for scaling.json, scaling.png and the histories (each removed once measured).")
+    ] = Path("runs/bench-scaling"),
     quick: Annotated[
-        bool, typer.Option(help="About 20 minutes on 2 cores: each axis once, the ~11M model at 3 rounds.")
+        bool,
+        typer.Option(help="About 15-20 minutes on 2 cores: every axis with the fewest points, the ~11M model at 3 "
+                     "and 12 rounds.", show_default="the full grid: hours"),
     ] = False,
     strategy: Annotated[
         Optional[list[str]],
