@@ -53,8 +53,9 @@ import json
 import math
 import shutil
 import subprocess
+import time
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class ScalingPlan:
 
     @classmethod
     def quick(cls) -> ScalingPlan:
-        """About 15-20 minutes on 2 cores: every axis, with the fewest points.
+        """About 10-20 minutes on 2 cores (10 min 5 s measured on a shared one): every axis, with the fewest points.
 
         Rounds 10 -> 40 at 10 clients for LeNet and resnet-small, 3 -> 12 for
         resnet-wide (4x at each size); clients 10 -> 100 -> 1,000 (sampled)
@@ -231,10 +232,8 @@ def measure_federation(federation: Federation, plan: ScalingPlan, work: Path) ->
     return points
 
 
-def run_scaling_benchmark(plan: ScalingPlan, out: Path, *, say: object = print) -> dict[str, object]:
+def run_scaling_benchmark(plan: ScalingPlan, out: Path, *, say: Callable[[str], None] = print) -> dict[str, object]:
     """Measure every point (a line each as it is done), fit exponents; ``OUT/scaling.json`` and ``OUT/scaling.png``."""
-    import time
-
     plan.check()
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict[str, object]] = []
@@ -245,7 +244,7 @@ def run_scaling_benchmark(plan: ScalingPlan, out: Path, *, say: object = print) 
         first = measured[0]
         unlearning = ", ".join(f"{p['strategy']} {float(p['unlearning_seconds']):.2f}s "  # type: ignore[arg-type]
                                f"{int(p['unlearning_peak_rss_bytes']) / 2**20:.0f}MiB" for p in measured)  # type: ignore[call-overload]
-        say(f"[{number}/{len(plan.federations)} {time.perf_counter() - started:.0f}s] {federation.model} "  # type: ignore[operator]
+        say(f"[{number}/{len(plan.federations)} {time.perf_counter() - started:.0f}s] {federation.model} "
             f"({first['model_params']} params), {federation.clients} clients ({federation.clients_per_round}/round), "
             f"{federation.rounds} rounds: store {int(first['store_bytes']) / 2**20:.1f} MiB, "  # type: ignore[call-overload]
             f"recording {float(first['recording_overhead']):.3f} s/round; {unlearning}")  # type: ignore[arg-type]
@@ -257,9 +256,9 @@ def run_scaling_benchmark(plan: ScalingPlan, out: Path, *, say: object = print) 
     (out / "scaling.json").write_text(json.dumps(document, indent=2) + "\n")
     plot_scaling(out / "scaling.png", points)
     for e in document["exponents"]:  # type: ignore[attr-defined]
-        say(f"{e['figure']:26s} ~ {e['axis']}^{e['exponent']:.2f}  at {e['at']}, {e['axis']} {e['x']}")  # type: ignore[operator]
+        say(f"{e['figure']:26s} ~ {e['axis']}^{e['exponent']:.2f}  at {e['at']}, {e['axis']} {e['x']}")
     for g in document["rounds_growth_4x"]:  # type: ignore[attr-defined]
-        say(f"peak RSS x{g['peak_rss_ratio']:.2f} for 4x rounds {g['rounds']} ({g['strategy']}, "  # type: ignore[operator]
+        say(f"peak RSS x{g['peak_rss_ratio']:.2f} for 4x rounds {g['rounds']} ({g['strategy']}, "
             f"{g['model_params']} params): {'below' if g['below_1_5x'] else 'NOT below'} 1.5x")
     return document
 

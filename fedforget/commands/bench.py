@@ -228,7 +228,7 @@ def bench_scaling(
     ] = Path("runs/bench-scaling"),
     quick: Annotated[
         bool,
-        typer.Option(help="About 15-20 minutes on 2 cores: every axis with the fewest points, the ~11M model at 3 "
+        typer.Option(help="About 10-20 minutes on 2 cores: every axis with the fewest points, the ~11M model at 3 "
                      "and 12 rounds.", show_default="the full grid: hours"),
     ] = False,
     strategy: Annotated[
