@@ -25,6 +25,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,30 +55,57 @@ def _step(model: Arrays, updates: Sequence[Arrays]) -> Arrays:
             else value for name, value in model.items()}
 
 
-def write_history(path: Path, initial: Arrays, clients: int, rounds: int, store_dtype: str, seed: int = 0) -> None:
-    """A store of ``rounds`` FedAvg rounds with every client, written one update at a time."""
+def write_history(
+    path: Path, initial: Arrays, clients: int, rounds: int, store_dtype: str, seed: int = 0,
+    clients_per_round: int | None = None,
+) -> float:
+    """A store of ``rounds`` FedAvg rounds, written one update at a time; the seconds spent in the store's writes.
+
+    Every client takes part in every round, or with ``clients_per_round`` a
+    uniform sample of that many (client ``0``, the one unlearned, always in
+    round 1), as ``--fraction-train`` samples. The returned seconds are the
+    store's own work (``record_update`` and ``commit_round``), not the
+    noise's generation.
+    """
     rng = np.random.default_rng(seed)
     spec = ModelSpec.from_arrays(initial)
+    seconds = 0.0
     with HistoryStore.create(path, federation_id="bench-memory", model_spec=spec, update_dtype=store_dtype) as store:
         store.write_initial_model(initial)
         model = initial
         for server_round in range(1, rounds + 1):
+            taking_part = _participants(rng, clients, clients_per_round, first_round=server_round == 1)
             total: Arrays = {name: np.zeros_like(v) for name, v in model.items()}
-            for client in range(clients):
+            for client in taking_part:
                 update = _noise(spec, rng, 1e-3)
-                store.record_update(server_round, str(client), update, num_examples=100, weight=1.0 / clients)
+                started = time.perf_counter()
+                store.record_update(server_round, str(client), update, num_examples=100, weight=1.0 / len(taking_part))
+                seconds += time.perf_counter() - started
                 for name in total:
                     total[name] = total[name] + update[name]
-            model = {name: (v + total[name] / clients).astype(v.dtype) if v.dtype.kind == "f" else v
+            model = {name: (v + total[name] / len(taking_part)).astype(v.dtype) if v.dtype.kind == "f" else v
                      for name, v in model.items()}
+            started = time.perf_counter()
             store.commit_round(server_round, model)
+            seconds += time.perf_counter() - started
+    return seconds
+
+
+def _participants(rng: np.random.Generator, clients: int, per_round: int | None, *, first_round: bool) -> list[int]:
+    if per_round is None or per_round >= clients:
+        return list(range(clients))
+    sample = sorted(int(c) for c in rng.choice(clients, size=per_round, replace=False))
+    if first_round and 0 not in sample:
+        sample = [0] + sample[1:]
+    return sample
 
 
 class NoiseFederation(Federation):
     """Clients answering with Gaussian updates; the new trajectory is a fork of the store (memory only)."""
 
-    def __init__(self, store: HistoryStore, clients: Sequence[str]) -> None:
+    def __init__(self, store: HistoryStore, clients: Sequence[str], clients_per_round: int | None = None) -> None:
         self.store, self.clients = store, list(clients)
+        self.clients_per_round = clients_per_round
         self.rng = np.random.default_rng(1)
 
     def remaining_clients(self) -> list[str]:
@@ -95,6 +123,10 @@ class NoiseFederation(Federation):
     def local_training(
         self, server_round: int, model: Arrays, *, local_epochs: float, clients: Sequence[str] | None = None
     ) -> list[ClientUpdate]:
+        if clients is None and self.clients_per_round is not None:  # a sampled live round: that many of them
+            remaining = self.remaining_clients()
+            clients = [remaining[i] for i in sorted(self.rng.choice(len(remaining), size=min(
+                self.clients_per_round, len(remaining)), replace=False))]
         asked = [c for c in (clients or self.remaining_clients()) if c != WITHDRAWN]
         spec = ModelSpec.from_arrays(model)
         return [ClientUpdate(c, _noise(spec, self.rng, 1e-3), 100, local_epochs) for c in asked]
@@ -118,22 +150,36 @@ def peak_rss_mib() -> float:
     raise RuntimeError("bench memory reads the peak RSS from /proc/self/status (VmHWM): it runs on Linux only")
 
 
-def measure_unlearning(store_path: Path, strategy: str) -> dict[str, float]:
-    """In this process: unlearn client 0 from the store's first trajectory with ``strategy``; memory figures (MiB)."""
+def measure_unlearning(
+    store_path: Path, strategy: str, *, clients_per_round: int | None = None, trace: bool = True
+) -> dict[str, float]:
+    """In this process: unlearn client 0 from the store's first trajectory with ``strategy``; memory figures (MiB).
+
+    ``seconds`` is the unlearning's wall time; with ``trace`` it includes
+    tracemalloc's own slowdown, so a timed measurement passes ``trace=False``
+    (and gets no ``traced_*`` figures). ``clients_per_round``: the clients
+    answer a live round (``clients=None``) as a sampled federation does.
+    """
     with HistoryStore.open(store_path) as store:
         store.switch_trajectory(1)
         rounds = store.last_completed_round()
         clients = store.reader().clients()
         unlearner = StrategyChoice(strategy).build(UnlearningContext(local_epochs=1.0))
+        federation = NoiseFederation(store, clients, clients_per_round)
         before = peak_rss_mib()
-        tracemalloc.start()
-        unlearner.run(UnlearningRequest(frozenset({WITHDRAWN}), rounds), store.reader(), NoiseFederation(store, clients))
-        _, traced = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        after = peak_rss_mib()
-        model_mib = store.model_spec.nbytes / 2**20
-    return {"peak_rss_mib": after, "rss_before_mib": before, "traced_peak_mib": traced / 2**20,
-            "traced_peak_models": traced / 2**20 / model_mib, "model_mib": model_mib}
+        if trace:
+            tracemalloc.start()
+        started = time.perf_counter()
+        unlearner.run(UnlearningRequest(frozenset({WITHDRAWN}), rounds), store.reader(), federation)
+        seconds = time.perf_counter() - started
+        figures = {"peak_rss_mib": peak_rss_mib(), "rss_before_mib": before, "seconds": seconds,
+                   "model_mib": store.model_spec.nbytes / 2**20}
+        if trace:
+            _, traced = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            figures["traced_peak_mib"] = traced / 2**20
+            figures["traced_peak_models"] = figures["traced_peak_mib"] / figures["model_mib"]
+    return figures
 
 
 @dataclass(frozen=True)

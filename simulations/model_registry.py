@@ -18,6 +18,7 @@ __all__ = ["MODELS", "register_model", "model_names", "resolve_model", "is_model
 
 MODELS: dict[str, str] = {
     "resnet-small": "fedforget.simulations.resnet:resnet_small",
+    "resnet-wide": "fedforget.simulations.resnet:resnet_wide",
 }
 """Built-in named models -> the ``package.module:function`` that builds each."""
 

@@ -116,6 +116,13 @@ def test_resnet_small_is_a_named_model_of_about_a_million_parameters_without_buf
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), same.state_dict().values()))
 
 
+def test_resnet_wide_is_a_named_model_of_about_ten_million_parameters() -> None:
+    model = build_model("resnet-wide", seed=0)
+    assert 8_000_000 <= _num_parameters(model) <= 12_000_000
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
 def test_a_registered_model_name_is_built_and_a_name_is_taken_once() -> None:
     from fedforget.simulations.model_registry import MODELS, register_model
     from fedforget.simulations.user_model import UserModelError

@@ -221,6 +221,34 @@ def bench_memory(
               f"from {min(counts)} to {max(counts)} rounds")
 
 
+@bench_app.command("scaling")
+def bench_scaling(
+    out: Annotated[
+        Path, typer.Option(help="Directory for scaling.json, scaling.png and the histories (each removed once measured).")
+    ] = Path("runs/bench-scaling"),
+    quick: Annotated[
+        bool,
+        typer.Option(help="About 10-20 minutes on 2 cores: every axis with the fewest points, the ~11M model at 3 "
+                     "and 12 rounds.", show_default="the full grid: hours"),
+    ] = False,
+    strategy: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Strategies to unlearn with (repeatable).", show_default="subtract, fedrecovery, calibrated, replay"),
+    ] = None,
+) -> None:
+    """Store bytes, recording time, unlearning time and peak memory against clients, rounds and model size."""
+    from fedforget.simulations.bench_scaling import STRATEGIES, ScalingPlan, run_scaling_benchmark
+
+    plan = ScalingPlan.quick() if quick else ScalingPlan.full()
+    plan = ScalingPlan(plan.federations, tuple(strategy or STRATEGIES), plan.store_dtype)
+    try:
+        plan.check()
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    with _simulation_failures():
+        run_scaling_benchmark(plan, out)
+
+
 @bench_app.command("deployment")
 def bench_deployment(
     out: Annotated[Path, typer.Option(help="Directory for the federation's files and bench-deployment.json.")] = Path(
