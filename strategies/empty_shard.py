@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from fedforget.strategies.base import Federation, HistoryView, UnlearningOutcome, UnlearningRequest, Unlearner
 from fedforget.strategies.settings import StrategySettings
-from fedforget.strategies.toolkit import earliest_participation
+from fedforget.strategies.toolkit import exact_base_version
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ class EmptyShard(Unlearner):
         return False
 
     def unlearn(self, request: UnlearningRequest, history: HistoryView, federation: Federation) -> UnlearningOutcome:
-        first = earliest_participation(history, sorted(request.clients | request.residual_clients))
-        base_version = request.completed_rounds if first is None else first - 1
+        base_version = exact_base_version(history, request)
         federation.start_trajectory(base_version, {"strategy": self.name, "clients": sorted(request.clients)})
         model = history.model(base_version)
         for server_round in range(base_version + 1, request.completed_rounds + 1):

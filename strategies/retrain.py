@@ -30,7 +30,7 @@ from fedforget.strategies.base import (
     Unlearner,
 )
 from fedforget.strategies.settings import StrategySettings
-from fedforget.strategies.toolkit import earliest_participation, walk
+from fedforget.strategies.toolkit import exact_base_version, walk
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,7 @@ class Retrain(Unlearner):
     def unlearn(
         self, request: UnlearningRequest, history: HistoryView, federation: Federation
     ) -> UnlearningOutcome:
-        first = earliest_participation(history, sorted(request.clients | request.residual_clients))
-        # A client that never contributed leaves nothing to remove: the new
-        # trajectory simply continues from the current model.
-        base_version = request.completed_rounds if first is None else first - 1
+        base_version = exact_base_version(history, request)
         federation.start_trajectory(
             base_version,
             {"strategy": self.name, "clients": sorted(request.clients)},

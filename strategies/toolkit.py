@@ -22,7 +22,14 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 import numpy as np
 
 from fedforget.arrays import Arrays
-from fedforget.strategies.base import ClientUpdate, Federation, HistoryView, RoundRecord, UnlearningOutcome
+from fedforget.strategies.base import (
+    ClientUpdate,
+    Federation,
+    HistoryView,
+    RoundRecord,
+    UnlearningOutcome,
+    UnlearningRequest,
+)
 
 # --------------------------------------------------------------------------- float-array maths
 
@@ -220,6 +227,16 @@ def earliest_participation(history: HistoryView, clients: Collection[str]) -> in
     """First round in which any of ``clients`` contributed, or ``None`` if none did."""
     rounds = [r for r in (history.first_participation(c) for c in sorted(clients)) if r is not None]
     return min(rounds) if rounds else None
+
+
+def exact_base_version(history: HistoryView, request: UnlearningRequest) -> int:
+    """The last version no removed client shaped: before the first round any of them, or a residual client, took part.
+
+    A client that never contributed leaves nothing to remove: the base is then
+    the last completed version, and the new trajectory simply continues from it.
+    """
+    first = earliest_participation(history, sorted(request.clients | request.residual_clients))
+    return request.completed_rounds if first is None else first - 1
 
 
 def first_contribution(history: HistoryView, clients: Collection[str], completed: int) -> int | None:
