@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -204,10 +204,10 @@ class FederatedRun:
         due = self._due(server_round)
         if due:
             leaving = {notice.client_id for notice in due}
-            unlearner = EmptyShard() if self._shard_clients_left(leaving) == set() else self.unlearner
+            unlearner = EmptyShard() if self._shard_empty(leaving) else self.unlearner
             self._model = self.unlearning.unlearn(self.grid, due, unlearner).model
             self._refresh_from_store()
-        if self._shard_clients_left() == set():
+        if self._shard_empty():
             self.observer.round_finished(
                 {"round": server_round, "trajectory": self._trajectory, "participants": [], "seconds": 0.0,
                  "shard_empty": True}
@@ -227,7 +227,7 @@ class FederatedRun:
         self.strategy.flush()
         return RunOutcome(
             model=self._model, timeline=self._timeline, unlearning=self.unlearning_events(),
-            resumed_from=self._resumed_from, served=self._shard_clients_left() != set(),
+            resumed_from=self._resumed_from, served=not self._shard_empty(),
         )
 
     def train_round(self, server_round: int, model: Arrays) -> RoundResult:
@@ -282,11 +282,9 @@ class FederatedRun:
         redo = "the unlearning an earlier run began did not finish; it is done again"
         return due + [WithdrawalNotice.by_operator(client, redo) for client in undone]
 
-    def _shard_clients_left(self, leaving: set[str] = frozenset()) -> set[str] | None:  # type: ignore[assignment]
-        """The shard's clients still in it once ``leaving`` go; None for an unsharded run (its clients are open-ended)."""
-        if not isinstance(self.grid, ShardGrid):
-            return None
-        return set(self.grid.clients) - self.withdrawn_clients() - set(leaving)
+    def _shard_empty(self, leaving: Collection[str] = ()) -> bool:
+        """Whether this is a shard with no client left once ``leaving`` go (an unsharded run's clients are open-ended)."""
+        return isinstance(self.grid, ShardGrid) and not set(self.grid.clients) - self.withdrawn_clients() - set(leaving)
 
     # -- bookkeeping -------------------------------------------------------------
 
