@@ -1,33 +1,66 @@
 """Write the history store on a background thread, in order, so recording does not slow rounds.
 
-Recording a round (encoding, encrypting and fsyncing every client's update)
-takes tens of milliseconds; done inline it lengthens every round by that much.
-Queued here, it overlaps with the next round's client training instead. The
-price is that the store may lag one round behind the strategy; anything that
-reads or changes the store directly must call :meth:`BackgroundWriter.flush`
-first. A failed write is re-raised at the next submit or flush: it never goes
-unnoticed, and later writes are refused rather than written out of order.
+Recording a round (computing every client's update, encoding, encrypting and
+fsyncing it) takes a few hundred milliseconds of CPU at a million parameters;
+done inline it lengthens every round by that much. Queued here, it overlaps
+with the next round's client training instead. Two consequences:
+
+- The store may lag behind the strategy by up to ``max_queued`` rounds;
+  anything that reads or changes the store directly must call
+  :meth:`BackgroundWriter.flush` first. A failed write is re-raised at the
+  next submit or flush: it never goes unnoticed, and later writes are refused
+  rather than written out of order.
+- On Linux the thread runs at the lowest CPU priority (nice 19). Recording
+  can wait and training cannot: where the clients train on the server's own
+  cores (a simulation), the recording fills the moments a core is idle instead
+  of taking CPU from a client. The queue is bounded, so when no core is ever
+  idle, a submit waits for the oldest queued round and the server's memory
+  still holds at most ``max_queued`` rounds of updates.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+RECORDING_NICE = 19
+"""The recording thread's nice value on Linux (the lowest priority)."""
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads, so this leaves the others alone).
+
+    Elsewhere ``setpriority`` would change the whole process's, training
+    included, so there the thread keeps the process's priority.
+    """
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDING_NICE)
+
 
 class BackgroundWriter:
-    """A single worker thread running store writes in submission order."""
+    """A single low-priority worker thread running store writes in submission order."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_queued: int = 3) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         # Executor threads are joined at interpreter exit, so queued rounds are
         # still committed when a ServerApp returns without flushing.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedforget-recorder")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fedforget-recorder", initializer=_yield_cpu_to_training
+        )
+        self._max_queued = max_queued
         self._queued: list[Future[None]] = []
         self._failure: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job`` after every job submitted before it."""
+        """Queue ``job`` after every job submitted before it; wait first while ``max_queued`` are pending."""
         self._collect()
+        while len(self._queued) >= self._max_queued:
+            self._queued[0].exception()  # waits for the oldest
+            self._collect()
         self._queued.append(self._executor.submit(job))
 
     def flush(self) -> None:

@@ -26,9 +26,11 @@ resumed run, samples the same clients in every round. Who took part is
 recorded with each round; an exact retrain replays those recorded
 participants (:meth:`RecordingFedAvg.only`) rather than drawing again.
 
-Writes run on a background thread (see :mod:`~fedforget.server.rounds.background_writer`)
-so that they overlap with the next round's training; call :meth:`RecordingFedAvg.flush`
-before reading the store while the strategy is in use.
+Writes run on a low-priority background thread (see
+:mod:`~fedforget.server.rounds.background_writer`) so that they overlap with
+the next round's training; that includes working out each reply's update, so a
+round's critical path only averages. Call :meth:`RecordingFedAvg.flush` before
+reading the store while the strategy is in use.
 """
 
 from __future__ import annotations
@@ -65,11 +67,32 @@ TRAIN_CONFIG_META = "train_config"
 
 @dataclass(frozen=True)
 class Contribution:
-    """One client's part in a round: its update against the model the round started from."""
+    """One client's part in a round: its update against the model the round started from.
+
+    ``update`` may also be a function that computes it when the round is
+    recorded: a reply's update is worked out on the recording thread, off the
+    round's critical path (copying a million-parameter reply out of its
+    ArrayRecord and subtracting the model it was sent takes about 20 ms).
+    """
 
     client_id: str
-    update: Arrays
+    update: Arrays | Callable[[], Arrays]
     num_examples: int
+
+    def arrays(self) -> Arrays:
+        """The update itself, computed now if it was given as a function."""
+        return self.update() if callable(self.update) else self.update
+
+
+@dataclass(frozen=True)
+class _ReplyUpdate:
+    """A reply's update, computed when called: returned weights minus the weights sent."""
+
+    returned: ArrayRecord
+    sent: Arrays
+
+    def __call__(self) -> Arrays:
+        return subtract(wire.arrays_from_record(self.returned), self.sent)
 
 
 @dataclass(frozen=True)
@@ -345,9 +368,10 @@ class RecordingFedAvg(FedAvg):
         contributions, client_epochs = [], 0.0
         for msg in (m for m in kept if not m.has_error()):
             client_id = self.identities.client_id(msg.metadata.src_node_id)
-            returned = wire.arrays_from_record(next(iter(msg.content.array_records.values())))
+            returned = next(iter(msg.content.array_records.values()))
             reported = next(iter(msg.content.metric_records.values()))
-            contributions.append(Contribution(client_id, subtract(returned, model_sent), self._num_examples(msg)))
+            update = _ReplyUpdate(returned, model_sent)
+            contributions.append(Contribution(client_id, update, self._num_examples(msg)))
             client_epochs += self._epochs(client_id, reported, config_sent)
         round_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         round_metrics = {k: v for k, v in round_metrics.items() if not k.startswith("dp-")} | privacy_facts
@@ -389,7 +413,7 @@ class RecordingFedAvg(FedAvg):
         def record() -> None:
             for c in contributions:
                 self.store.record_update(
-                    server_round, c.client_id, c.update, num_examples=c.num_examples, weight=c.num_examples / total
+                    server_round, c.client_id, c.arrays(), num_examples=c.num_examples, weight=c.num_examples / total
                 )
             self.store.commit_round(server_round, model_after, metrics=metrics)
             self._remember(new_kinds, train_config)
