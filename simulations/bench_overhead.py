@@ -7,7 +7,9 @@ CNN or another ``--model`` (``resnet-small``: ~1.2M parameters),
 interleaved in repeated blocks so that drift on a shared machine hits every
 configuration alike. It prints ratios, never absolute verdicts: per-round time
 with recording over time without, and stored bytes per client-round over the
-fp32 model size. The recording work itself runs on a background thread; its
+fp32 model size. Each block's own ratio is shown too (lowest and highest): on
+a shared machine their spread says how much of a ratio is noise. The
+recording work itself runs on a background thread; its
 share of the round is shown too, to say how much there is to hide, and so is
 the share of it spent authenticating the index (every row's MAC, written and
 checked), measured inside the same rounds.
@@ -45,13 +47,15 @@ _ENCODING = {"fp32": "float32", "fp16": "float16"}
 class _Measurements:
     configurations: tuple[str, ...] = CONFIGURATIONS
     round_seconds: dict[str, list[float]] = field(default_factory=dict)
+    block_medians: dict[str, list[float]] = field(default_factory=dict)
+    """Each block's median round time: the ratio per block shows how far the machine's noise moves it."""
     recording_seconds: dict[str, list[float]] = field(default_factory=dict)
     authentication_seconds: dict[str, list[float]] = field(default_factory=dict)
     bytes_per_client_round: dict[str, float] = field(default_factory=dict)
     model_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for figures in (self.round_seconds, self.recording_seconds, self.authentication_seconds):
+        for figures in (self.round_seconds, self.block_medians, self.recording_seconds, self.authentication_seconds):
             figures.update({c: [] for c in self.configurations})
 
 
@@ -132,8 +136,8 @@ def run_overhead_benchmark(
     ``package.module:function``); ``encodings``: update encodings measured
     besides fp32 and fp16 (e.g. ``("topk:0.05",)``).
     """
-    if clients < 2 or rounds < 3:
-        raise ValueError("the benchmark needs at least 2 clients and 3 rounds per configuration")
+    if clients < 2 or rounds < 3 or blocks < 1:
+        raise ValueError("the benchmark needs at least 2 clients, 3 rounds per configuration and 1 block")
     for encoding in encodings:
         UpdateEncoding.parse(encoding)
     quiet_engines()
@@ -155,6 +159,7 @@ def run_overhead_benchmark(
                 if name == "off":
                     times = _round_times(grid, FedAvg(**options), initial, rounds)
                     measured.round_seconds[name].extend(times)
+                    measured.block_medians[name].append(statistics.median(times))
                     continue
                 with HistoryStore.create(
                     workdir / f"{name}-{block}",
@@ -167,6 +172,7 @@ def run_overhead_benchmark(
                     with _TimedAuthentication() as authentication:
                         times = _round_times(grid, strategy, initial, rounds)
                     measured.round_seconds[name].extend(times)
+                    measured.block_medians[name].append(statistics.median(times))
                     measured.recording_seconds[name].append(timed.seconds / rounds)
                     measured.authentication_seconds[name].append(authentication.seconds / rounds)
                     stats = store.stats()
@@ -192,6 +198,7 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
     for column in (
         "recording",
         "round time / off",
+        "per block: lowest-highest",
         "recording work / round (background thread)",
         "index authentication / round",
         "bytes per client-round / fp32 model",
@@ -200,7 +207,11 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
     result: dict[str, object] = {"model_bytes_fp32": measured.model_bytes, "configurations": {}}
     for name in measured.configurations:
         median = statistics.median(measured.round_seconds[name])
-        entry: dict[str, float] = {"round_time_ratio": median / base, "round_seconds_median": median}
+        per_block = [own / off for own, off in zip(measured.block_medians[name], measured.block_medians["off"])]
+        entry: dict[str, float] = {
+            "round_time_ratio": median / base, "round_seconds_median": median,
+            "round_time_ratio_lowest_block": min(per_block), "round_time_ratio_highest_block": max(per_block),
+        }
         if name != "off":
             recording = statistics.mean(measured.recording_seconds[name])
             entry["recording_share_of_round"] = recording / median
@@ -210,6 +221,7 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
         table.add_row(
             name,
             f"{entry['round_time_ratio']:.3f}",
+            f"{min(per_block):.3f}-{max(per_block):.3f}" if name != "off" else "-",
             f"{entry.get('recording_share_of_round', 0.0):.2%}" if name != "off" else "-",
             f"{entry.get('index_authentication_share_of_round', 0.0):.3%}" if name != "off" else "-",
             f"{entry['bytes_per_client_round_ratio']:.3f}" if name != "off" else "-",

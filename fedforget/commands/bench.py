@@ -167,7 +167,10 @@ def bench_estimation(
 def bench_overhead(
     dataset: Annotated[str, typer.Option(help="digits, mnist or fashion-mnist.")] = "digits",
     clients: Annotated[int, typer.Option(help="Simulated clients.")] = 10,
-    rounds: Annotated[int, typer.Option(help="Rounds per configuration.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Rounds per configuration and block.")] = 10,
+    blocks: Annotated[
+        int, typer.Option(help="Blocks: every configuration runs once per block, interleaved, against drift.")
+    ] = 2,
     model: Annotated[
         Optional[str], typer.Option(help="Another model: resnet-small (~1.2M parameters) or package.module:function.",
                                     show_default="the dataset's CNN")
@@ -186,7 +189,8 @@ def bench_overhead(
 
     with _simulation_failures():
         result = run_overhead_benchmark(
-            dataset=dataset, clients=clients, rounds=rounds, model=model, encodings=tuple(store_dtype or ())
+            dataset=dataset, clients=clients, rounds=rounds, blocks=blocks, model=model,
+            encodings=tuple(store_dtype or ()),
         )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
