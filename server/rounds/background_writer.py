@@ -15,7 +15,7 @@ with the next round's client training instead. Two consequences:
   cores (a simulation), the recording fills the moments a core is idle instead
   of taking CPU from a client. The queue is bounded, so when no core is ever
   idle, a submit waits for the oldest queued round and the server's memory
-  still holds at most ``max_queued`` rounds of updates.
+  still holds at most ``max_queued`` queued writes (a round is one).
 """
 
 from __future__ import annotations
