@@ -182,7 +182,10 @@ class BenchPlan:
         )
         return cls(runs=runs, seeds=seeds, full=True)
 
-    def with_privacy(self, dp: str | None, noise_multiplier: float | None, clipping_norm: float | None) -> BenchPlan:
+    def with_privacy(
+        self, dp: str | None, noise_multiplier: float | None, clipping_norm: float | None,
+        target_epsilon: float | None = None,
+    ) -> BenchPlan:
         """The same plan trained with differential privacy: every variant, the retrain included, runs under it.
 
         The DP settings are :class:`SimulationConfig` fields, so the bench
@@ -190,7 +193,10 @@ class BenchPlan:
         :meth:`check` validates them the same way.
         """
         return replace(self, runs=tuple(
-            replace(run, config=replace(run.config, dp=dp, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm))
+            replace(run, config=replace(
+                run.config, dp=dp, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+                target_epsilon=target_epsilon,
+            ))
             for run in self.runs
         ))
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from fedforget.errors import FedforgetError
-from fedforget.privacy import PrivacyError, PrivacySettings
+from fedforget.privacy import DEFAULT_DELTA, PrivacyError, PrivacySettings, planned_noise_multiplier
 from fedforget.sharding import ShardingError, check_shard_count
 from fedforget.server.store.update_encoding import UPDATE_ENCODING_HELP, UpdateEncoding
 from fedforget.server.withdrawal.consent import Withdrawal
@@ -153,6 +153,8 @@ class SimulationConfig:
     """z of the DP mechanism (with ``dp``)."""
     clipping_norm: float | None = None
     """C of the DP mechanism, the initial one under central-adaptive (with ``dp``)."""
+    target_epsilon: float | None = None
+    """Instead of ``noise_multiplier``: the ε (at δ) a client in every training round may spend; z is derived."""
 
     def __post_init__(self) -> None:
         unset = [name for name in TRAINING_FIELDS if getattr(self, name) is None]
@@ -248,14 +250,41 @@ class SimulationConfig:
         """The DP settings of this run, or None without ``--dp``."""
         if self.dp is None:
             return None
-        return PrivacySettings(self.dp, float(self.noise_multiplier or 0.0), float(self.clipping_norm or 0.0))
+        return PrivacySettings(self.dp, self.planned_noise_multiplier(), float(self.clipping_norm or 0.0))
+
+    def planned_noise_multiplier(self) -> float:
+        """z as given, or derived from ``target_epsilon`` for a client in every one of the ``rounds`` rounds.
+
+        Derived from the plan, not from data: every client trains in every round
+        (sampling is refused with a target), and the smallest round has one
+        client per withdrawal fewer (which only matters to central-adaptive's count noise).
+        """
+        if self.target_epsilon is None:
+            return float(self.noise_multiplier or 0.0)
+        return planned_noise_multiplier(
+            str(self.dp), self.target_epsilon, DEFAULT_DELTA, self.rounds, self.clients - len(self.withdrawals)
+        )
 
     def _validate_privacy(self) -> None:
         if self.dp is None:
-            if self.noise_multiplier is not None or self.clipping_norm is not None:
-                raise ConfigError("--noise-multiplier and --clipping-norm set differential privacy up: give --dp too")
+            if self.noise_multiplier is not None or self.clipping_norm is not None or self.target_epsilon is not None:
+                raise ConfigError(
+                    "--noise-multiplier, --target-epsilon and --clipping-norm set differential privacy up: give --dp too"
+                )
             return
-        missing = [o for o, v in (("--noise-multiplier", self.noise_multiplier), ("--clipping-norm", self.clipping_norm)) if v is None]
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("give --noise-multiplier or --target-epsilon, not both: the target derives z")
+        if self.target_epsilon is not None and self.fraction_train < 1:
+            raise ConfigError(
+                "--target-epsilon plans z for a client in every round; with --fraction-train "
+                f"{self.fraction_train} the rounds a client trains in are drawn at run time: give --noise-multiplier "
+                "(report.json's privacy block states the epsilon each client spent)"
+            )
+        noise = None if self.noise_multiplier is None and self.target_epsilon is None else 0.0
+        missing = [
+            o for o, v in (("--noise-multiplier (or --target-epsilon)", noise), ("--clipping-norm", self.clipping_norm))
+            if v is None
+        ]
         if missing:
             raise ConfigError(f"--dp {self.dp} needs {' and '.join(missing)} (no default fits every model)")
         if self.shards > 1:

@@ -9,21 +9,29 @@ really got, not against what the server thinks it sent.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from flower_fixtures import initial_model, local_federation
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_adaptive_noise_params, compute_stdv
 
 from fedforget import wire
 from fedforget.arrays import model_hash
 from fedforget.client.certificate_check import verify_certificate
 from fedforget.privacy import (
+    ADAPTIVE_CLIP_LR,
+    ADAPTIVE_TARGET_QUANTILE,
     CLIPPING_NORM,
+    COUNT_STD,
     NOISE_SEED_META,
     NOISE_STD,
     PrivacySettings,
+    adaptive_count_std,
+    client_noise_multiplier,
     epsilon_spent,
     noise_multiplier_for,
+    planned_noise_multiplier,
     round_noise_seed,
 )
 from fedforget.server.ledger.accountability import Accountability
@@ -33,6 +41,7 @@ from fedforget.server.rounds.private_aggregation import seeded_numpy, settle_pri
 from fedforget.server.rounds.privacy_accounting import privacy_account
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.withdrawal.consent import Withdrawal
+from fedforget.simulations.config import ConfigError, SimulationConfig
 from fedforget.simulations.withdrawing_clients import FederationPaths, prepare_federation
 from fedforget.strategies.registry import StrategyChoice
 
@@ -234,3 +243,36 @@ def test_a_history_keeps_one_privacy_regime(tmp_path):
 def test_the_noise_multiplier_derived_from_an_epsilon_target_meets_it():
     z = noise_multiplier_for(8.0, 1e-5, 20)
     assert epsilon_spent([z] * 20, 1e-5) <= 8.0 < epsilon_spent([0.97 * z] * 20, 1e-5)
+
+
+def test_a_target_epsilon_plans_a_z_the_accountant_charges_at_most_that_epsilon_for():
+    """Fixed: exactly the calibrated z. Adaptive: even if Flower's wrapper shrinks C by the planned 4σ bound
+    before noising, the round the accountant reads (Flower's own arithmetic) stays within the target."""
+    config = SimulationConfig(clients=1000, rounds=10, dp="central-fixed", clipping_norm=0.1, target_epsilon=8.0)
+    config.validate()
+    fixed = config.privacy().noise_multiplier  # type: ignore[union-attr]
+    assert epsilon_spent([fixed] * 10, 1e-5) <= 8.0 < epsilon_spent([0.97 * fixed] * 10, 1e-5)
+    for n in (10, 1000):
+        z = planned_noise_multiplier("central-adaptive", 8.0, 1e-5, 10, n)
+        count_std, z_updates = compute_adaptive_noise_params(z, n, adaptive_count_std(n, z))
+        worst_share = 1.0 + 4.0 * count_std / n
+        clip = 0.1
+        shrunk = clip * math.exp(-ADAPTIVE_CLIP_LR * (worst_share - ADAPTIVE_TARGET_QUANTILE))
+        metrics = {NOISE_STD: compute_stdv(z_updates, shrunk, n), CLIPPING_NORM: clip, COUNT_STD: count_std}
+        spent = epsilon_spent([client_noise_multiplier(metrics, 1.0 / n)] * 10, 1e-5)
+        assert 7.99 < spent <= 8.0 + 1e-6 and z > fixed
+    with pytest.raises(ConfigError, match="not both"):
+        SimulationConfig(dp="local", noise_multiplier=1.0, clipping_norm=0.1, target_epsilon=8.0).validate()
+    with pytest.raises(ConfigError, match="fraction-train"):
+        SimulationConfig(dp="central-fixed", clipping_norm=0.1, target_epsilon=8.0, fraction_train=0.5).validate()
+
+
+def test_adaptive_clipping_raises_the_norm_when_updates_are_clipped_and_lowers_it_when_they_fit():
+    """Andrew et al.'s direction (Flower 1.42's own update moves the other way); count noise off to see it."""
+    from fedforget.server.rounds.private_aggregation import AndrewAdaptiveClipping
+
+    wrapper = AndrewAdaptiveClipping(object(), 0.0, 4, initial_clipping_norm=1.0, clipped_count_stddev=0.0)  # type: ignore[arg-type]
+    wrapper._geometric_update(wrapper._noisy_fraction(4, 4))  # every update clipped
+    assert wrapper.clipping_norm == pytest.approx(math.exp(ADAPTIVE_CLIP_LR * 0.5))
+    wrapper._geometric_update(wrapper._noisy_fraction(0, 4))  # none clipped
+    assert wrapper.clipping_norm == pytest.approx(1.0)

@@ -61,7 +61,7 @@ def bench_unlearning(
         Optional[str],
         typer.Option(
             help="Train, retrain and unlearn under differential privacy: central-fixed, central-adaptive or local "
-            "(as simulate --dp; needs --noise-multiplier and --clipping-norm).",
+            "(as simulate --dp; needs --noise-multiplier or --target-epsilon, and --clipping-norm).",
             show_default="none",
         ),
     ] = None,
@@ -70,6 +70,10 @@ def bench_unlearning(
     ] = None,
     clipping_norm: Annotated[
         Optional[float], typer.Option(help="DP clipping norm C.", show_default="none (needed with --dp)")
+    ] = None,
+    target_epsilon: Annotated[
+        Optional[float],
+        typer.Option(help="Instead of --noise-multiplier: the epsilon over each run's rounds; z is derived.", show_default="none"),
     ] = None,
     store_dtype: Annotated[
         str, typer.Option(help="How the history stores updates: float32, float16, int8 or topk:F (e.g. topk:0.05).")
@@ -96,7 +100,7 @@ def bench_unlearning(
     with _simulation_failures():
         if variant:
             plan = plan.only(variant)
-        plan = plan.with_privacy(dp, noise_multiplier, clipping_norm).with_history(store_dtype, retention_interval)
+        plan = plan.with_privacy(dp, noise_multiplier, clipping_norm, target_epsilon).with_history(store_dtype, retention_interval)
         run_unlearning_benchmark(replace(plan, round_cost=round_cost), out)
 
 

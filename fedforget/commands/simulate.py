@@ -132,7 +132,7 @@ def simulate_command(
         Optional[str],
         typer.Option(
             help="Differentially private training with Flower's DP: central-fixed, central-adaptive or local "
-            "(needs --noise-multiplier and --clipping-norm).",
+            "(needs --noise-multiplier or --target-epsilon, and --clipping-norm).",
             show_default="none",
         ),
     ] = None,
@@ -146,6 +146,14 @@ def simulate_command(
         Optional[float],
         typer.Option(
             help="DP clipping norm C of each update (the initial one if adaptive).", show_default="none (needed with --dp)"
+        ),
+    ] = None,
+    target_epsilon: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Instead of --noise-multiplier: the epsilon (delta 1e-5) a client in every round may spend over "
+            "--rounds; z is derived with dp-accounting (every client in every round: not with --fraction-train).",
+            show_default="none",
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (give --out).")] = False,
@@ -172,6 +180,7 @@ def simulate_command(
         "seeds": seeds, "shards": shards, "train_fraction": train_fraction,
         "fraction_train": fraction_train, "withdrawals": withdraw, "backdoors": backdoor,
         "dp": dp, "noise_multiplier": noise_multiplier, "clipping_norm": clipping_norm,
+        "target_epsilon": target_epsilon,
     }
     option_of = {"withdrawals": "withdraw", "backdoors": "backdoor"}
     if resume:

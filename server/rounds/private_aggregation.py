@@ -41,6 +41,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_stdv
 
 from fedforget.privacy import (
+    ADAPTIVE_CLIP_LR,
+    ADAPTIVE_TARGET_QUANTILE,
     CLIPPING_NORM,
     COUNT_STD,
     NEXT_CLIPPING_NORM,
@@ -48,6 +50,7 @@ from fedforget.privacy import (
     NOISE_STD,
     PRIVACY_META,
     PrivacySettings,
+    adaptive_count_std,
     round_noise_seed,
 )
 from fedforget.server.rounds.history_position import RecordingError
@@ -119,6 +122,25 @@ class _Averaging(Strategy):
     configure_train = configure_evaluate = aggregate_evaluate = summary = _unused  # type: ignore[assignment]
 
 
+class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, with its clipping norm moving toward the target quantile.
+
+    Andrew et al. 2021 (Algorithm 1) count b_i = 1 for an update that is *not*
+    clipped (‖Δ_i‖ ≤ C) and set C ← C·exp(−η(b̃ − γ)): C falls while more than a
+    γ share of the updates fits under it and rises otherwise. Flower 1.42 counts
+    the *clipped* updates (its norm bit is "scaled by less than 1") and applies
+    the same formula, so C runs away from the quantile: on digits, 240 clients
+    whose updates were all clipped, C fell from 0.1 to 0.035 in 10 rounds, and
+    a C above every update norm grows without end. Only the share is turned
+    round here: 1 − (clipped + noise)/n = (unclipped − noise)/n, the same
+    Gaussian release of the count, so the privacy accounting is unchanged. The
+    clipping, the noised count and the update noise stay Flower's.
+    """
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return 1.0 - super()._noisy_fraction(count, total)
+
+
 class PrivateAggregation:
     """Clip, average and noise one round's replies with Flower's server-side DP wrapper.
 
@@ -144,7 +166,7 @@ class PrivateAggregation:
         self._secret = noise_secret
         self._inner = _Averaging(average)
         self._previous_metrics = previous_metrics
-        self._adaptive: DifferentialPrivacyServerSideAdaptiveClipping | None = None
+        self._adaptive: AndrewAdaptiveClipping | None = None
         self._last: tuple[int, int] | None = None
         """(trajectory, round) the adaptive wrapper's clipping norm follows."""
 
@@ -193,12 +215,10 @@ class PrivateAggregation:
 
     def _adaptive_wrapper(
         self, trajectory: int, server_round: int, answered: int
-    ) -> DifferentialPrivacyServerSideAdaptiveClipping:
+    ) -> AndrewAdaptiveClipping:
         """The wrapper for this round: the running one, or a new one starting from the recorded norm.
 
-        The clipped count's noise std is max(n/20, z): n/20 is Andrew et al.'s
-        recommendation, and z keeps Flower's requirement z < 2σ_b at the large z
-        that small federations need (the update noise is then at most 2/√3 z).
+        The clipped count's noise std is :func:`fedforget.privacy.adaptive_count_std`.
         """
         current = self._adaptive
         if current is not None and self._last == (trajectory, server_round - 1) and current.num_sampled_clients == answered:
@@ -209,7 +229,8 @@ class PrivateAggregation:
             before = self._previous_metrics(server_round - 1) if server_round > 1 else None
             norm = float(before[NEXT_CLIPPING_NORM]) if before and NEXT_CLIPPING_NORM in before else self.settings.clipping_norm
         z = self.settings.noise_multiplier
-        self._adaptive = DifferentialPrivacyServerSideAdaptiveClipping(
-            self._inner, z, answered, initial_clipping_norm=norm, clipped_count_stddev=max(answered / 20.0, z),
+        self._adaptive = AndrewAdaptiveClipping(
+            self._inner, z, answered, initial_clipping_norm=norm, target_clipped_quantile=ADAPTIVE_TARGET_QUANTILE,
+            clip_norm_lr=ADAPTIVE_CLIP_LR, clipped_count_stddev=adaptive_count_std(answered, z),
         )
         return self._adaptive
