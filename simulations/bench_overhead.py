@@ -208,9 +208,10 @@ def _summarise(measured: _Measurements, console: Console) -> dict[str, object]:
     for name in measured.configurations:
         median = statistics.median(measured.round_seconds[name])
         per_block = [own / off for own, off in zip(measured.block_medians[name], measured.block_medians["off"])]
-        entry: dict[str, float] = {
+        entry: dict[str, object] = {
             "round_time_ratio": median / base, "round_seconds_median": median,
             "round_time_ratio_lowest_block": min(per_block), "round_time_ratio_highest_block": max(per_block),
+            "round_seconds_median_by_block": measured.block_medians[name],
         }
         if name != "off":
             recording = statistics.mean(measured.recording_seconds[name])
