@@ -280,11 +280,11 @@ class SimulationConfig:
                 f"{self.fraction_train} the rounds a client trains in are drawn at run time: give --noise-multiplier "
                 "(report.json's privacy block states the epsilon each client spent)"
             )
-        noise = None if self.noise_multiplier is None and self.target_epsilon is None else 0.0
-        missing = [
-            o for o, v in (("--noise-multiplier (or --target-epsilon)", noise), ("--clipping-norm", self.clipping_norm))
-            if v is None
-        ]
+        given = {
+            "--noise-multiplier (or --target-epsilon)": self.noise_multiplier is not None or self.target_epsilon is not None,
+            "--clipping-norm": self.clipping_norm is not None,
+        }
+        missing = [option for option, present in given.items() if not present]
         if missing:
             raise ConfigError(f"--dp {self.dp} needs {' and '.join(missing)} (no default fits every model)")
         if self.shards > 1:
