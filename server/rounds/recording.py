@@ -92,7 +92,7 @@ class _ReplyUpdate:
     sent: Arrays
 
     def __call__(self) -> Arrays:
-        return subtract(wire.arrays_from_record(self.returned), self.sent)
+        return subtract(wire.array_views(self.returned), self.sent)
 
 
 @dataclass(frozen=True)
