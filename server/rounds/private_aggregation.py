@@ -140,10 +140,10 @@ class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
     - **The noise.** The paper noises the average with the norm C_t the
       round's updates were clipped with, then updates C for the next round.
       Flower updates C first and noises with C_{t+1}, so the round's realised
-      noise multiplier is z·C_{t+1}/C_t, not z: below z (more ε) when C
-      shrinks, above z (noise wasted) when it grows. Here the noise std is
-      z·C_t/n, so every round is a Gaussian release with exactly Flower's
-      update multiplier, composed with the count query into the z asked for.
+      update noise multiplier is z_Δ·C_{t+1}/C_t, not z_Δ: smaller (more ε)
+      when C shrinks, larger (noise wasted) when it grows. Here the noise std
+      is z_Δ·C_t/n, so every round releases the updates with exactly Flower's
+      z_Δ, which composes with the count query into the z asked for.
 
     The clipping, the noised count, the norm update and the noise draw are
     Flower's own functions, drawn from numpy's global generator in Flower's
