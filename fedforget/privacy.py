@@ -178,8 +178,21 @@ def noise_multiplier_for(epsilon: float, delta: float, rounds: int) -> float:
 
 ADAPTIVE_TARGET_QUANTILE = 0.5
 """central-adaptive: the share of updates left unclipped that the clipping norm aims at (Flower's and Andrew et al.'s default)."""
-ADAPTIVE_CLIP_LR = 0.2
-"""central-adaptive: the geometric learning rate of the clipping norm (Flower's and Andrew et al.'s default)."""
+ADAPTIVE_CLIP_LR = 2.0
+"""central-adaptive: η, the geometric learning rate of the clipping norm, C ← C·exp(−η(b̃ − γ)).
+
+Chosen on digits (MNIST is held out), where 10 rounds are too few for Andrew et
+al.'s and Flower's 0.2: C can grow by at most e^(η/2) per round. 240 clients,
+10 rounds, 5 local epochs, ``--dp central-adaptive --target-epsilon 8
+--clipping-norm 0.1``, against the same run without DP, seeds 0-4 (0-2 for
+η ≤ 0.5). Gap in final test accuracy (non-DP mean 71.00 %), mean over seeds:
+41.66 points at η = 0.2, 14.91 at 0.5, 4.39 at 1.0, −1.83 at 2.0, 1.55 at 3.0
+(per-seed spread about ±13). The raw updates' median norm was 0.7-0.9 in
+round 1 and 1.7-2.4 in round 10: at 0.2 C reached only 0.23-0.25 by round
+10 and clipped every update of every round; at 2.0 it reached the median by
+rounds 3-5, then swings around it by up to e^(±1) a round. 2.0 beat 1.0 in 4
+of 5 paired seeds (+6.2 ± 4.2 points); 3.0 was within noise of 2.0 with
+wider swings, so the smaller, 2.0, was taken."""
 def adaptive_count_std(clients_per_round: int, noise_multiplier: float) -> float:
     """The noise std of central-adaptive's clipped-update count: max(n/20, z).
 

@@ -309,7 +309,9 @@ def test_adaptive_clipping_raises_the_norm_when_updates_are_clipped_and_lowers_i
     """Andrew et al.'s direction (Flower 1.42's own update moves the other way); count noise off to see it."""
     from fedforget.server.rounds.private_aggregation import AndrewAdaptiveClipping
 
-    wrapper = AndrewAdaptiveClipping(object(), 0.0, 4, initial_clipping_norm=1.0, clipped_count_stddev=0.0)  # type: ignore[arg-type]
+    wrapper = AndrewAdaptiveClipping(
+        object(), 0.0, 4, initial_clipping_norm=1.0, clip_norm_lr=ADAPTIVE_CLIP_LR, clipped_count_stddev=0.0  # type: ignore[arg-type]
+    )
     wrapper._geometric_update(wrapper._noisy_fraction(4, 4))  # every update clipped
     assert wrapper.clipping_norm == pytest.approx(math.exp(ADAPTIVE_CLIP_LR * 0.5))
     wrapper._geometric_update(wrapper._noisy_fraction(0, 4))  # none clipped
