@@ -178,12 +178,21 @@ def noise_multiplier_for(epsilon: float, delta: float, rounds: int) -> float:
 
 ADAPTIVE_TARGET_QUANTILE = 0.5
 """central-adaptive: the share of updates left unclipped that the clipping norm aims at (Flower's and Andrew et al.'s default)."""
-ADAPTIVE_CLIP_LR = 0.2
-"""central-adaptive: the geometric learning rate of the clipping norm (Flower's and Andrew et al.'s default)."""
-ADAPTIVE_PLANNED_SIGMAS = 4.0
-"""How far above its true value the noised unclipped share may land before ε exceeds a ``--target-epsilon`` plan."""
+ADAPTIVE_CLIP_LR = 2.0
+"""central-adaptive: η, the geometric learning rate of the clipping norm, C ← C·exp(−η(b̃ − γ)).
 
-
+Chosen on digits (MNIST is held out), where 10 rounds are too few for Andrew et
+al.'s and Flower's 0.2: C can grow by at most e^(η/2) per round. 240 clients,
+10 rounds, 5 local epochs, ``--dp central-adaptive --target-epsilon 8
+--clipping-norm 0.1``, against the same run without DP, seeds 0-4 (0-2 for
+η ≤ 0.5). Gap in final test accuracy (non-DP mean 71.00 %), mean over seeds:
+41.66 points at η = 0.2, 14.91 at 0.5, 4.39 at 1.0, −1.83 at 2.0, 1.55 at 3.0
+(per-seed spread about ±13). The raw updates' median norm was 0.7-0.9 in
+round 1 and 1.7-2.4 in round 10: at 0.2 C reached only 0.23-0.25 by round
+10 and clipped every update of every round; at 2.0 it reached the median by
+rounds 3-5, then swings around it by up to e^(±1) a round. 2.0 beat 1.0 in 4
+of 5 paired seeds (+6.2 ± 4.2 points); 3.0 was within noise of 2.0 with
+wider swings, so the smaller, 2.0, was taken."""
 def adaptive_count_std(clients_per_round: int, noise_multiplier: float) -> float:
     """The noise std of central-adaptive's clipped-update count: max(n/20, z).
 
@@ -193,38 +202,28 @@ def adaptive_count_std(clients_per_round: int, noise_multiplier: float) -> float
     return max(clients_per_round / 20.0, noise_multiplier)
 
 
-def planned_noise_multiplier(
-    mechanism: str, target_epsilon: float, delta: float, rounds: int, clients_per_round: int
-) -> float:
+def planned_noise_multiplier(target_epsilon: float, delta: float, rounds: int) -> float:
     """The z to ask for so that a client in all ``rounds`` rounds spends at most ``target_epsilon``.
 
-    ``central-fixed`` and ``local``: each round is one Gaussian release with
-    noise multiplier z, so z = :func:`noise_multiplier_for`. ``central-adaptive``
-    needs more: Flower's wrapper clips with the round's norm C, then updates C from
-    the noised unclipped share b̃ (C' = C·exp(−η(b̃ − γ))), then noises with C'.
-    If C shrinks, the update's realised multiplier is z_Δ·C'/C < z_Δ. The plan
-    allows for b̃ up to 1 + 4σ_b/n (a 4σ excess of the count noise) and solves
-    1/z_target² = 1/(f·z_Δ)² + 1/(2σ_b)² for z, f = exp(−η(1 + 4σ_b/n − γ)),
-    1/z_Δ² = 1/z² − 1/(2σ_b)², the clipped count composed as the accountant
-    composes it. The ε actually spent is computed from the recorded rounds, as always.
+    Every mechanism makes each round one Gaussian release with noise
+    multiplier z, so z = :func:`noise_multiplier_for` for all three.
+    ``central-adaptive`` included: Flower's wrapper splits the z it is given
+    into the update's z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) and the clipped count's
+    σ_b, which compose (as :func:`client_noise_multiplier` composes them) into
+    exactly z; and :class:`~fedforget.server.rounds.private_aggregation.AndrewAdaptiveClipping`
+    noises with the norm the round clipped with (Andrew et al.'s order), so
+    the norm's update cannot change the realised z_Δ. (Flower's own order,
+    noising with the *next* norm, needed a margin for a shrinking norm.) With
+    equal aggregation weights the accountant then charges exactly the target;
+    a client holding more than 1/n of the round's examples has a larger
+    sensitivity (w_k·C) and spends more. The ε actually spent is computed from
+    the recorded rounds, as always.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise PrivacyError(f"--target-epsilon must be a positive number, got {target_epsilon}")
-    if rounds < 1 or clients_per_round < 1:
-        raise PrivacyError(f"a DP plan needs at least one round and one client, got {rounds} and {clients_per_round}")
-    z_target = noise_multiplier_for(target_epsilon, delta, rounds)
-    if mechanism != "central-adaptive":
-        return z_target
-    z = z_target
-    for _ in range(100):  # σ_b depends on z only when z > n/20; the fixed point is reached in a few steps
-        count_term = (2.0 * adaptive_count_std(clients_per_round, z)) ** -2
-        excess = 1.0 + ADAPTIVE_PLANNED_SIGMAS * adaptive_count_std(clients_per_round, z) / clients_per_round
-        shrink = math.exp(-ADAPTIVE_CLIP_LR * (excess - ADAPTIVE_TARGET_QUANTILE))
-        following = (shrink**2 * (z_target**-2 - count_term) + count_term) ** -0.5
-        if abs(following - z) <= 1e-12 * z:
-            break
-        z = following
-    return z
+    if rounds < 1:
+        raise PrivacyError(f"a DP plan needs at least one round, got {rounds}")
+    return noise_multiplier_for(target_epsilon, delta, rounds)
 
 
 LOCAL_NOISE_MULTIPLIER = "dp-local-noise-multiplier"

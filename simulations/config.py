@@ -256,14 +256,11 @@ class SimulationConfig:
         """z as given, or derived from ``target_epsilon`` for a client in every one of the ``rounds`` rounds.
 
         Derived from the plan, not from data: every client trains in every round
-        (sampling is refused with a target), and the smallest round has one
-        client per withdrawal fewer (which only matters to central-adaptive's count noise).
+        (sampling is refused with a target), each round a release with multiplier z.
         """
         if self.target_epsilon is None:
             return float(self.noise_multiplier or 0.0)
-        return planned_noise_multiplier(
-            str(self.dp), self.target_epsilon, DEFAULT_DELTA, self.rounds, self.clients - len(self.withdrawals)
-        )
+        return planned_noise_multiplier(self.target_epsilon, DEFAULT_DELTA, self.rounds)
 
     def _validate_privacy(self) -> None:
         if self.dp is None:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 from flower_fixtures import initial_model, local_federation
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_adaptive_noise_params, compute_stdv
 
 from fedforget import wire
@@ -21,9 +22,9 @@ from fedforget.arrays import model_hash
 from fedforget.client.certificate_check import verify_certificate
 from fedforget.privacy import (
     ADAPTIVE_CLIP_LR,
-    ADAPTIVE_TARGET_QUANTILE,
     CLIPPING_NORM,
     COUNT_STD,
+    NEXT_CLIPPING_NORM,
     NOISE_SEED_META,
     NOISE_STD,
     PrivacySettings,
@@ -37,7 +38,7 @@ from fedforget.privacy import (
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.ledger.log import Ledger
 from fedforget.server.rounds.history_position import RecordingError
-from fedforget.server.rounds.private_aggregation import seeded_numpy, settle_privacy
+from fedforget.server.rounds.private_aggregation import PrivateAggregation, seeded_numpy, settle_privacy
 from fedforget.server.rounds.privacy_accounting import privacy_account
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.withdrawal.consent import Withdrawal
@@ -246,32 +247,71 @@ def test_the_noise_multiplier_derived_from_an_epsilon_target_meets_it():
 
 
 def test_a_target_epsilon_plans_a_z_the_accountant_charges_at_most_that_epsilon_for():
-    """Fixed: exactly the calibrated z. Adaptive: even if Flower's wrapper shrinks C by the planned 4σ bound
-    before noising, the round the accountant reads (Flower's own arithmetic) stays within the target."""
+    """Every mechanism gets the calibrated z; central-adaptive's rounds, recorded as the wrapper noises them
+    (with the norm the round clipped with) and composed with the count query, cost exactly that z."""
     config = SimulationConfig(clients=1000, rounds=10, dp="central-fixed", clipping_norm=0.1, target_epsilon=8.0)
     config.validate()
     fixed = config.privacy().noise_multiplier  # type: ignore[union-attr]
     assert epsilon_spent([fixed] * 10, 1e-5) <= 8.0 < epsilon_spent([0.97 * fixed] * 10, 1e-5)
+    adaptive = SimulationConfig(clients=1000, rounds=10, dp="central-adaptive", clipping_norm=0.1, target_epsilon=8.0)
+    z = adaptive.privacy().noise_multiplier  # type: ignore[union-attr]
+    assert z == fixed == planned_noise_multiplier(8.0, 1e-5, 10)
     for n in (10, 1000):
-        z = planned_noise_multiplier("central-adaptive", 8.0, 1e-5, 10, n)
         count_std, z_updates = compute_adaptive_noise_params(z, n, adaptive_count_std(n, z))
-        worst_share = 1.0 + 4.0 * count_std / n
-        clip = 0.1
-        shrunk = clip * math.exp(-ADAPTIVE_CLIP_LR * (worst_share - ADAPTIVE_TARGET_QUANTILE))
-        metrics = {NOISE_STD: compute_stdv(z_updates, shrunk, n), CLIPPING_NORM: clip, COUNT_STD: count_std}
-        spent = epsilon_spent([client_noise_multiplier(metrics, 1.0 / n)] * 10, 1e-5)
-        assert 7.99 < spent <= 8.0 + 1e-6 and z > fixed
+        norms = [0.1 * 1.3**t for t in range(10)]  # whatever the norm does between rounds
+        rounds = [{NOISE_STD: compute_stdv(z_updates, c, n), CLIPPING_NORM: c, COUNT_STD: count_std} for c in norms]
+        spent = epsilon_spent([client_noise_multiplier(m, 1.0 / n) for m in rounds], 1e-5)
+        assert 7.99 < spent <= 8.0 + 1e-6
     with pytest.raises(ConfigError, match="not both"):
         SimulationConfig(dp="local", noise_multiplier=1.0, clipping_norm=0.1, target_epsilon=8.0).validate()
     with pytest.raises(ConfigError, match="fraction-train"):
         SimulationConfig(dp="central-fixed", clipping_norm=0.1, target_epsilon=8.0, fraction_train=0.5).validate()
 
 
+def test_adaptive_clipping_noises_with_the_norm_the_round_clipped_with_and_records_it():
+    """Andrew et al.'s order: round t clips and noises with C_t, then sets C_{t+1}; so the recorded std is
+    z_Δ·C_t/n, the noise in the released model has that std, and the accountant charges exactly z per round."""
+    n, z, start, secret = 4, 1.0, 0.5, 7
+    settings = PrivacySettings("central-adaptive", noise_multiplier=z, clipping_norm=start)
+
+    def mean(server_round, replies):  # type: ignore[no-untyped-def]
+        stacked = [r.content.array_records["arrays"].to_numpy_ndarrays()[0] for r in replies]
+        return ArrayRecord({"w": Array(np.mean(stacked, axis=0))}), MetricRecord({})
+
+    rng = np.random.default_rng(0)
+    model = ArrayRecord({"w": Array(np.zeros(2000, np.float32))})
+    aggregation = PrivateAggregation(settings, secret, mean, lambda server_round: None)
+    _, z_updates = compute_adaptive_noise_params(z, n, adaptive_count_std(n, z))
+    clip = start
+    for server_round in (1, 2):
+        directions = rng.normal(size=(n, 2000))
+        updates = [(k + 1.0) * d / np.linalg.norm(d) for k, d in enumerate(directions)]  # norms 1..4: all clipped
+        replies = [
+            Message(RecordDict({"arrays": ArrayRecord({"w": Array(u.astype(np.float32))})}), dst_node_id=k + 1, message_type="train")
+            for k, u in enumerate(updates)
+        ]
+        arrays, _, facts = aggregation.aggregate(1, server_round, replies, model)
+        assert facts[CLIPPING_NORM] == pytest.approx(clip)
+        assert facts[NEXT_CLIPPING_NORM] > 1.05 * clip  # every update clipped: C grows, so the two norms differ
+        assert facts[NOISE_STD] == pytest.approx(compute_stdv(z_updates, clip, n))
+        clipped_mean = np.mean([u * min(1.0, clip / np.linalg.norm(u)) for u in updates], axis=0)
+        residual = arrays.to_numpy_ndarrays()[0].astype(np.float64) - clipped_mean
+        with seeded_numpy(round_noise_seed(secret, 1, server_round)):
+            np.random.normal()  # Flower's draw order: the count's noise, then the update noise
+            noise = [np.zeros(2000)]
+            add_gaussian_noise_inplace(noise, facts[NOISE_STD])
+        np.testing.assert_allclose(residual, noise[0], atol=1e-5)
+        assert client_noise_multiplier(facts, 1.0 / n) == pytest.approx(z)
+        clip = facts[NEXT_CLIPPING_NORM]
+
+
 def test_adaptive_clipping_raises_the_norm_when_updates_are_clipped_and_lowers_it_when_they_fit():
     """Andrew et al.'s direction (Flower 1.42's own update moves the other way); count noise off to see it."""
     from fedforget.server.rounds.private_aggregation import AndrewAdaptiveClipping
 
-    wrapper = AndrewAdaptiveClipping(object(), 0.0, 4, initial_clipping_norm=1.0, clipped_count_stddev=0.0)  # type: ignore[arg-type]
+    wrapper = AndrewAdaptiveClipping(
+        object(), 0.0, 4, initial_clipping_norm=1.0, clip_norm_lr=ADAPTIVE_CLIP_LR, clipped_count_stddev=0.0  # type: ignore[arg-type]
+    )
     wrapper._geometric_update(wrapper._noisy_fraction(4, 4))  # every update clipped
     assert wrapper.clipping_norm == pytest.approx(math.exp(ADAPTIVE_CLIP_LR * 0.5))
     wrapper._geometric_update(wrapper._noisy_fraction(0, 4))  # none clipped

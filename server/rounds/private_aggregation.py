@@ -11,7 +11,8 @@ records what comes out of it:
   are the clipped ones that were averaged);
 - the noised average (the model the clients receive next round);
 - the noise std and clipping norm of the round, as round metrics, from which
-  the accountant works.
+  the accountant works (under adaptive clipping, the norm the round clipped
+  and noised with, and apart from it the norm the next round starts from).
 
 Flower draws the noise from numpy's global generator. Each call is made with
 that generator seeded from :func:`fedforget.privacy.round_noise_seed` (the
@@ -32,13 +33,13 @@ import secrets
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedforget.privacy import (
     ADAPTIVE_CLIP_LR,
@@ -123,22 +124,53 @@ class _Averaging(Strategy):
 
 
 class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping, with its clipping norm moving toward the target quantile.
+    """Flower's server-side adaptive clipping in Andrew et al.'s order, its norm moving toward the target quantile.
 
-    Andrew et al. 2021 (Algorithm 1) count b_i = 1 for an update that is *not*
-    clipped (‖Δ_i‖ ≤ C) and set C ← C·exp(−η(b̃ − γ)): C falls while more than a
-    γ share of the updates fits under it and rises otherwise. Flower 1.42 counts
-    the *clipped* updates (its norm bit is "scaled by less than 1") and applies
-    the same formula, so C runs away from the quantile: on digits, 240 clients
-    whose updates were all clipped, C fell from 0.1 to 0.035 in 10 rounds, and
-    a C above every update norm grows without end. Only the share is turned
-    round here: 1 − (clipped + noise)/n = (unclipped − noise)/n, the same
-    Gaussian release of the count, so the privacy accounting is unchanged. The
-    clipping, the noised count and the update noise stay Flower's.
+    Two changes to Flower 1.42's wrapper, both in what Andrew et al. 2021
+    (Algorithm 1, DP-FedAvg with adaptive clipping) do:
+
+    - **The share.** The paper counts b_i = 1 for an update that is *not*
+      clipped (‖Δ_i‖ ≤ C) and sets C ← C·exp(−η(b̃ − γ)): C falls while more
+      than a γ share of the updates fits under it and rises otherwise. Flower
+      counts the *clipped* updates (its norm bit is "scaled by less than 1") in
+      the same formula, so C runs away from the quantile: on digits, 240
+      clients whose updates were all clipped, C fell from 0.1 to 0.035 in 10
+      rounds. Here the share is turned round: 1 − (clipped + noise)/n =
+      (unclipped − noise)/n, the same Gaussian release of the count.
+    - **The noise.** The paper noises the average with the norm C_t the
+      round's updates were clipped with, then updates C for the next round.
+      Flower updates C first and noises with C_{t+1}, so the round's realised
+      update noise multiplier is z_Δ·C_{t+1}/C_t, not z_Δ: smaller (more ε)
+      when C shrinks, larger (noise wasted) when it grows. Here the noise std
+      is z_Δ·C_t/n, so every round releases the updates with exactly Flower's
+      z_Δ, which composes with the count query into the z asked for.
+
+    The clipping, the noised count, the norm update and the noise draw are
+    Flower's own functions, drawn from numpy's global generator in Flower's
+    order (count, then update noise). :attr:`round_clipping_norm` and
+    :attr:`round_noise_std` are what the last round did, for the record.
     """
+
+    round_clipping_norm: float | None = None
+    """The norm the last aggregated round clipped its updates with (and noised with)."""
+    round_noise_std: float | None = None
+    """The std of the Gaussian noise the last aggregated round added to each coordinate of the average."""
 
     def _noisy_fraction(self, count: int, total: int) -> float:
         return 1.0 - super()._noisy_fraction(count, total)
+
+    def aggregate_train(self, server_round: int, replies):  # type: ignore[no-untyped-def,override]
+        self.round_clipping_norm = float(self.clipping_norm)
+        self.round_noise_std = None
+        return super().aggregate_train(server_round, replies)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        if self.round_clipping_norm is None:
+            raise RuntimeError("AndrewAdaptiveClipping noises only inside aggregate_train, which sets the round's norm")
+        nds = aggregated.to_numpy_ndarrays()
+        self.round_noise_std = compute_stdv(self.noise_multiplier, self.round_clipping_norm, self.num_sampled_clients)
+        add_gaussian_noise_inplace(nds, self.round_noise_std)
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(aggregated.keys(), nds, strict=True)})
 
 
 class PrivateAggregation:
@@ -203,14 +235,14 @@ class PrivateAggregation:
     ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
         wrapper = self._adaptive_wrapper(trajectory, server_round, answered)
         wrapper.current_arrays = model_sent
-        clip_used = float(wrapper.clipping_norm)
         arrays, metrics = wrapper.aggregate_train(server_round, replies)
         self._last = (trajectory, server_round)
-        # Flower adapts the norm before drawing the update noise, so the std is computed as it was.
-        std = compute_stdv(wrapper.noise_multiplier, wrapper.clipping_norm, answered)
+        if arrays is None or wrapper.round_noise_std is None:  # Flower refused the replies: nothing to record
+            return None, metrics, {}
+        # The std and norm the round used (clip and noise with C_t); the norm the next round starts from.
         return arrays, metrics, {
-            NOISE_STD: std, CLIPPING_NORM: clip_used, COUNT_STD: float(wrapper.clipped_count_stddev),
-            NEXT_CLIPPING_NORM: float(wrapper.clipping_norm),
+            NOISE_STD: wrapper.round_noise_std, CLIPPING_NORM: wrapper.round_clipping_norm,
+            COUNT_STD: float(wrapper.clipped_count_stddev), NEXT_CLIPPING_NORM: float(wrapper.clipping_norm),
         }
 
     def _adaptive_wrapper(
