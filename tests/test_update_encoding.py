@@ -47,6 +47,26 @@ def test_a_lossy_blob_decodes_to_exactly_the_numbers_the_encoder_reports(method:
         assert np.abs(decoded["fc.weight"] - w).max() <= np.abs(w).max() / 127 * 0.5 + 1e-9
 
 
+@pytest.mark.parametrize("pattern", ["normal", "period-64-peaks", "period-64-zeros", "few-large", "all-equal"])
+def test_topk_of_a_large_array_keeps_exactly_its_largest_values_whatever_their_pattern(pattern: str) -> None:
+    # Large arrays narrow the selection with a strided sample first. A period of 64 fools that
+    # sample: it sees only the peaks (cos) or only the zeros (sin). The selection must stay the exact top k.
+    n, rng = 131_072, np.random.default_rng(7)
+    w = {
+        "normal": rng.standard_normal(n),
+        "period-64-peaks": np.cos(np.arange(n) * 2 * np.pi / 64) * (1 + 1e-6 * rng.random(n)),
+        "period-64-zeros": np.sin(np.arange(n) * 2 * np.pi / 64) * (1 + 1e-6 * rng.random(n)),
+        "few-large": np.where(rng.random(n) < 0.01, 1 + rng.random(n), 1e-3 * rng.random(n)),
+        "all-equal": np.ones(n),
+    }[pattern].astype(np.float32)
+    spec = ModelSpec.from_arrays({"w": w})
+    got = decode_arrays(encode_lossy({"w": w}, spec, method="topk", fraction=0.05)[0], spec)["w"]
+    kept = np.flatnonzero(got)
+    assert kept.size == int(np.ceil(0.05 * n))
+    assert np.abs(w[kept]).min() >= np.abs(np.delete(w, kept)).max()
+    np.testing.assert_array_equal(got[kept], w[kept])
+
+
 def test_lossy_bytes_against_fp32_and_a_corrupt_topk_blob_is_refused() -> None:
     update = _big_spec_update(1)
     fp32 = len(encode_arrays(update, BIG_SPEC)[0])
