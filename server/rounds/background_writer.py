@@ -1,7 +1,7 @@
 """Write the history store on a background thread, in order, so recording does not slow rounds.
 
 Recording a round (computing every client's update, encoding, encrypting and
-fsyncing it) takes about 0.17 s of CPU with 5 clients at 1.2M parameters;
+fsyncing it) takes about 0.1-0.17 s of CPU with 5 clients at 1.2M parameters;
 done inline it lengthens every round by that much. Queued here, it overlaps
 with the next round's client training instead. Two consequences:
 
@@ -13,8 +13,9 @@ with the next round's client training instead. Two consequences:
 - On Linux the thread runs at the lowest CPU priority (nice 19): recording
   can wait and training cannot. Where other work loads the cores this
   measured 1.36x the round time against 1.56x at nice 0; on a quiet machine
-  the two measured the same (1.07x), since what is left is CPU the server
-  process itself needs (README, "recording overhead"). The queue is bounded,
+  the two measured the same (1.07x on an earlier host; about 1.01x now),
+  since what is left is CPU the server process itself needs (README,
+  "recording overhead"). The queue is bounded,
   so when no core is ever idle, a submit waits for the oldest queued write
   and the server's memory holds at most ``max_queued`` of them (a round is one).
 """
