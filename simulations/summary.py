@@ -18,9 +18,10 @@ FIGURES = (
 )
 
 LEGEND = (
-    "Good forgetting: 'unlearned' matches 'retrain' in every column. Accuracies: higher is better; "
-    "backdoor ASR: lower is better; MIA/LiRA AUC: 0.5 means members cannot be told apart."
+    "How to read it (not a verdict): forgetting is good where 'unlearned' matches 'retrain' in every column. "
+    "Accuracies: higher is better; backdoor ASR: lower is better; MIA/LiRA AUC: 0.5 means members cannot be told apart."
 )
+"""Printed under every table: a reading guide, worded so that nobody takes it for this run's verdict."""
 
 
 def _cell(figures: dict[str, object], key: str) -> str:
