@@ -75,6 +75,9 @@ class LoggedProgress:
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
         log(logging.INFO, "fedforget: unlearning %s with %s before round %s", ", ".join(clients), strategy, before_round)
 
+    def unlearning_step(self, step: str) -> None:
+        log(logging.INFO, "fedforget: unlearning: %s", step)
+
     def unlearning_finished(self, event: dict[str, object]) -> None:
         log(
             logging.INFO,

@@ -58,6 +58,9 @@ class ConsoleObserver:
             f"{before_round}: unlearning with [bold]{strategy}[/] ..."
         )
 
+    def unlearning_step(self, step: str) -> None:
+        self.console.print(f"    {escape(step)}")
+
     def unlearning_finished(self, event: dict[str, object]) -> None:
         before = event.get("test_accuracy_before")
         after = event.get("test_accuracy_after")

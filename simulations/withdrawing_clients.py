@@ -119,5 +119,8 @@ class WithdrawingClients:
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
         self._inner.unlearning_started(clients, before_round, strategy)
 
+    def unlearning_step(self, step: str) -> None:
+        self._inner.unlearning_step(step)
+
     def unlearning_finished(self, event: dict[str, object]) -> None:
         self._inner.unlearning_finished(event)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -226,9 +226,16 @@ class Unlearner(ABC):
         Call :meth:`run`, which also measures the cost.
         """
 
-    def run(self, request: UnlearningRequest, history: HistoryView, federation: Federation) -> UnlearningOutcome:
-        """:meth:`unlearn`, with its client work measured on the federation handle."""
-        meter = MeteredFederation(federation)
+    def run(
+        self, request: UnlearningRequest, history: HistoryView, federation: Federation,
+        *, progress: Callable[[str], None] | None = None,
+    ) -> UnlearningOutcome:
+        """:meth:`unlearn`, with its client work measured on the federation handle.
+
+        ``progress`` is told of each round trip to the clients as it ends: an
+        unlearning of a large federation can replay rounds for many minutes.
+        """
+        meter = MeteredFederation(federation, progress=progress)
         started = time.perf_counter()
         outcome = self.unlearn(request, history, meter)
         outcome.client_epochs = meter.client_epochs
@@ -253,8 +260,9 @@ class MeteredFederation(Federation):
     the clients that answered.
     """
 
-    def __init__(self, inner: Federation) -> None:
+    def __init__(self, inner: Federation, *, progress: Callable[[str], None] | None = None) -> None:
         self.inner = inner
+        self._progress = progress
         self.round_trips = 0
         self.client_epochs = 0.0
         self.client_seconds = 0.0
@@ -269,9 +277,7 @@ class MeteredFederation(Federation):
     def train_round(self, server_round: int, model: Arrays, *, clients: Sequence[str] | None = None) -> RoundResult:
         started = time.perf_counter()
         result = self.inner.train_round(server_round, model, clients=clients)
-        self.client_seconds += time.perf_counter() - started
-        self.round_trips += 1
-        self.client_epochs += result.client_epochs
+        self._count(started, result.client_epochs, f"round {server_round} trained, {len(result.participants)} clients")
         return result
 
     def local_training(
@@ -279,9 +285,10 @@ class MeteredFederation(Federation):
     ) -> list[ClientUpdate]:
         started = time.perf_counter()
         updates = self.inner.local_training(server_round, model, local_epochs=local_epochs, clients=clients)
-        self.client_seconds += time.perf_counter() - started
-        self.round_trips += 1
-        self.client_epochs += float(sum(u.epochs for u in updates))
+        self._count(
+            started, float(sum(u.epochs for u in updates)),
+            f"local training for round {server_round}, {len(updates)} clients",
+        )
         return updates
 
     def record_round(self, server_round: int, model_after: Arrays, updates: list[ClientUpdate]) -> None:
@@ -290,7 +297,14 @@ class MeteredFederation(Federation):
     def client_unlearning(self, client_id: str, model: Arrays, method: ClientMethod) -> tuple[Arrays, float]:
         started = time.perf_counter()
         result, epochs = self.inner.client_unlearning(client_id, model, method)
-        self.client_seconds += time.perf_counter() - started
-        self.round_trips += 1
-        self.client_epochs += float(epochs)
+        self._count(started, float(epochs), f"client {client_id}'s own unlearning ({method.method})")
         return result, epochs
+
+    def _count(self, started: float, client_epochs: float, what: str) -> None:
+        """Add one round trip that began at ``started`` (perf_counter) and report it."""
+        seconds = time.perf_counter() - started
+        self.client_seconds += seconds
+        self.round_trips += 1
+        self.client_epochs += client_epochs
+        if self._progress is not None:
+            self._progress(f"round trip {self.round_trips}: {what}, {seconds:.1f} s")

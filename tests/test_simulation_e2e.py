@@ -82,6 +82,10 @@ class _SocketsDuringFirstRound(SilentObserver):
 
     def __init__(self) -> None:
         self.sockets: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = set()
+        self.unlearning_steps: list[str] = []
+
+    def unlearning_step(self, step: str) -> None:
+        self.unlearning_steps.append(step)
 
     def round_finished(self, entry: dict[str, object]) -> None:
         if entry["round"] == 1:
@@ -115,6 +119,10 @@ def test_simulation_with_withdrawal_writes_store_and_report_on_a_loopback_only_r
     assert unlearning["client"] == "1" and unlearning["round"] == 3 and unlearning["strategy"] == "retrain"
     assert unlearning["client_epochs"] == pytest.approx(2 * 3 * config.local_epochs)  # 2 rounds replayed, 3 clients
     assert unlearning["seconds"] > 0
+    # Each replayed round was reported as it ended, not only the unlearning's end.
+    assert [step.split(",")[0] for step in listening.unlearning_steps] == [
+        "round trip 1: round 1 trained", "round trip 2: round 2 trained",
+    ]
     for key in ("test_accuracy_before", "test_accuracy_after"):
         assert 0.0 < unlearning[key] <= 1.0
     assert on_disk["wall_seconds"] > 0

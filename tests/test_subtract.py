@@ -190,6 +190,19 @@ def test_clients_removed_earlier_are_absent_and_never_read(tmp_path: Path) -> No
     assert outcome.details["subtracted_rounds"] == [1, 2, 3]
 
 
+def test_each_round_trip_is_reported_as_it_ends(tmp_path: Path) -> None:
+    recorded = history(tmp_path / "store", [["a", "b", "c"]] * 3)
+    steps: list[str] = []
+    federation = ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["a"])
+    outcome = subtract(2).run(UnlearningRequest(frozenset({"a"}), 3), recorded.store.reader(), federation,
+                              progress=steps.append)
+    assert outcome.round_trips == 2
+    assert [step.rsplit(",", 1)[0] for step in steps] == [
+        "round trip 1: local training for round 3, 3 clients", "round trip 2: local training for round 3, 3 clients",
+    ]
+    assert all(step.endswith(" s") for step in steps)
+
+
 def test_a_client_that_never_took_part_costs_nothing(tmp_path: Path) -> None:
     recorded = history(tmp_path / "store", [["a", "b"]] * 2)
     federation = ToyFederation(recorded.store, EXAMPLES, PullingClients())

@@ -71,6 +71,8 @@ class RunObserver(Protocol):
 
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None: ...
 
+    def unlearning_step(self, step: str) -> None: ...
+
     def unlearning_finished(self, event: dict[str, object]) -> None: ...
 
 
@@ -87,6 +89,9 @@ class SilentObserver:
         pass
 
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None:
+        pass
+
+    def unlearning_step(self, step: str) -> None:
         pass
 
     def unlearning_finished(self, event: dict[str, object]) -> None:

@@ -88,9 +88,11 @@ def check_unlearnable(store: HistoryStore, clients: Sequence[str], *, must_be_re
 
 
 class UnlearningObserver(Protocol):
-    """Told when an unlearning starts and ends (the run's observer, a progress display)."""
+    """Told when an unlearning starts and ends, and of each step between (the run's observer, a progress display)."""
 
     def unlearning_started(self, clients: Sequence[str], before_round: int, strategy: str) -> None: ...
+
+    def unlearning_step(self, step: str) -> None: ...
 
     def unlearning_finished(self, event: dict[str, object]) -> None: ...
 
@@ -300,7 +302,9 @@ class UnlearningCoordinator:
         self, grid: Grid | None, clients: list[str], completed: int, source: int, trajectory: int
     ) -> dict[str, object]:
         """The yardstick: the same federation replayed without the clients, in a trajectory of its own."""
-        retrained, seconds, reference = self.run_unlearner(grid, Retrain(), clients, completed, source)
+        retrained, seconds, reference = self.run_unlearner(
+            grid, Retrain(), clients, completed, source, step_prefix="reference retrain: "
+        )
         self.store.set_trajectory_status(reference, "reference", info={"kind": "reference-retrain", "clients": clients})
         self.store.switch_trajectory(trajectory)
         return {
@@ -312,7 +316,8 @@ class UnlearningCoordinator:
         }
 
     def run_unlearner(
-        self, grid: Grid | None, unlearner: Unlearner, clients: Sequence[str], completed_rounds: int, source: int
+        self, grid: Grid | None, unlearner: Unlearner, clients: Sequence[str], completed_rounds: int, source: int,
+        *, step_prefix: str = "",
     ) -> tuple[UnlearningOutcome, float, int]:
         """Unlearn ``clients`` from trajectory ``source`` with ``unlearner``, and check the result.
 
@@ -336,7 +341,9 @@ class UnlearningCoordinator:
             round_timeout=self.round_timeout,
         )
         started = time.perf_counter()
-        outcome = unlearner.run(request, self.store.reader(source), federation)
+        observer = self.observer
+        progress = None if observer is None else (lambda step: observer.unlearning_step(step_prefix + step))
+        outcome = unlearner.run(request, self.store.reader(source), federation, progress=progress)
         self.strategy.flush()
         seconds = time.perf_counter() - started
         trajectory = self.store.current_trajectory()
