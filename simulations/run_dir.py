@@ -6,6 +6,7 @@ before it imports either.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -23,6 +24,24 @@ VERIFICATION_FILE = "verification.json"
 DEFAULT_PARENT = Path("runs")
 DEFAULT_PREFIX = "simulation-"
 """Without ``--out``, a run goes to the first free ``runs/simulation-N``: never the demo's ``runs/demo``."""
+
+
+LONGEST_CLIENTS_LABEL = 80
+"""Characters of a withdrawal's clients that a file name spells out; file names end at 255 bytes."""
+
+
+def clients_label(clients: list[str]) -> str:
+    """How files of an unlearning name its clients: ``3``, ``1+4``; a long list by its first client, count and hash.
+
+    A withdrawal of a hundred clients at once would otherwise name files
+    longer than the file system allows, and the run would fail after all its
+    training, at the evidence.
+    """
+    joined = "+".join(clients)
+    if len(joined) <= LONGEST_CLIENTS_LABEL:
+        return joined
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:8]
+    return f"{clients[0]}+{len(clients) - 1}-more-{digest}"
 
 
 class RunDirectoryError(FedforgetError):

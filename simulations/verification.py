@@ -35,6 +35,7 @@ from fedforget.simulations.config import NUM_CLASSES, SimulationConfig
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.learning import evidence_problem
 from fedforget.simulations.models import build_model
+from fedforget.simulations.run_dir import clients_label
 from fedforget.simulations.task import DataSettings, clean_client_arrays
 
 MODEL_ROLES = ("original", "unlearned", "retrain")
@@ -160,7 +161,7 @@ def verify_events(
         forgotten = list(event["clients"])  # type: ignore[call-overload]
         withdrawn.update(forgotten)
         arrays = models_of(event)
-        label = "+".join(forgotten)
+        label = clients_label(forgotten)
         for role, model_arrays in arrays.items():
             save_arrays(out / "models" / f"{role}-client{label}-round{event['round']}.npz", model_arrays)
         data = evidence_data(settings, forgotten, withdrawn)

@@ -158,3 +158,16 @@ def test_seeds_are_summarised_by_mean_and_sample_std():
     judged = summary["unlearning"][0]["over_forgetting"]
     assert judged["flagged"] is False and judged["seeds_flagged"] == 1  # identical models: the mean is not flagged
     assert summary["seeds"] == [0, 1, 2]
+
+
+def test_a_withdrawal_of_a_thousand_clients_names_files_the_file_system_accepts(tmp_path) -> None:
+    from fedforget.simulations.run_dir import LONGEST_CLIENTS_LABEL, clients_label
+
+    assert clients_label(["3"]) == "3" and clients_label(["1", "4"]) == "1+4"  # short lists spelled out
+    many = [str(c) for c in range(1000)]
+    label = clients_label(many)
+    assert len(label) <= LONGEST_CLIENTS_LABEL and label.startswith("0+999-more-")
+    assert clients_label(many[:-1]) != label  # another group, another name
+    path = tmp_path / f"unlearned-client{label}-round10.npz"
+    path.write_bytes(b"")  # raised ENAMETOOLONG with the whole list in the name
+    assert path.exists()
