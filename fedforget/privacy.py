@@ -10,7 +10,9 @@ Three mechanisms, all per-client (user-level) DP with every client in every
 round (no sampling amplification):
 
 - ``central-fixed``: the server clips each reply's update to ``clipping_norm``
-  and adds N(0, (z·C/n)²) to the average (``DifferentialPrivacyServerSideFixedClipping``);
+  and adds N(0, (z·C·max_k w_k)²) to the average, z·C/n for equal shares
+  (``DifferentialPrivacyServerSideFixedClipping``, its noise sized for the
+  largest share by :mod:`fedforget.server.rounds.private_aggregation`);
 - ``central-adaptive``: the same, with the clipping norm adapted each round
   toward the median update norm from a noised count
   (``DifferentialPrivacyServerSideAdaptiveClipping``, Andrew et al. 2021);
@@ -213,11 +215,12 @@ def planned_noise_multiplier(target_epsilon: float, delta: float, rounds: int) -
     exactly z; and :class:`~fedforget.server.rounds.private_aggregation.AndrewAdaptiveClipping`
     noises with the norm the round clipped with (Andrew et al.'s order), so
     the norm's update cannot change the realised z_Δ. (Flower's own order,
-    noising with the *next* norm, needed a margin for a shrinking norm.) With
-    equal aggregation weights the accountant then charges exactly the target;
-    a client holding more than 1/n of the round's examples has a larger
-    sensitivity (w_k·C) and spends more. The ε actually spent is computed from
-    the recorded rounds, as always.
+    noising with the *next* norm, needed a margin for a shrinking norm.) The
+    central noise is sized for the round's largest share of examples (a
+    client's sensitivity is w_k·C), so the client with the largest share is
+    charged exactly the target and every other client less; with equal shares,
+    every client the target. The ε actually spent is computed from the
+    recorded rounds, as always.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise PrivacyError(f"--target-epsilon must be a positive number, got {target_epsilon}")

@@ -112,7 +112,7 @@ def test_the_stored_updates_are_the_clipped_ones_and_each_rounds_noise_comes_fro
         for _, update in view.updates():
             assert np.linalg.norm(_flat(update)) <= SETTINGS.clipping_norm * (1 + 1e-5)
         residual = _flat(view.model_after()) - _flat(view.model_before()) - step
-        assert view.metrics[NOISE_STD] == pytest.approx(1.0 * 0.5 / len(view.participants))
+        assert view.metrics[NOISE_STD] == pytest.approx(1.0 * 0.5 * max(p.weight for p in view.participants))
 
         def noise(trajectory: int) -> np.ndarray:
             zeros = [np.zeros_like(np.asarray(v)) for v in view.model_after().values()]
@@ -132,8 +132,10 @@ def test_each_client_is_accounted_for_every_noised_round_it_was_in(dp_run):
     by_client: dict[str, list[float]] = {}
     for trajectory, first in ((1, 1), (2, 1)):
         for view in fed.store.reader(trajectory).rounds(first):
-            for p in view.participants:
-                by_client.setdefault(p.client_id, []).append(view.metrics[NOISE_STD] / (p.weight * view.metrics[CLIPPING_NORM]))
+            charged = {p.client_id: view.metrics[NOISE_STD] / (p.weight * view.metrics[CLIPPING_NORM]) for p in view.participants}
+            assert min(charged.values()) == pytest.approx(SETTINGS.noise_multiplier)  # the largest share: exactly z
+            for client, multiplier in charged.items():
+                by_client.setdefault(client, []).append(multiplier)
     assert len(by_client["1"]) == 2 and len(by_client["0"]) == 5
     for client, multipliers in by_client.items():
         assert account.epsilon_by_client[client] == pytest.approx(epsilon_spent(multipliers, SETTINGS.delta))
@@ -280,7 +282,7 @@ def test_adaptive_clipping_noises_with_the_norm_the_round_clipped_with_and_recor
 
     rng = np.random.default_rng(0)
     model = ArrayRecord({"w": Array(np.zeros(2000, np.float32))})
-    aggregation = PrivateAggregation(settings, secret, mean, lambda server_round: None)
+    aggregation = PrivateAggregation(settings, secret, mean, lambda reply: 1, lambda server_round: None)
     _, z_updates = compute_adaptive_noise_params(z, n, adaptive_count_std(n, z))
     clip = start
     for server_round in (1, 2):
@@ -303,6 +305,38 @@ def test_adaptive_clipping_noises_with_the_norm_the_round_clipped_with_and_recor
         np.testing.assert_allclose(residual, noise[0], atol=1e-5)
         assert client_noise_multiplier(facts, 1.0 / n) == pytest.approx(z)
         clip = facts[NEXT_CLIPPING_NORM]
+
+
+@pytest.mark.parametrize("mechanism", ["central-fixed", "central-adaptive"])
+def test_unequal_shares_get_noise_sized_for_the_largest_so_every_client_spends_at_most_the_target(mechanism):
+    """FedAvg weights a clipped update by n_k/Σn, so the largest client's sensitivity is max_k w_k·C: the noise
+    must be z·C·max_k w_k (Flower's z·C/n would charge that client more than z), and that std must be what the
+    released model carries and what the accountant reads; the smaller clients are then charged less than z."""
+    examples = [1, 1, 2, 6]  # shares 0.1, 0.1, 0.2, 0.6: Flower's 1/n = 0.25 would undersize the noise 2.4 times
+    n, z, clip, secret = len(examples), 1.5, 0.5, 11
+    settings = PrivacySettings(mechanism, noise_multiplier=z, clipping_norm=clip)
+    by_node = dict(enumerate(examples, start=1))
+
+    def weighted_mean(server_round, replies):  # type: ignore[no-untyped-def]
+        stacked = [r.content.array_records["arrays"].to_numpy_ndarrays()[0] * by_node[r.metadata.dst_node_id] for r in replies]
+        return ArrayRecord({"w": Array(np.sum(stacked, axis=0) / sum(examples))}), MetricRecord({})
+
+    aggregation = PrivateAggregation(settings, secret, weighted_mean, lambda reply: by_node[reply.metadata.dst_node_id], lambda r: None)
+    rng = np.random.default_rng(1)
+    updates = [3.0 * d / np.linalg.norm(d) for d in rng.normal(size=(n, 4000))]  # every update clipped to C
+    replies = [
+        Message(RecordDict({"arrays": ArrayRecord({"w": Array(u.astype(np.float32))})}), dst_node_id=k, message_type="train")
+        for k, u in enumerate(updates, start=1)
+    ]
+    arrays, _, facts = aggregation.aggregate(1, 1, replies, ArrayRecord({"w": Array(np.zeros(4000, np.float32))}))
+    z_updates = z if mechanism == "central-fixed" else compute_adaptive_noise_params(z, n, adaptive_count_std(n, z))[1]
+    assert facts[NOISE_STD] == pytest.approx(z_updates * clip * max(examples) / sum(examples))
+    clipped_mean = np.sum([u * clip / np.linalg.norm(u) * w for u, w in zip(updates, examples)], axis=0) / sum(examples)
+    residual = arrays.to_numpy_ndarrays()[0].astype(np.float64) - clipped_mean
+    assert residual.std() == pytest.approx(facts[NOISE_STD], rel=0.05)  # the model carries the recorded std
+    charged = [client_noise_multiplier(facts, w / sum(examples)) for w in examples]
+    assert charged[-1] == pytest.approx(z)  # the largest share: exactly the z asked for
+    assert all(c > z for c in charged[:-1])  # the others: more noise per unit of their sensitivity
 
 
 def test_adaptive_clipping_raises_the_norm_when_updates_are_clipped_and_lowers_it_when_they_fit():

@@ -14,6 +14,18 @@ records what comes out of it:
   the accountant works (under adaptive clipping, the norm the round clipped
   and noised with, and apart from it the norm the next round starts from).
 
+The noise is sized for the largest share of the round's examples, not for
+1/n as Flower's wrappers size it. FedAvg weights a clipped update by its
+client's share w_k = n_k/Σn, so that client moves the average by up to w_k·C:
+Flower's std z·C/n gives it the multiplier z/(n·w_k), below z whenever the
+shares are unequal (Flower's own accountant refuses unequal weights for that
+reason). Noise of std z·C·max_k w_k gives the largest client exactly z and
+every other client more, so ``--target-epsilon`` holds for every client;
+with equal shares it is Flower's std. The shares come from the example
+counts the clients report, which the server sees in the clear anyway (they
+weight the average): DP here hides what the updates say, not how many
+examples each client holds.
+
 Flower draws the noise from numpy's global generator. Each call is made with
 that generator seeded from :func:`fedforget.privacy.round_noise_seed` (the
 run's secret, the trajectory and the round), and its state is restored after,
@@ -39,7 +51,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
 
 from fedforget.privacy import (
     ADAPTIVE_CLIP_LR,
@@ -58,6 +70,7 @@ from fedforget.server.rounds.history_position import RecordingError
 from fedforget.server.store.history_store import HistoryStore
 
 Average = Callable[[int, list[Message]], "tuple[ArrayRecord | None, MetricRecord | None]"]
+ExamplesOf = Callable[[Message], int]
 PreviousMetrics = Callable[[int], "dict[str, float] | None"]
 
 
@@ -123,7 +136,46 @@ class _Averaging(Strategy):
     configure_train = configure_evaluate = aggregate_evaluate = summary = _unused  # type: ignore[assignment]
 
 
-class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+def largest_share(replies: list[Message], examples_of: ExamplesOf) -> float:
+    """The largest w_k = n_k/Σn among the answered replies: the weight FedAvg gives its heaviest client."""
+    counts = [examples_of(m) for m in replies if not m.has_error()]
+    return max(counts) / sum(counts)
+
+
+class _NoiseForLargestShare:
+    """A Flower DP wrapper's noise draw, with std z·C·max_k w_k instead of z·C/n (see the module's docstring).
+
+    Mixed in before the Flower wrapper, whose ``_add_noise_to_aggregated_arrays``
+    it replaces. The draw is Flower's own (``add_gaussian_noise_inplace``, from
+    numpy's global generator), so only the std differs.
+    """
+
+    noise_multiplier: float
+    largest_share: float | None = None
+    """max_k n_k/Σn of the round being aggregated; set before each ``aggregate_train``."""
+    round_noise_std: float | None = None
+    """The std of the Gaussian noise the last aggregated round added to each coordinate of the average."""
+
+    def _noise_clipping_norm(self) -> float:
+        raise NotImplementedError
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        if self.largest_share is None:
+            raise RuntimeError("the round's largest share must be set before its average is noised")
+        nds = aggregated.to_numpy_ndarrays()
+        self.round_noise_std = float(self.noise_multiplier * self._noise_clipping_norm() * self.largest_share)
+        add_gaussian_noise_inplace(nds, self.round_noise_std)
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(aggregated.keys(), nds, strict=True)})
+
+
+class FixedClipping(_NoiseForLargestShare, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, its noise sized for the round's largest share."""
+
+    def _noise_clipping_norm(self) -> float:
+        return float(self.clipping_norm)
+
+
+class AndrewAdaptiveClipping(_NoiseForLargestShare, DifferentialPrivacyServerSideAdaptiveClipping):
     """Flower's server-side adaptive clipping in Andrew et al.'s order, its norm moving toward the target quantile.
 
     Two changes to Flower 1.42's wrapper, both in what Andrew et al. 2021
@@ -145,6 +197,10 @@ class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
       is z_Δ·C_t/n, so every round releases the updates with exactly Flower's
       z_Δ, which composes with the count query into the z asked for.
 
+And, as for fixed clipping, the std is sized for the round's largest share
+(:class:`_NoiseForLargestShare`): z_Δ·C_t·max_k w_k, which is z_Δ·C_t/n when
+the shares are equal.
+
     The clipping, the noised count, the norm update and the noise draw are
     Flower's own functions, drawn from numpy's global generator in Flower's
     order (count, then update noise). :attr:`round_clipping_norm` and
@@ -153,8 +209,6 @@ class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
 
     round_clipping_norm: float | None = None
     """The norm the last aggregated round clipped its updates with (and noised with)."""
-    round_noise_std: float | None = None
-    """The std of the Gaussian noise the last aggregated round added to each coordinate of the average."""
 
     def _noisy_fraction(self, count: int, total: int) -> float:
         return 1.0 - super()._noisy_fraction(count, total)
@@ -164,13 +218,10 @@ class AndrewAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         self.round_noise_std = None
         return super().aggregate_train(server_round, replies)
 
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+    def _noise_clipping_norm(self) -> float:
         if self.round_clipping_norm is None:
             raise RuntimeError("AndrewAdaptiveClipping noises only inside aggregate_train, which sets the round's norm")
-        nds = aggregated.to_numpy_ndarrays()
-        self.round_noise_std = compute_stdv(self.noise_multiplier, self.round_clipping_norm, self.num_sampled_clients)
-        add_gaussian_noise_inplace(nds, self.round_noise_std)
-        return ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(aggregated.keys(), nds, strict=True)})
+        return self.round_clipping_norm
 
 
 class PrivateAggregation:
@@ -184,19 +235,27 @@ class PrivateAggregation:
         The run's secret (store meta), from which each round's noise seed is derived.
     average:
         The plain FedAvg average of a list of replies (the recording strategy's own).
+    examples_of:
+        A reply's example count, the one ``average`` weights it by (the noise is sized for the largest share).
     previous_metrics:
         The recorded metrics of a round of the current trajectory (None if there
         is none): where adaptive clipping resumes its norm after a fork or restart.
     """
 
     def __init__(
-        self, settings: PrivacySettings, noise_secret: int, average: Average, previous_metrics: PreviousMetrics
+        self,
+        settings: PrivacySettings,
+        noise_secret: int,
+        average: Average,
+        examples_of: ExamplesOf,
+        previous_metrics: PreviousMetrics,
     ) -> None:
         if not settings.central:
             raise ValueError(f"{settings.mechanism} DP adds no server-side noise; the server averages plainly")
         self.settings = settings
         self._secret = noise_secret
         self._inner = _Averaging(average)
+        self._examples_of = examples_of
         self._previous_metrics = previous_metrics
         self._adaptive: AndrewAdaptiveClipping | None = None
         self._last: tuple[int, int] | None = None
@@ -225,16 +284,20 @@ class PrivateAggregation:
         self, server_round: int, replies: list[Message], model_sent: ArrayRecord, answered: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
         z, clip = self.settings.noise_multiplier, self.settings.clipping_norm
-        wrapper = DifferentialPrivacyServerSideFixedClipping(self._inner, z, clip, answered)
+        wrapper = FixedClipping(self._inner, z, clip, answered)
         wrapper.current_arrays = model_sent
+        wrapper.largest_share = largest_share(replies, self._examples_of)
         arrays, metrics = wrapper.aggregate_train(server_round, replies)
-        return arrays, metrics, {NOISE_STD: compute_stdv(z, clip, answered), CLIPPING_NORM: clip}
+        if arrays is None or wrapper.round_noise_std is None:  # Flower refused the replies: nothing to record
+            return None, metrics, {}
+        return arrays, metrics, {NOISE_STD: wrapper.round_noise_std, CLIPPING_NORM: clip}
 
     def _adaptive_round(
         self, trajectory: int, server_round: int, replies: list[Message], model_sent: ArrayRecord, answered: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[str, float]]:
         wrapper = self._adaptive_wrapper(trajectory, server_round, answered)
         wrapper.current_arrays = model_sent
+        wrapper.largest_share = largest_share(replies, self._examples_of)
         arrays, metrics = wrapper.aggregate_train(server_round, replies)
         self._last = (trajectory, server_round)
         if arrays is None or wrapper.round_noise_std is None:  # Flower refused the replies: nothing to record

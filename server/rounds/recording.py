@@ -188,7 +188,7 @@ class RecordingFedAvg(FedAvg):
         self.privacy = privacy
         secret = settle_privacy(store, privacy)
         self._private = (
-            PrivateAggregation(privacy, secret, self._average, self._recorded_metrics)
+            PrivateAggregation(privacy, secret, self._average, self._num_examples, self._recorded_metrics)
             if privacy is not None and secret is not None else None
         )
 
