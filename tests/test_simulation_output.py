@@ -82,6 +82,27 @@ def test_the_evidence_table_has_a_legend_and_flags_meaningless_evidence(tmp_path
     assert "MEANINGLESS" not in console.export_text()
 
 
+def test_a_group_unlearning_prints_one_line_naming_its_size(tmp_path: Path):
+    """report.json keeps an entry per client; a hundred clients withdrawn at once are one unlearning to read."""
+    from fedforget.commands.simulate import _print_run_summary
+
+    def entry(client: str, index: int, together: list[str]) -> dict[str, object]:
+        return {"client": client, "round": 10, "strategy": "subtract", "seconds": 2.0, "client_epochs": 40,
+                "test_accuracy_before": 0.9, "test_accuracy_after": 0.89, "unlearning_index": index,
+                "clients_unlearned_together": together}
+
+    group = [str(c) for c in range(100)]
+    report = {"final_test_accuracy": 0.9, "rounds": [{}], "wall_seconds": 1.0,
+              "unlearning": [entry(c, 0, group) for c in group] + [entry("7", 1, ["7"])],
+              "store": {"bytes": 1e6, "client_rounds": 10, "path": str(tmp_path)}}
+    console = Console(record=True, width=1000)
+    _print_run_summary(report, tmp_path, console)
+    shown = console.export_text()
+    assert shown.count("forgotten before round") == 2
+    assert "100 clients together (0, 1, 2, ...) forgotten before round 10 by subtract" in shown
+    assert "client 7 forgotten before round 10 by subtract" in shown
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures the plot functions draw, kept open instead of saved."""

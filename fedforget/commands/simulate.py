@@ -274,14 +274,33 @@ def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str 
         raise typer.Exit(code=int(ExitCode.NOT_LEARNED))
 
 
+WHO_NAMED = 3
+"""How many clients of a group unlearning the console names."""
+
+
+def _who(clients: list[str]) -> str:
+    """``client 3``, or for clients unlearned together ``48 clients together (0, 1, 2, ...)``."""
+    if len(clients) == 1:
+        return f"client {clients[0]}"
+    named = ", ".join(clients[:WHO_NAMED]) + (", ..." if len(clients) > WHO_NAMED else "")
+    return f"{len(clients)} clients together ({named})"
+
+
 def _print_run_summary(report: dict[str, object], out: Path, results: Console) -> None:
     results.print(
         f"final test accuracy [bold]{report['final_test_accuracy']:.2%}[/] "
         f"after {len(report['rounds'])} rounds in {report['wall_seconds']:.1f} s"  # type: ignore[arg-type]
     )
+    shown_unlearnings: set[object] = set()
     for event in report["unlearning"]:  # type: ignore[union-attr]
+        # report.json has an entry per client; clients unlearned together are one unlearning, so one line.
+        unlearning = event.get("unlearning_index", id(event))
+        if unlearning in shown_unlearnings:
+            continue
+        shown_unlearnings.add(unlearning)
         results.print(
-            f"client {event['client']} forgotten before round {event['round']} by {event['strategy']}"
+            f"{_who(event.get('clients_unlearned_together') or [event['client']])} forgotten "
+            f"before round {event['round']} by {event['strategy']}"
             + (f" in shard {event['shard']} alone: " if "shard" in event else ": ")
             + f"{event['seconds']:.1f} s, {event['client_epochs']:.0f} client-epochs, test accuracy "
             f"{event['test_accuracy_before']:.2%} -> {event['test_accuracy_after']:.2%}"
