@@ -30,8 +30,9 @@ are new releases of the staying clients' data.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -134,6 +135,52 @@ def round_noise_seed(secret: int, trajectory: int, server_round: int) -> np.ndar
     be recomputed bit for bit from its stored inputs.
     """
     return np.random.SeedSequence([int(secret), int(trajectory), int(server_round)]).generate_state(8)
+
+
+@contextlib.contextmanager
+def seeded_numpy(seed: np.ndarray) -> Iterator[None]:
+    """numpy's global generator seeded with ``seed`` inside, and as it was outside.
+
+    Flower's DP wrappers draw from numpy's global generator; seeding it per
+    round is what makes a round's noise a function of what the store records.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def gaussian_noise(std: float, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One N(0, std²) array per array of ``like``, in order and in its dtype, from numpy's global generator.
+
+    The same sequence as Flower's ``add_gaussian_noise_inplace``; both the
+    server's draw and :func:`recorded_noise` use this one function, so the two
+    cannot drift apart.
+    """
+    return [np.random.normal(0, std, a.shape).astype(a.dtype) for a in like]
+
+
+def recorded_noise(
+    secret: int, trajectory: int, server_round: int, mechanism: str, metrics: Mapping[str, float],
+    like: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The central noise a recorded round's model carries, drawn again from the run's secret.
+
+    ``trajectory`` is the one the round was trained in (not a fork that copied
+    it). Under ``central-adaptive`` Flower draws the noised clipped count
+    first, so that draw is repeated, then the update noise of std
+    ``metrics[NOISE_STD]`` (:func:`gaussian_noise`, in the order of ``like``).
+    Only the server can do this: the secret never leaves it.
+    """
+    if mechanism not in ("central-fixed", "central-adaptive"):
+        raise PrivacyError(f"only central DP adds server-side noise to regenerate, not {mechanism!r}")
+    with seeded_numpy(round_noise_seed(secret, trajectory, server_round)):
+        if mechanism == "central-adaptive":
+            np.random.normal(0, float(metrics[COUNT_STD]))
+        drawn = gaussian_noise(float(metrics[NOISE_STD]), list(like.values()))
+    return dict(zip(like, drawn, strict=True))
 
 
 def client_noise_multiplier(metrics: Mapping[str, float], weight: float) -> float:

@@ -172,8 +172,11 @@ def aggregate_without(view: RoundRecord, withdrawn: frozenset[str]) -> Arrays | 
 def residual(view: RoundRecord, withdrawn: frozenset[str], absent: frozenset[str] = frozenset()) -> Arrays:
     """What ``withdrawn`` added to a round, in float64.
 
-    Without ``absent``: the round's recorded step minus
-    :func:`aggregate_without` ``withdrawn``. With ``absent`` (clients removed
+    Without ``absent``: the round's recorded step, less its central DP noise,
+    minus :func:`aggregate_without` ``withdrawn``. (Left in, the noise of every
+    round would be read as the withdrawn clients' and taken out with them: the
+    unlearned model would lose the noise that protects the staying clients,
+    and land as far from the retrain as the summed noise is long.) With ``absent`` (clients removed
     earlier, whose updates must not be read): the round re-aggregated without
     ``absent``, minus the same without ``absent`` and ``withdrawn``, i.e.
     ``withdrawn``'s share of the round the federation would have had without
@@ -185,6 +188,9 @@ def residual(view: RoundRecord, withdrawn: frozenset[str], absent: frozenset[str
             return {}
     else:
         with_them = difference(view.model_after(), view.model_before())
+        noise = view.noise()
+        if noise is not None:
+            with_them = {name: value - noise[name] for name, value in with_them.items()}
     without = aggregate_without(view, withdrawn | absent)
     if without is None:
         return with_them

@@ -427,6 +427,9 @@ class WatchedRound:
     def model_after(self) -> Arrays:
         return self._view.model_after()
 
+    def noise(self) -> Arrays | None:
+        return self._view.noise()
+
     def update(self, client_id: str) -> Arrays:
         return self._owner.loaded(self.round, self._view.update(client_id))
 

@@ -34,11 +34,12 @@ from fedforget.privacy import (
     noise_multiplier_for,
     planned_noise_multiplier,
     round_noise_seed,
+    seeded_numpy,
 )
 from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.ledger.log import Ledger
 from fedforget.server.rounds.history_position import RecordingError
-from fedforget.server.rounds.private_aggregation import PrivateAggregation, seeded_numpy, settle_privacy
+from fedforget.server.rounds.private_aggregation import PrivateAggregation, settle_privacy
 from fedforget.server.rounds.privacy_accounting import privacy_account
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.withdrawal.consent import Withdrawal
@@ -197,6 +198,33 @@ def test_every_strategy_unlearns_a_dp_history(unlearned_every_way, strategy):
     assert account.rounds_without_noise == len(computed)
     if strategy == "retrain":  # retraining is a fresh DP release of the staying client, noised every round
         assert not computed and account.noised_rounds == 2 + 2
+
+
+def test_a_dp_rounds_noise_is_drawn_again_and_never_read_as_the_withdrawn_clients_share(unlearned_every_way):
+    """Every noised round's noise, regenerated from the secret, is exactly what its model carries beyond the
+    clipped updates' average, also in a fork's copies of its parent's rounds (drawn under the parent's id); and
+    the withdrawn client's share of a round is its clipped contribution alone, not that plus the round's noise."""
+    from fedforget.strategies.toolkit import residual
+
+    fed, source, _ = unlearned_every_way
+    copied_rounds_checked = 0
+    for trajectory in fed.store.trajectories():
+        for view in fed.store.reader(trajectory.id).rounds():
+            if NOISE_STD not in view.metrics:
+                assert view.noise() is None  # computed by a strategy: nothing to take out
+                continue
+            step = _flat(view.model_after()) - _flat(view.model_before())
+            clipped_average = sum(p.weight * _flat(u) for p, u in view.updates())
+            np.testing.assert_allclose(_flat(view.noise()), step - clipped_average, atol=1e-5)
+            assert np.abs(step - clipped_average).max() > 0.01  # there is noise to find
+            copied_rounds_checked += trajectory.parent is not None and view.round <= trajectory.base_version
+    assert copied_rounds_checked > 0
+    for view in fed.store.reader(source).rounds():
+        updates = {p.client_id: (p.weight, _flat(u)) for p, u in view.updates()}
+        staying = [(w, u) for client, (w, u) in updates.items() if client != "1"]
+        without = sum(w * u for w, u in staying) / sum(w for w, _ in staying)
+        expected = sum(w * u for w, u in updates.values()) - without
+        np.testing.assert_allclose(_flat(residual(view, frozenset({"1"}))), expected, atol=1e-5)
 
 
 def test_a_local_dp_reply_without_noise_is_refused(tmp_path):

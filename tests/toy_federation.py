@@ -281,6 +281,9 @@ class MemoryRound:
     def model_after(self) -> Arrays:
         return self.after
 
+    def noise(self) -> Arrays | None:
+        return None  # the toy rounds are not noised
+
     def update(self, client_id: str) -> Arrays:
         if client_id in self.unreadable:
             raise AssertionError(f"the update of client {client_id} in round {self.round} must never be read")

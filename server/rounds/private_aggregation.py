@@ -40,9 +40,8 @@ by design, since a server that could recompute the clients' noise could remove i
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -51,7 +50,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
 
 from fedforget.privacy import (
     ADAPTIVE_CLIP_LR,
@@ -64,7 +62,9 @@ from fedforget.privacy import (
     PRIVACY_META,
     PrivacySettings,
     adaptive_count_std,
+    gaussian_noise,
     round_noise_seed,
+    seeded_numpy,
 )
 from fedforget.server.rounds.history_position import RecordingError
 from fedforget.server.store.history_store import HistoryStore
@@ -110,17 +110,6 @@ def settle_privacy(store: HistoryStore, settings: PrivacySettings | None) -> int
     return int(secret)  # type: ignore[call-overload]
 
 
-@contextlib.contextmanager
-def seeded_numpy(seed: np.ndarray) -> Iterator[None]:
-    """numpy's global generator seeded with ``seed`` inside, and as it was outside."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
-
-
 class _Averaging(Strategy):
     """The inner strategy a Flower DP wrapper expects: here only the recording strategy's FedAvg average."""
 
@@ -146,8 +135,9 @@ class _NoiseForLargestShare:
     """A Flower DP wrapper's noise draw, with std z·C·max_k w_k instead of z·C/n (see the module's docstring).
 
     Mixed in before the Flower wrapper, whose ``_add_noise_to_aggregated_arrays``
-    it replaces. The draw is Flower's own (``add_gaussian_noise_inplace``, from
-    numpy's global generator), so only the std differs.
+    it replaces. The draw is :func:`fedforget.privacy.gaussian_noise`, Flower's
+    own sequence from numpy's global generator, which is what lets
+    :func:`fedforget.privacy.recorded_noise` regenerate it.
     """
 
     noise_multiplier: float
@@ -164,7 +154,8 @@ class _NoiseForLargestShare:
             raise RuntimeError("the round's largest share must be set before its average is noised")
         nds = aggregated.to_numpy_ndarrays()
         self.round_noise_std = float(self.noise_multiplier * self._noise_clipping_norm() * self.largest_share)
-        add_gaussian_noise_inplace(nds, self.round_noise_std)
+        for array, noise in zip(nds, gaussian_noise(self.round_noise_std, nds), strict=True):
+            array += noise
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(aggregated.keys(), nds, strict=True)})
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedforget.arrays import Arrays
+from fedforget.privacy import NOISE_SEED_META, NOISE_STD, PRIVACY_META, PrivacySettings, recorded_noise
 from fedforget.server.store.errors import MissingUpdateError, RowAuthenticationError
 from fedforget.server.store.index import Row
 
@@ -137,6 +138,31 @@ class RoundView:
     def model_after(self) -> Arrays:
         """Global model this round produced (version ``round``)."""
         return self._store._read_version(self.trajectory, self.round)
+
+    def noise(self) -> Arrays | None:
+        """The central DP noise this round's model carries, regenerated from the run's secret; None if none was added.
+
+        Under central DP the recorded step is the clipped updates' average plus
+        this noise, so whatever reads a client's share of a step from it must
+        take the noise out first, or it reads the noise as that client's.
+        """
+        if NOISE_STD not in self.metrics:
+            return None
+        settings, secret = self._store.get_meta(PRIVACY_META), self._store.get_meta(NOISE_SEED_META)
+        if settings is None or secret is None:  # local DP: the clients noised their own (stored) updates
+            return None
+        return recorded_noise(
+            int(secret), self._trained_in(), self.round, PrivacySettings.from_json(settings).mechanism,  # type: ignore[arg-type]
+            self.metrics, self.model_after(),
+        )
+
+    def _trained_in(self) -> int:
+        """The trajectory that trained this round: a fork holds copies of its parent's rounds up to its base."""
+        by_id = {t.id: t for t in self._store.trajectories()}
+        trajectory = by_id[self.trajectory]
+        while trajectory.parent is not None and self.round <= trajectory.base_version:
+            trajectory = by_id[int(trajectory.parent)]
+        return trajectory.id
 
     def update(self, client_id: str) -> Arrays:
         """The client's update (float32 for floating arrays)."""
