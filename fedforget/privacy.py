@@ -34,6 +34,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -152,7 +153,17 @@ def seeded_numpy(seed: np.ndarray) -> Iterator[None]:
         np.random.set_state(state)
 
 
-def gaussian_noise(std: float, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+class Shaped(Protocol):
+    """What a noise draw needs of an array: a numpy array, or the store's spec of one."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+
+def gaussian_noise(std: float, like: Sequence[Shaped]) -> list[np.ndarray]:
     """One N(0, std²) array per array of ``like``, in order and in its dtype, from numpy's global generator.
 
     The same sequence as Flower's ``add_gaussian_noise_inplace``; both the
@@ -164,7 +175,7 @@ def gaussian_noise(std: float, like: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def recorded_noise(
     secret: int, trajectory: int, server_round: int, mechanism: str, metrics: Mapping[str, float],
-    like: Mapping[str, np.ndarray],
+    like: Mapping[str, Shaped],
 ) -> dict[str, np.ndarray]:
     """The central noise a recorded round's model carries, drawn again from the run's secret.
 

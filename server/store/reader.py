@@ -153,7 +153,7 @@ class RoundView:
             return None
         return recorded_noise(
             int(secret), self._trained_in(), self.round, PrivacySettings.from_json(settings).mechanism,  # type: ignore[arg-type]
-            self.metrics, self.model_after(),
+            self.metrics, {spec.name: spec for spec in self._store.model_spec.arrays},
         )
 
     def _trained_in(self) -> int:
