@@ -136,6 +136,8 @@ class SimulationConfig:
     """Clients that plant a BadNets-style canary: evidence of forgetting is measurable."""
     backdoor_fraction: float = 0.7
     backdoor_target: int = 0
+    canaries: int = 0
+    """Examples each withdrawing client relabels to a wrong class: a DP audit's canaries, attacked on their own."""
     shadows: int = 8
     """Shadow models for the per-example membership attack (offline LiRA); 0 skips it."""
     seeds: int = 1
@@ -234,6 +236,9 @@ class SimulationConfig:
         if not 0 <= self.backdoor_target < NUM_CLASSES:
             raise ConfigError(f"--backdoor-target must be a class 0..{NUM_CLASSES - 1}, got {self.backdoor_target}")
         _at_least("--shadows", self.shadows, 0)
+        _at_least("--canaries", self.canaries, 0)
+        if self.canaries and not self.withdrawals:
+            raise ConfigError("--canaries are planted by the clients that withdraw: give --withdraw CLIENT@ROUND too")
         if (unlearner_class(self.strategy).one_client_per_request
                 and len({w.round for w in self.withdrawals}) != len(self.withdrawals)):
             raise ConfigError(f"--strategy {self.strategy} unlearns one client at a time: give each its own round")

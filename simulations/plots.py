@@ -70,9 +70,17 @@ def plot_backdoor(path: Path, labels: Sequence[str], means: dict[str, list[float
     _save(fig, path)
 
 
+ATTACK_TITLES = {
+    "population": "loss-threshold attack",
+    "lira": "offline LiRA attack",
+    "canary-population": "loss-threshold attack, mislabelled canaries",
+    "canary-lira": "offline LiRA attack, mislabelled canaries",
+}
+
+
 def plot_roc(path: Path, title: str, attacks: dict[str, dict[str, AttackResult]]) -> None:
     """ROC curves of the membership attacks on the forgotten client's data, one curve per model."""
-    kinds = [k for k in ("population", "lira") if any(k in by_kind for by_kind in attacks.values())]
+    kinds = [k for k in ATTACK_TITLES if any(k in by_kind for by_kind in attacks.values())]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for role, by_kind in attacks.items():
@@ -84,7 +92,7 @@ def plot_roc(path: Path, title: str, attacks: dict[str, dict[str, AttackResult]]
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance (AUC 0.5)")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title(f"{'loss-threshold' if kind == 'population' else 'offline LiRA'} attack")
+        ax.set_title(ATTACK_TITLES[kind])
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}\nforgotten: the unlearned curve matches the retrain curve", fontsize=11)

@@ -81,6 +81,8 @@ def data_settings(config: SimulationConfig) -> DataSettings:
         backdoor_clients=tuple(sorted(int(c) for c in config.backdoors)),
         backdoor_fraction=config.backdoor_fraction,
         trigger=config.trigger(),
+        canary_clients=tuple(sorted(int(w.client_id) for w in config.withdrawals)) if config.canaries else (),
+        canaries=config.canaries,
     )
 
 

@@ -17,9 +17,17 @@ FIGURES = (
     ("lira_auc", "LiRA AUC"),
 )
 
+CANARY_FIGURES = (
+    ("canary_fit", "canaries fit"),
+    ("canary_lira_tpr_at_1pct_fpr", "canary LiRA TPR@1%"),
+)
+"""Shown when the forgotten clients planted mislabelled canaries (``--canaries``)."""
+
 LEGEND = (
     "How to read it (not a verdict): forgetting is good where 'unlearned' matches 'retrain' in every column. "
-    "Accuracies: higher is better; backdoor ASR: lower is better; MIA/LiRA AUC: 0.5 means members cannot be told apart."
+    "Accuracies: higher is better; backdoor ASR: lower is better; "
+    "MIA/LiRA AUC: 0.5 means members cannot be told apart; "
+    "canaries fit: the share of mislabelled canaries predicted with their wrong label (memorised)."
 )
 """Printed under every table: a reading guide, worded so that nobody takes it for this run's verdict."""
 
@@ -41,11 +49,12 @@ def print_verification(verification: dict[str, object], out: Path, console: Cons
             f"({entry['strategy']}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''})"  # type: ignore[arg-type]
             + (" [bold red]MEANINGLESS[/]" if meaningless else ""),
         )
+        shown = FIGURES + (CANARY_FIGURES if entry["original"].get("canary_fit") is not None else ())
         table.add_column("model")
-        for _, title in FIGURES:
+        for _, title in shown:
             table.add_column(title, justify="right")
         for role in ("original", "unlearned", "retrain"):
-            table.add_row(role, *(_cell(entry[role], key) for key, _ in FIGURES))
+            table.add_row(role, *(_cell(entry[role], key) for key, _ in shown))
         console.print(table)
         console.print(LEGEND)
         judged = entry.get("over_forgetting")

@@ -17,11 +17,15 @@ from torch.utils.data import TensorDataset
 
 from fedforget.client.app import ClientData
 from fedforget.evidence.backdoor import Trigger, poison_dataset
+from fedforget.evidence.mislabelled import mislabel, plant_mislabelled
+from fedforget.simulations.config import NUM_CLASSES
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
 from fedforget.simulations.partitioning import partition_indices
 
 PARTITION_ID = "partition-id"
+CLIENT_CANARY_DRAW, UNSEEN_CANARY_DRAW = 1, 2
+"""Name the seeded draws of wrong labels: each client's own (with its id), and the non-members'."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class DataSettings:
     """Clients that plant the backdoor canary in part of their training data."""
     backdoor_fraction: float = 0.5
     trigger: Trigger = Trigger()
+    canary_clients: tuple[int, ...] = ()
+    """Clients that relabel ``canaries`` of their genuine examples to a wrong class (a DP audit's canaries)."""
+    canaries: int = 0
 
 
 @lru_cache(maxsize=4)
@@ -72,21 +79,51 @@ def client_partitions(settings: DataSettings) -> tuple[np.ndarray, ...]:
     return owned
 
 
-def client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One client's training examples exactly as it trains on them, and which carry the canary."""
+def _planted(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One client's examples as it trains on them, which carry the backdoor, and which are mislabelled canaries."""
     data = load_dataset(settings.dataset)
     index = client_partitions(settings)[client]
     # Fancy indexing copies out of the shared, read-only cached arrays.
     x, y = data.x_train[index], data.y_train[index]
+    backdoored = np.zeros(len(y), dtype=bool)
     if client in settings.backdoor_clients:
-        return poison_dataset(x, y, settings.trigger, settings.backdoor_fraction, seed=settings.seed + client)
-    return x, y, np.zeros(len(y), dtype=bool)
+        x, y, backdoored = poison_dataset(
+            x, y, settings.trigger, settings.backdoor_fraction, seed=settings.seed + client
+        )
+    mislabelled = np.zeros(len(y), dtype=bool)
+    if client in settings.canary_clients:
+        genuine = np.flatnonzero(~backdoored)
+        relabelled, chosen = plant_mislabelled(
+            y[genuine], settings.canaries, NUM_CLASSES, seed=[settings.seed, CLIENT_CANARY_DRAW, client]
+        )
+        y = np.array(y, copy=True)
+        y[genuine] = relabelled
+        mislabelled[genuine[chosen]] = True
+    return x, y, backdoored, mislabelled
+
+
+def client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One client's training examples exactly as it trains on them, and which carry a canary of either kind."""
+    x, y, backdoored, mislabelled = _planted(settings, client)
+    return x, y, backdoored | mislabelled
 
 
 def clean_client_arrays(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray]:
     """The client's examples that carry no canary: its genuine data, whose membership matters."""
-    x, y, poisoned = client_arrays(settings, client)
-    return x[~poisoned], y[~poisoned]
+    x, y, planted = client_arrays(settings, client)
+    return x[~planted], y[~planted]
+
+
+def mislabelled_canaries(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """The client's mislabelled canaries, with the wrong labels it trained them under (empty if it planted none)."""
+    x, y, _, mislabelled = _planted(settings, client)
+    return x[mislabelled], y[mislabelled]
+
+
+def unseen_mislabelled(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The test set under seeded wrong labels: canaries no client trained on, the audit's non-members."""
+    data = load_dataset(settings.dataset)
+    return np.array(data.x_test), mislabel(np.array(data.y_test), NUM_CLASSES, seed=[settings.seed, UNSEEN_CANARY_DRAW])
 
 
 @lru_cache(maxsize=8)

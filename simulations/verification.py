@@ -36,7 +36,7 @@ from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.learning import evidence_problem
 from fedforget.simulations.models import build_model
 from fedforget.simulations.run_dir import clients_label
-from fedforget.simulations.task import DataSettings, clean_client_arrays
+from fedforget.simulations.task import DataSettings, clean_client_arrays, mislabelled_canaries, unseen_mislabelled
 
 MODEL_ROLES = ("original", "unlearned", "retrain")
 SHADOW_POOL_LIMIT = 4000
@@ -51,6 +51,10 @@ class EvidenceData:
     nonmembers: tuple[np.ndarray, np.ndarray]
     remaining: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    canaries: tuple[np.ndarray, np.ndarray] | None = None
+    """The forgotten clients' mislabelled canaries, under the labels they trained them with (None: none planted)."""
+    unseen_canaries: tuple[np.ndarray, np.ndarray] | None = None
+    """Test examples under wrong labels drawn alike: the canaries' non-members."""
 
 
 def model_from_arrays(spec: str, arrays: Arrays) -> nn.Module:
@@ -65,17 +69,24 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 def evidence_data(settings: DataSettings, forgotten: list[str], withdrawn_so_far: set[str]) -> EvidenceData:
     """Members: the forgotten clients' genuine training examples; non-members: held-out test data.
 
-    A backdoored client's relabelled canary examples are left out of the
+    A client's canaries, backdoored or mislabelled, are left out of the
     membership and accuracy figures: a clean model misclassifies them, which
-    would read as "not a member" for the wrong reason. The canary is measured
-    by its attack success rate instead.
+    would read as "not a member" for the wrong reason. A backdoor is measured
+    by its attack success rate; mislabelled canaries by attacks of their own,
+    against test examples given wrong labels the same way.
     """
     data = load_dataset(settings.dataset)
     members = _concat([clean_client_arrays(settings, int(c)) for c in forgotten])
     staying = [c for c in range(settings.num_clients) if str(c) not in withdrawn_so_far]
     remaining = _concat([clean_client_arrays(settings, c) for c in staying])
     test = (np.array(data.x_test), np.array(data.y_test))
-    return EvidenceData(members=members, nonmembers=test, remaining=remaining, test=test)
+    if not settings.canaries:
+        return EvidenceData(members=members, nonmembers=test, remaining=remaining, test=test)
+    canaries = _concat([mislabelled_canaries(settings, int(c)) for c in forgotten])
+    return EvidenceData(
+        members=members, nonmembers=test, remaining=remaining, test=test,
+        canaries=canaries, unseen_canaries=unseen_mislabelled(settings),
+    )
 
 
 def model_figures(
@@ -109,7 +120,39 @@ def model_figures(
         attacks["lira"] = lira
         figures["lira_auc"] = lira.auc
         figures["lira_tpr_at_1pct_fpr"] = lira.tpr_at_1pct_fpr
+    if data.canaries is not None and data.unseen_canaries is not None:
+        figures.update(_canary_figures(model, data.canaries, data.unseen_canaries, shadows, attacks))
     return figures, attacks
+
+
+def _canary_figures(
+    model: nn.Module,
+    canaries: tuple[np.ndarray, np.ndarray],
+    unseen: tuple[np.ndarray, np.ndarray],
+    shadows: list[nn.Module],
+    attacks: dict[str, AttackResult],
+) -> dict[str, object]:
+    """How much the model memorised the forgotten clients' mislabelled canaries, and how well attacks find them.
+
+    ``canary_fit`` is the share of canaries the model predicts with the wrong
+    label they were trained under: only memorisation gets there, so a model
+    that never saw them stays near chance (1/9 of the other classes at most).
+    """
+    population = population_attack(model, canaries, unseen)
+    attacks["canary-population"] = population
+    figures: dict[str, object] = {
+        "canary_fit": accuracy(model, *canaries),
+        "canary_mia_auc": population.auc,
+        "canary_mia_tpr_at_1pct_fpr": population.tpr_at_1pct_fpr,
+        "canary_lira_auc": None,
+        "canary_lira_tpr_at_1pct_fpr": None,
+    }
+    if shadows:
+        lira = lira_offline(model, shadows, canaries, unseen)
+        attacks["canary-lira"] = lira
+        figures["canary_lira_auc"] = lira.auc
+        figures["canary_lira_tpr_at_1pct_fpr"] = lira.tpr_at_1pct_fpr
+    return figures
 
 
 def verify_run(
@@ -195,6 +238,7 @@ def verify_events(
             "shadow_models": len(shadows),
             "shadow_training_seconds": shadow_seconds,
             "members": int(len(data.members[1])),
+            "canaries": 0 if data.canaries is None else int(len(data.canaries[1])),
             "nonmembers": int(len(data.nonmembers[1])),
         }
         if "shard" in event:

@@ -110,6 +110,13 @@ def simulate_command(
         float, typer.Option(help="Share of a backdoored client's examples that carry the trigger.")
     ] = _DEFAULTS["backdoor_fraction"],
     backdoor_target: Annotated[int, typer.Option(help="Class the trigger relabels to.")] = _DEFAULTS["backdoor_target"],
+    canaries: Annotated[
+        int,
+        typer.Option(
+            help="Each withdrawing client relabels this many of its examples to a wrong class: canaries that only "
+            "memorisation fits, attacked on their own (a DP audit, Jagielski et al. 2020)."
+        ),
+    ] = _DEFAULTS["canaries"],
     shadows: Annotated[
         int, typer.Option(help="Shadow models for the per-example membership attack (0 skips it).")
     ] = _DEFAULTS["shadows"],
@@ -177,6 +184,7 @@ def simulate_command(
         "classes_per_partition": classes_per_partition, "seed": seed, "strategy": strategy,
         "retention_interval": retention_interval, "store_dtype": store_dtype,
         "backdoor_fraction": backdoor_fraction, "backdoor_target": backdoor_target, "shadows": shadows,
+        "canaries": canaries,
         "seeds": seeds, "shards": shards, "train_fraction": train_fraction,
         "fraction_train": fraction_train, "withdrawals": withdraw, "backdoors": backdoor,
         "dp": dp, "noise_multiplier": noise_multiplier, "clipping_norm": clipping_norm,
