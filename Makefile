@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/fedforget simulate --dataset digits --clients 10 --rounds 20 --backdoor 3 --withdraw 3@15 --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/fedforget bench overhead

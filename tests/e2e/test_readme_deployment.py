@@ -4,7 +4,7 @@ The blocks marked ``<!-- deployment: NAME -->`` are run unchanged, in order,
 except that ``FED`` points into the test's temporary directory and free
 loopback ports replace the README's fixed ones, so that two copies of the
 suite on one machine do not collide. The test only
-waits where a person would (for two rounds before withdrawing) and checks
+waits where a person would (for a round before withdrawing) and checks
 what the walkthrough promises: a TLS federation of three organisations, a
 withdrawal that ends with a valid certificate, a ledger that matches the
 store, and no process left behind.
@@ -107,7 +107,7 @@ def test_the_readme_deployment_walkthrough_works_when_pasted(tmp_path: Path) -> 
                 block = block.replace(FED_LINE, f"export FED={fed}")
             if name == "withdraw":
                 # A person waits for a round or two before withdrawing.
-                wait_until(lambda: _ledger_rounds(fed) >= 2, 180, "two rounds in the ledger")
+                wait_until(lambda: _ledger_rounds(fed) >= 1, 180, "a round in the ledger")
             shell.run(name, block, timeout=300 if name in ("follow", "finish") else 120)
         log = processes.log("walkthrough")
         assert "VALID" in log and "INVALID" not in log
