@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from fedforget.simulations.run_dir import (
     saved_config,
     writable,
 )
-from fedforget.simulations.task import DataSettings, SimulationTask, test_dataset
+from fedforget.simulations.task import DataSettings, SimulationTask, mislabelled_canaries, test_dataset
 from fedforget.simulations.verification import aggregate_seeds, verify_run
 from fedforget.simulations.withdrawing_clients import FederationPaths, WithdrawingClients, prepare_federation
 
@@ -158,6 +158,19 @@ def check_model_fits(config: SimulationConfig) -> None:
         )
 
 
+def check_canaries_fit(config: SimulationConfig) -> None:
+    """Refuse ``--canaries K`` that a withdrawing client cannot plant in its own data, before anything is written."""
+    if not config.canaries:
+        return
+    for seed in range(config.seed, config.seed + config.seeds):
+        settings = data_settings(replace(config, seed=seed))
+        for client in settings.canary_clients:
+            try:
+                mislabelled_canaries(settings, client)
+            except ValueError as exc:
+                raise ConfigError(f"--canaries {config.canaries}: client {client} (seed {seed}): {exc}") from None
+
+
 def prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
     """Check ``OUT`` can take this run, then record its settings (the only write before training)."""
     out = writable(out)
@@ -192,6 +205,7 @@ def simulate(
     config.validate()
     load_dataset(config.dataset)  # a missing dataset fails here, before anything is written
     check_model_fits(config)
+    check_canaries_fit(config)
     out = prepare_output(config, out, resume)
     quiet_engines(verbose)
     say = progress or (lambda message: None)

@@ -17,6 +17,7 @@ from fedforget.simulations.task import (
     mislabelled_canaries,
     unseen_mislabelled,
 )
+from fedforget.simulations.runner import simulate
 from fedforget.simulations.verification import EvidenceData, model_figures
 
 BACKDOORED_AND_CANARIES = DataSettings(
@@ -108,3 +109,10 @@ def test_canaries_need_a_withdrawing_client_to_plant_them() -> None:
     with pytest.raises(ConfigError, match="--canaries"):
         SimulationConfig(canaries=-1, withdrawals=(Withdrawal("1", 3),)).validate()
     SimulationConfig(canaries=2, withdrawals=(Withdrawal("1", 3),)).validate()
+
+
+def test_more_canaries_than_a_withdrawing_client_holds_is_refused_before_anything_is_written(tmp_path) -> None:
+    config = SimulationConfig(clients=10, rounds=2, canaries=500, withdrawals=(Withdrawal("1", 2),), shadows=0)
+    with pytest.raises(ConfigError, match=r"--canaries 500: client 1 \(seed 0\): 500 mislabelled canaries asked"):
+        simulate(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
