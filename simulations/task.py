@@ -123,7 +123,8 @@ def mislabelled_canaries(settings: DataSettings, client: int) -> tuple[np.ndarra
 def unseen_mislabelled(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     """The test set under seeded wrong labels: canaries no client trained on, the audit's non-members."""
     data = load_dataset(settings.dataset)
-    return np.array(data.x_test), mislabel(np.array(data.y_test), NUM_CLASSES, seed=[settings.seed, UNSEEN_CANARY_DRAW])
+    wrong = mislabel(np.array(data.y_test), NUM_CLASSES, seed=[settings.seed, UNSEEN_CANARY_DRAW])
+    return np.array(data.x_test), wrong
 
 
 @lru_cache(maxsize=8)
