@@ -324,8 +324,10 @@ def aggregate_seeds(documents: list[dict[str, object]]) -> dict[str, object]:
         verdict = over_forgetting_of(combined["unlearned"], combined["retrain"]).to_json()  # type: ignore[arg-type]
         verdict["seeds_flagged"] = sum(bool(e["over_forgetting"]["flagged"]) for e in per_seed)
         combined["over_forgetting"] = verdict
-        for key in ("evidence_seconds", "shadow_training_seconds"):
-            combined.update(_mean_std([{key: seed_entry[key]} for seed_entry in per_seed]))
+        # The counts a TPR at 1 % FPR is read against, beside the timings.
+        for key in ("evidence_seconds", "shadow_training_seconds", "members", "canaries", "nonmembers"):
+            if key in entry:
+                combined.update(_mean_std([{key: seed_entry[key]} for seed_entry in per_seed]))
         entries.append(combined)
     return {
         "seeds": [doc["seed"] for doc in documents],

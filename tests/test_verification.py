@@ -144,6 +144,7 @@ def test_seeds_are_summarised_by_mean_and_sample_std():
                 "original": figures, "unlearned": figures, "retrain": figures,
                 "distance_to_retrain": {"l2": 0.0, "js": 0.0},
                 "evidence_seconds": 1.0, "shadow_training_seconds": 2.0,
+                "members": 40 + seed, "canaries": 0, "nonmembers": 360,
                 "over_forgetting": {"flagged": seed == 2},
             }],
         }
@@ -158,6 +159,9 @@ def test_seeds_are_summarised_by_mean_and_sample_std():
     judged = summary["unlearning"][0]["over_forgetting"]
     assert judged["flagged"] is False and judged["seeds_flagged"] == 1  # identical models: the mean is not flagged
     assert summary["seeds"] == [0, 1, 2]
+    # The counts a TPR at 1 % FPR is read against survive the summary.
+    counts = summary["unlearning"][0]
+    assert (counts["members"], counts["members_std"], counts["nonmembers"]) == (41.0, 1.0, 360.0)
 
 
 def test_a_withdrawal_of_a_thousand_clients_names_files_the_file_system_accepts(tmp_path) -> None:
