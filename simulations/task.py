@@ -18,7 +18,6 @@ from torch.utils.data import TensorDataset
 from fedforget.client.app import ClientData
 from fedforget.evidence.backdoor import Trigger, poison_dataset
 from fedforget.evidence.mislabelled import mislabel, plant_mislabelled
-from fedforget.simulations.config import NUM_CLASSES
 from fedforget.simulations.datasets import load_dataset
 from fedforget.simulations.models import build_model
 from fedforget.simulations.partitioning import partition_indices
@@ -94,7 +93,7 @@ def _planted(settings: DataSettings, client: int) -> tuple[np.ndarray, np.ndarra
     if client in settings.canary_clients:
         genuine = np.flatnonzero(~backdoored)
         relabelled, chosen = plant_mislabelled(
-            y[genuine], settings.canaries, NUM_CLASSES, seed=[settings.seed, CLIENT_CANARY_DRAW, client]
+            y[genuine], settings.canaries, data.num_classes, seed=[settings.seed, CLIENT_CANARY_DRAW, client]
         )
         y = np.array(y, copy=True)
         y[genuine] = relabelled
@@ -123,7 +122,7 @@ def mislabelled_canaries(settings: DataSettings, client: int) -> tuple[np.ndarra
 def unseen_mislabelled(settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
     """The test set under seeded wrong labels: canaries no client trained on, the audit's non-members."""
     data = load_dataset(settings.dataset)
-    wrong = mislabel(np.array(data.y_test), NUM_CLASSES, seed=[settings.seed, UNSEEN_CANARY_DRAW])
+    wrong = mislabel(np.array(data.y_test), data.num_classes, seed=[settings.seed, UNSEEN_CANARY_DRAW])
     return np.array(data.x_test), wrong
 
 
