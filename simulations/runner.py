@@ -25,6 +25,7 @@ from fedforget.client.training import evaluate
 from fedforget.files import write_json_atomic
 from fedforget.server.app import ServerSetup, make_server_app
 from fedforget.server.ledger.accountability import Accountability
+from fedforget.server.unlearning.events import completed_unlearnings
 from fedforget.server.withdrawal.consent import RegistryConsent
 from fedforget.privacy import PrivacySettings
 from fedforget.server.rounds.privacy_accounting import privacy_account
@@ -119,21 +120,37 @@ def make_evaluate_fn(dataset: str, model_seed: int, model: str | None = None):  
     return evaluate_global
 
 
-def _check_resumable(config: SimulationConfig, out: Path) -> None:
-    """Refuse to resume a run written with other settings, for another federation or model."""
+STRATEGY_FIELDS = ("strategy", "strategy_settings")
+"""Settings a resume may change while no unlearning has completed: e.g. to retrain after ``subtract`` refused."""
+
+
+def _check_resumable(config: SimulationConfig, out: Path) -> bool:
+    """Refuse to resume a run written with other settings, for another federation or model.
+
+    Returns whether the unlearning strategy changed, which is allowed only
+    before any unlearning completed (none has used the old one yet).
+    """
     saved = saved_config(out).to_json()
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.to_json().items() if saved.get(k) != v]
-    if diffs:
-        raise ConfigError(
-            "--resume: the settings differ from the interrupted run's ("
-            + "; ".join(diffs)
-            + "). Resume with the same settings, or start a new run with another --out."
-        )
+    wanted = config.to_json()
+    changed = {k for k, v in wanted.items() if saved.get(k) != v}
+
+    def refuse(keys: set[str], hint: str = "") -> ConfigError:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in sorted(keys))
+        return ConfigError(f"--resume: the settings differ from the interrupted run's ({diffs}){hint}. "
+                           "Resume with the same settings, or start a new run with another --out.")
+
+    if changed - set(STRATEGY_FIELDS):
+        raise refuse(changed)
+    unlearned = False
     for seeded, run_dir in run_dirs(config, out):
         if (run_dir / STORE_DIR / "store.json").exists():
             spec = ModelSpec.from_arrays(model_arrays(build_model(seeded.model_spec, seed=seeded.seed)))
             with HistoryStore.open(run_dir / STORE_DIR) as store:
                 store.check_compatible(federation_id=federation_id(seeded), model_spec=spec)
+                unlearned = unlearned or bool(completed_unlearnings(store))
+    if changed and unlearned:
+        raise refuse(changed, " (the strategy can change only until a first unlearning completes)")
+    return bool(changed)
 
 
 def check_model_fits(config: SimulationConfig) -> None:
@@ -175,7 +192,8 @@ def prepare_output(config: SimulationConfig, out: Path, resume: bool) -> Path:
     """Check ``OUT`` can take this run, then record its settings (the only write before training)."""
     out = writable(out)
     if resume:
-        _check_resumable(config, out)
+        if _check_resumable(config, out):
+            record_settings(config, out)  # the new strategy is what the run goes on with
         return out
     check_fresh(config, out)
     record_settings(config, out)

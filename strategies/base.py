@@ -16,6 +16,7 @@ from typing import ClassVar, Protocol
 
 
 from fedforget.arrays import Arrays
+from fedforget.errors import FedforgetError
 # AscentSettings is re-exported: strategies and tests have always imported it from here.
 from fedforget.strategies.client_methods import AscentSettings as AscentSettings, ClientMethod
 from fedforget.strategies.settings import StrategySettings, UnlearningContext
@@ -150,6 +151,14 @@ class Federation(ABC):
         client's resulting model and the epochs it spent. Raises
         :class:`ClientOfflineError` if the client cannot be reached.
         """
+
+
+class StrategyRefusedError(FedforgetError):
+    """The strategy will not unlearn this request (it would not pay, or not work); nothing was changed.
+
+    Raised before any client works or anything is recorded, so the caller
+    can unlearn the same clients with another strategy (the message names it).
+    """
 
 
 class ClientOfflineError(RuntimeError):

@@ -35,6 +35,18 @@ gone and K rounds of training have repaired the curved directions.
 K = 0 returns w_T − Δ with no client work (the server alone, e.g. between
 runs).
 
+How far one round of training repairs depends on how far the model was
+moved, measured against how far training itself still moves it: each stage
+removes at most ``max_stage_steps`` times the median norm of the global
+model's last recorded steps (:func:`recent_step_norm`). A large Δ (many
+clients at once) therefore gets more stages than K. On digits a stage of up
+to 4.9 such steps was repaired, one of 6.9 was not (a group of 48 clients
+left 5.8 points behind the retrain), and after 100 rounds, when the model
+barely moves any more, K = 3 and K = 12 stages of 145 and 36 steps left it
+at chance. When the stages this asks for would be more than half the rounds
+a retrain runs, ``subtract`` does not pay: it refuses, before any client
+works or anything is recorded, and says to retrain.
+
 If the staying clients' updates of a round u took part in were not
 retained (Δt > 1), δ_t is unknown and that round is left out; ``details``
 lists it. Clients an earlier approximate unlearning removed are never
@@ -43,6 +55,8 @@ read and count as absent from the rounds (as in the retrained federation).
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,6 +64,7 @@ from fedforget.arrays import Arrays
 from fedforget.strategies.base import (
     Federation,
     HistoryView,
+    StrategyRefusedError,
     UnlearningOutcome,
     UnlearningRequest,
     Unlearner,
@@ -57,6 +72,7 @@ from fedforget.strategies.base import (
 from fedforget.strategies.settings import StrategySettings, setting
 from fedforget.strategies.toolkit import (
     add,
+    difference,
     first_contribution,
     fedavg_rounds,
     norm,
@@ -66,15 +82,40 @@ from fedforget.strategies.toolkit import (
 )
 
 
+RECENT_STEPS = 5
+"""How many of the model's last recorded steps set the scale a stage is measured in."""
+
+
+class SubtractDoesNotPayError(StrategyRefusedError):
+    """The contribution is so large against the model's recent steps that a retrain costs about as much."""
+
+
+def recent_step_norm(history: HistoryView, completed: int) -> float:
+    """The median norm of the global model's last :data:`RECENT_STEPS` steps up to version ``completed``.
+
+    The median, so that one unusual step (a round right after an earlier
+    unlearning) does not set the scale.
+    """
+    first = max(0, completed - RECENT_STEPS)
+    versions = [history.model(v) for v in range(first, completed + 1)]
+    steps = [norm(difference(after, before)) for before, after in zip(versions, versions[1:])]
+    return statistics.median(steps) if steps else 0.0
+
+
 @dataclass(frozen=True)
 class SubtractSettings(StrategySettings):
-    """How many stages (each one recovery round) the subtraction is spread over."""
+    """How many stages (each one recovery round) the subtraction is spread over, at least."""
 
     strategy: ClassVar[str] = "subtract"
 
     recovery_rounds: int = setting(
         3, "FedAvg rounds with the remaining clients after (subtract: interleaved with) the strategy's own step",
         minimum=0,
+    )
+    max_stage_steps: float = setting(
+        5.0, "subtract: the most one stage removes, in median norms of the model's last steps; "
+        "more stages than recovery-rounds are run when the contribution needs them",
+        minimum=0.0, exclusive_minimum=True,
     )
 
 
@@ -111,7 +152,7 @@ class Subtract(Unlearner):
             history, withdrawn, frozenset(request.residual_clients) - withdrawn, first, completed
         )
         model = history.model(completed)
-        stages = self.settings.recovery_rounds
+        stages = self._stages(details, history, completed, completed - first + 1)
         if stages == 0:
             model = add(model, contribution, -1.0)
         for _ in range(stages):
@@ -125,6 +166,30 @@ class Subtract(Unlearner):
         return UnlearningOutcome(
             model=model, rounds_replayed=stages, base_version=completed - 1, details=details
         )
+
+    def _stages(self, details: dict[str, object], history: HistoryView, completed: int, retrain_rounds: int) -> int:
+        """K, or more when one K-th of Δ is more than ``max_stage_steps`` recent steps; record why in ``details``."""
+        minimum = self.settings.recovery_rounds
+        step = recent_step_norm(history, completed)
+        contribution = float(details["contribution_norm"])  # type: ignore[arg-type]
+        ratio = contribution / step if step > 0 else None
+        details["recent_step_norm"] = step
+        details["contribution_in_steps"] = ratio
+        if minimum == 0 or ratio is None:
+            details["stages"] = minimum  # the server alone, as asked; or a model that stopped moving: no scale
+            return minimum
+        needed = math.ceil(ratio / self.settings.max_stage_steps)
+        if needed > minimum and needed > retrain_rounds / 2:
+            raise SubtractDoesNotPayError(
+                f"subtract would need {needed} stages, each a FedAvg round of the remaining clients, to remove "
+                f"a contribution {ratio:.3g} times the norm of the model's recent steps ({contribution:.3g} "
+                f"against {step:.3g}) at most {self.settings.max_stage_steps:g} steps per stage; a retrain runs "
+                f"{retrain_rounds} rounds, so it costs little more and is exact. Unlearn with the retrain "
+                "strategy (--strategy retrain), or raise max-stage-steps to accept larger stages."
+            )
+        stages = max(minimum, needed)
+        details["stages"] = stages
+        return stages
 
     @staticmethod
     def _contribution(

@@ -255,6 +255,35 @@ def test_resume_with_other_settings_names_the_differences(tmp_path):
     assert "clients: 3 -> 5" in result.output
 
 
+def test_resume_may_change_the_strategy_until_a_first_unlearning_completes(tmp_path):
+    """After subtract refused a withdrawal, the run goes on with retrain; once a strategy has unlearned, it stays."""
+    from fedforget.client.app import model_arrays
+    from fedforget.server.store.history_store import HistoryStore
+    from fedforget.server.unlearning.events import UNLEARNING_KIND
+    from fedforget.simulations.config import ConfigError, SimulationConfig
+    from fedforget.simulations.models import build_model
+    from fedforget.simulations.run_dir import saved_config
+    from fedforget.simulations.runner import prepare_output
+
+    out = tmp_path / "run"
+    subtract = SimulationConfig(clients=3, rounds=4, strategy="subtract", strategy_settings={"max-stage-steps": 2.0})
+    _store_of(out, subtract)
+    retrain = SimulationConfig(clients=3, rounds=4, strategy="retrain")
+    prepare_output(retrain, out, resume=True)
+    assert saved_config(out).strategy == "retrain" and saved_config(out).strategy_settings == {}  # goes on with it
+
+    with pytest.raises(ConfigError, match="clients: 3 -> 5"):  # anything else still has to match
+        prepare_output(SimulationConfig(clients=5, rounds=4, strategy="subtract"), out, resume=True)
+
+    with HistoryStore.open(out / "store") as store:
+        store.write_initial_model(model_arrays(build_model("digits", seed=0)))
+        unlearned = store.fork(base_version=0, info={})
+        store.set_trajectory_status(unlearned, "complete", info={"kind": UNLEARNING_KIND, "clients": ["1"]})
+    with pytest.raises(ConfigError, match="strategy: 'retrain' -> 'subtract'.*until a first unlearning completes"):
+        prepare_output(subtract, out, resume=True)
+    assert saved_config(out).strategy == "retrain"
+
+
 def test_resume_of_a_store_from_another_federation_or_model_is_refused(tmp_path):
     import numpy as np
 
@@ -391,3 +420,19 @@ def test_a_named_model_brings_its_training_defaults(tmp_path, planned_runs):
     assert result.exit_code == 0, result.output
     (config, _), = planned_runs
     assert (config.model, config.lr, config.batch_size, config.local_epochs) == ("resnet-small", 0.01, 32, 1)
+
+
+def test_a_strategy_that_refuses_exits_2_and_says_how_to_go_on(tmp_path, monkeypatch):
+    import fedforget.simulations.runner as simulation_runner
+    from fedforget.strategies.subtract import SubtractDoesNotPayError
+
+    def refusing(config, out, **_):
+        raise SubtractDoesNotPayError("subtract would need 87 stages; unlearn with the retrain strategy.")
+
+    monkeypatch.setattr(simulation_runner, "simulate", refusing)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--strategy", "subtract", "--withdraw", "0@2"])
+    assert result.exit_code == ExitCode.USAGE
+    said = " ".join(result.output.split())
+    assert "subtract would need 87 stages" in said
+    assert f"fedforget simulate --resume --out {out} --strategy retrain" in said.replace("\n", "")

@@ -26,7 +26,7 @@ from fedforget.arrays import Arrays
 from fedforget.server.store.errors import KeyDestroyedError
 from fedforget.strategies.base import UnlearningRequest
 from fedforget.strategies.settings import UnlearningContext
-from fedforget.strategies.subtract import Subtract, SubtractSettings
+from fedforget.strategies.subtract import Subtract, SubtractDoesNotPayError, SubtractSettings
 
 EXAMPLES = {"a": 10, "b": 30, "c": 20, "d": 40}
 E = 2.0
@@ -210,3 +210,75 @@ def test_a_client_that_never_took_part_costs_nothing(tmp_path: Path) -> None:
     assert federation.calls == [("start_trajectory", 2)]
     assert outcome.round_trips == 0 and outcome.base_version == 2
     assert_models_close(outcome.model, recorded.models[2], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- how many stages
+
+
+def fading_update(server_round: int, client: str, like: Arrays) -> Arrays:
+    """Large steps early, small ones late: a model that has nearly stopped moving when b withdraws."""
+    scale = 1.0 if server_round <= 2 else 0.01
+    return {k: (scale * v).astype(v.dtype) for k, v in hand_update(server_round, client, like).items()}
+
+
+def fading_history(path: Path) -> RecordedHistory:
+    """b in the first two (large) rounds only; eight small rounds of a and c after it."""
+    schedule = [["a", "b", "c"]] * 2 + [["a", "c"]] * 8
+    return record_history(path, initial_model(), schedule, EXAMPLES, fading_update)
+
+
+def in_recent_steps(recorded: RecordedHistory, gone: set[str], completed: int) -> float:
+    """‖Δ‖ over the median norm of the model's last five steps, by hand."""
+    delta = contribution(recorded, gone)
+    steps = [np.sqrt(sum(np.sum((floats(recorded.models[t])[k] - floats(recorded.models[t - 1])[k]) ** 2)
+                         for k in delta))
+             for t in range(completed - 4, completed + 1)]
+    return float(np.sqrt(sum(np.sum(v**2) for v in delta.values())) / np.median(steps))
+
+
+def test_a_contribution_far_larger_than_the_recent_steps_gets_more_stages(tmp_path: Path) -> None:
+    recorded = fading_history(tmp_path / "store")
+    ratio = in_recent_steps(recorded, {"b"}, 10)
+    assert ratio > 20  # the premise: b's Δ dwarfs what training still moves the model by
+    max_stage_steps = ratio / 4.5  # five stages needed: more than K = 3, fewer than half of 10 retrain rounds
+    strategy = Subtract(SubtractSettings(recovery_rounds=3, max_stage_steps=max_stage_steps),
+                        UnlearningContext(local_epochs=E))
+    federation = ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["b"])
+    outcome = strategy.run(UnlearningRequest(frozenset({"b"}), 10), recorded.store.reader(), federation)
+    assert outcome.details["contribution_in_steps"] == pytest.approx(ratio, rel=1e-4)
+    assert outcome.details["stages"] == 5
+    assert outcome.round_trips == 5 and outcome.rounds_replayed == 5
+    assert federation.local_calls == [LocalCall(10, E, None)] * 5
+
+
+def test_a_small_contribution_keeps_the_k_stages_asked_for(tmp_path: Path) -> None:
+    recorded = history(tmp_path / "store", [["a", "b", "c"]] * 6)
+    ratio = in_recent_steps(recorded, {"b"}, 6)
+    assert ratio < 3 * 5.0  # three stages of at most five steps each suffice
+    federation = ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["b"])
+    outcome = subtract(3).run(UnlearningRequest(frozenset({"b"}), 6), recorded.store.reader(), federation)
+    assert outcome.details["stages"] == 3 and outcome.round_trips == 3
+
+
+def test_stages_costing_more_than_half_a_retrain_are_refused_before_anything_happens(tmp_path: Path) -> None:
+    recorded = fading_history(tmp_path / "store")
+    ratio = in_recent_steps(recorded, {"b"}, 10)
+    strategy = Subtract(SubtractSettings(recovery_rounds=3, max_stage_steps=ratio / 5.5),  # six stages: > 10 / 2
+                        UnlearningContext(local_epochs=E))
+    clients = PullingClients()
+    federation = ToyFederation(recorded.store, EXAMPLES, clients, withdrawn=["b"])
+    with pytest.raises(SubtractDoesNotPayError, match=r"6 stages.*retrain runs 10 rounds.*--strategy retrain"):
+        strategy.run(UnlearningRequest(frozenset({"b"}), 10), recorded.store.reader(), federation)
+    assert clients.seen == [] and federation.calls == []  # no client asked, nothing recorded
+    assert recorded.store.last_completed_round() == 10
+
+
+def test_asking_for_as_many_stages_as_needed_is_not_refused(tmp_path: Path) -> None:
+    """The refusal is of stages the user did not ask for: K set that high runs."""
+    recorded = fading_history(tmp_path / "store")
+    ratio = in_recent_steps(recorded, {"b"}, 10)
+    strategy = Subtract(SubtractSettings(recovery_rounds=6, max_stage_steps=ratio / 5.5),
+                        UnlearningContext(local_epochs=E))
+    federation = ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["b"])
+    outcome = strategy.run(UnlearningRequest(frozenset({"b"}), 10), recorded.store.reader(), federation)
+    assert outcome.details["stages"] == 6 and outcome.round_trips == 6

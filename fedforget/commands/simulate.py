@@ -249,6 +249,7 @@ def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str 
     from fedforget.simulations.progress import ConsoleObserver
     from fedforget.simulations.ray_engine import SimulationEngineError
     from fedforget.simulations.runner import simulate
+    from fedforget.strategies.base import StrategyRefusedError
 
     try:
         result = simulate(
@@ -262,6 +263,9 @@ def _run(config: SimulationConfig, out: Path, *, resume: bool, ray_address: str 
         )
     except ConfigError as exc:
         fail(str(exc), ExitCode.USAGE)
+    except StrategyRefusedError as exc:
+        fail(f"{exc} The training so far is kept: continue it with another strategy, e.g. "
+             f"fedforget simulate --resume --out {_shown(out)} --strategy retrain", ExitCode.USAGE)
     except (RunDirectoryError, StoreError, LedgerError, OSError) as exc:
         fail(str(exc), ExitCode.BAD_FILE)
     except (SimulationEngineError, DatasetUnavailableError, RuntimeError) as exc:
