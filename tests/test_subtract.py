@@ -282,3 +282,38 @@ def test_asking_for_as_many_stages_as_needed_is_not_refused(tmp_path: Path) -> N
     federation = ToyFederation(recorded.store, EXAMPLES, PullingClients(), withdrawn=["b"])
     outcome = strategy.run(UnlearningRequest(frozenset({"b"}), 10), recorded.store.reader(), federation)
     assert outcome.details["stages"] == 6 and outcome.round_trips == 6
+
+
+class NoisedRound:
+    """A round whose released model moved by a small training step plus large central DP noise."""
+
+    def __init__(self, server_round: int, clean: float, noise: float) -> None:
+        rng = np.random.default_rng(server_round)
+        self.round = server_round
+        self.before = {"w": rng.standard_normal(50).astype(np.float32)}
+        self.clean = clean * np.eye(50, dtype=np.float64)[server_round % 50]
+        self._noise = {"w": noise * rng.standard_normal(50) / np.sqrt(50)}
+
+    def model_before(self) -> Arrays:
+        return self.before
+
+    def model_after(self) -> Arrays:
+        return {"w": (self.before["w"] + self.clean + self._noise["w"]).astype(np.float32)}
+
+    def noise(self) -> Arrays:
+        return self._noise
+
+
+class NoisedHistory:
+    def __init__(self, clean: list[float]) -> None:
+        self.views = [NoisedRound(t, c, noise=3.0) for t, c in enumerate(clean, start=1)]
+
+    def rounds(self, start: int = 1, end: int | None = None):  # type: ignore[no-untyped-def]
+        return iter(v for v in self.views if start <= v.round <= (end or len(self.views)))
+
+
+def test_the_scale_is_what_training_moved_the_model_by_not_the_dp_noise() -> None:
+    from fedforget.strategies.subtract import recent_step_norm
+
+    history = NoisedHistory([9.0, 9.0, 0.05, 0.04, 0.06, 0.05, 0.07])  # early large steps are not recent
+    assert recent_step_norm(history, 7) == pytest.approx(0.05, abs=1e-4)  # the median of the last five, noise out
