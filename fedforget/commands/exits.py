@@ -25,7 +25,8 @@ class ExitCode(IntEnum):
     """The command worked and the answer is no: an invalid certificate, a tampered ledger,
     a request the service refused or does not know."""
     USAGE = 2
-    """The command line is wrong (an unknown option or value, a setting out of range); nothing was done."""
+    """The command line is wrong (an unknown option or value, a setting out of range); nothing was done.
+    Also ``simulate``'s strategy refusing a withdrawal: the training is kept for ``--resume`` with another."""
     BAD_FILE = 3
     """A file, directory or address the command was given cannot be used: missing, unreadable,
     not writable, corrupt (a broken ledger or history store included) or already in use."""
