@@ -40,7 +40,7 @@ from fedforget.server.ledger.accountability import Accountability
 from fedforget.server.ledger.log import Ledger
 from fedforget.server.rounds.history_position import RecordingError
 from fedforget.server.rounds.private_aggregation import PrivateAggregation, settle_privacy
-from fedforget.server.rounds.privacy_accounting import privacy_account
+from fedforget.server.rounds.privacy_accounting import privacy_account, withdrawn_privacy
 from fedforget.server.store.history_store import HistoryStore, ModelSpec
 from fedforget.server.withdrawal.consent import Withdrawal
 from fedforget.simulations.config import ConfigError, SimulationConfig
@@ -158,6 +158,39 @@ def test_the_ledger_and_the_certificate_state_the_dp_and_the_withdrawn_clients_e
     assert any("differential privacy" in line and f"{expected:.4g}" in line for line in report.attests)
 
 
+NOT_A_DP_RELEASE = "not a differentially private release"
+
+
+def test_a_retrains_certificate_does_not_deny_its_model_the_epsilon(dp_run):
+    """A retrain's every round is noised afresh: its model is a DP release, and its certificate says nothing else."""
+    _, outcome, _, paths = dp_run
+    report = verify_certificate(outcome.unlearning[0]["certificates"]["1"], paths.server_public_key)
+    assert report.summary["privacy"]["unlearned_model_noised"] is True
+    assert not any(NOT_A_DP_RELEASE in line for line in report.does_not_attest)
+
+
+def test_an_approximate_unlearnings_certificate_says_its_model_is_covered_by_no_epsilon(tmp_path):
+    """subtract computes its model from recorded updates and averages its stages' training without noise."""
+    paths = FederationPaths(tmp_path)
+    prepare_federation(paths, [])
+    fed = local_federation(
+        tmp_path / "store", clients=3, rounds=3, withdrawals=[Withdrawal("1", 3)], privacy=SETTINGS,
+        train_fraction=FRACTION, unlearner=StrategyChoice("subtract", {"recovery-rounds": 1}).build(),
+        accountability=Accountability(
+            ledger_path=paths.ledger, server_key=paths.server_key, certificates_dir=paths.certificates,
+            federation_id="test-federation",
+        ),
+    )
+    outcome = fed.run.execute(initial_model())
+    report = verify_certificate(outcome.unlearning[0]["certificates"]["1"], paths.server_public_key)
+    assert report.valid
+    assert report.summary["privacy"]["unlearned_model_noised"] is False
+    assert any(NOT_A_DP_RELEASE in line for line in report.does_not_attest)
+    with Ledger.open(paths.ledger, readonly=True) as ledger:
+        (unlearning,) = [e.body for e in ledger.entries() if e.kind == "unlearning"]
+    assert unlearning["privacy"]["unlearned_model_noised"] is False
+
+
 STRATEGIES = ("retrain", "calibrated", "replay", "subtract", "fedrecovery")
 
 
@@ -198,6 +231,8 @@ def test_every_strategy_unlearns_a_dp_history(unlearned_every_way, strategy):
     assert account.rounds_without_noise == len(computed)
     if strategy == "retrain":  # retraining is a fresh DP release of the staying client, noised every round
         assert not computed and account.noised_rounds == 2 + 2
+    noised = withdrawn_privacy(fed.store, ["1"], trajectory)["unlearned_model_noised"]  # type: ignore[index]
+    assert noised is (strategy == "retrain")
 
 
 def test_a_dp_rounds_noise_is_drawn_again_and_never_read_as_the_withdrawn_clients_share(unlearned_every_way):

@@ -181,7 +181,7 @@ class Accountability:
                     )
             # Old models of clients withdrawn earlier count too: a model the run used then may be unused now.
             withdrawn = sorted(set(clients) | set(earlier))
-            privacy = withdrawn_privacy(store, clients)
+            privacy = withdrawn_privacy(store, clients, int(event["trajectory"]))  # type: ignore[call-overload]
             unlearning = ledger.record_unlearning(
                 clients=clients,
                 strategy=str(event["strategy"]),

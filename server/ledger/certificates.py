@@ -132,10 +132,17 @@ def _statements(
             f"the server's accounting (Renyi DP, per client) the models released in the rounds this client took "
             f"part in spent epsilon = {privacy['epsilon']:.4g} of its data at delta = {privacy['delta']:g}."
         )
+        if privacy.get("unlearned_model_noised") is False:
+            does_not_attest.append(
+                "That the model this unlearning produced is covered by that epsilon, for this client or any other: "
+                "the unlearning strategy computed it from the recorded updates, and averaged the client training "
+                "it asked for, without adding noise, so it is not a differentially private release. Only a "
+                "retrain, whose every round is noised, is one."
+            )
         if privacy.get("rounds_without_noise"):
             does_not_attest.append(
-                f"That the {privacy['rounds_without_noise']} round(s) an unlearning strategy computed itself, "
-                "without noise, are covered by that epsilon."
+                f"That the {privacy['rounds_without_noise']} round(s) unlearning strategies computed themselves in "
+                "this federation's history, without noise, are covered by that epsilon."
             )
     if evidence is not None:
         attests.append(

@@ -70,20 +70,27 @@ def privacy_account(
     )
 
 
-def withdrawn_privacy(store: HistoryStore, clients: Collection[str]) -> dict[str, object] | None:
+def withdrawn_privacy(store: HistoryStore, clients: Collection[str], trajectory: int) -> dict[str, object] | None:
     """What the ledger and the certificate state of DP for an unlearning of ``clients`` (None without DP).
 
     The settings, and the ε each withdrawn client spent at δ over every noised
     round it took part in (in any trajectory): the most its data could have
     revealed through the models released while it was in the federation.
+    And whether the unlearning's own ``trajectory`` is a DP release: only if
+    every round it added was noised (a retrain). An approximate strategy
+    computes its model from recorded updates, and averages the client
+    training it asks for without noise, so its model is covered by no ε.
     """
     stored = store.get_meta(PRIVACY_META)
     if stored is None:
         return None
     settings = PrivacySettings.from_json(stored)  # type: ignore[arg-type]
     account = privacy_account(store, settings)
+    (own,) = [t for t in store.trajectories() if t.id == trajectory]
+    added = store.reader(trajectory).rounds(start=own.base_version + 1 if own.parent is not None else 1)
     return {
         **settings.to_json(),
         "epsilon": {client: account.epsilon_by_client.get(client, 0.0) for client in sorted(clients)},
         "rounds_without_noise": account.rounds_without_noise,
+        "unlearned_model_noised": all(NOISE_STD in view.metrics for view in added),
     }
