@@ -691,6 +691,9 @@ def test_fork_and_trajectories(tmp_path: Path) -> None:
         assert infos[0] == TrajectoryInfo(1, None, 0, "open", {}, infos[0].created_at)
         assert (infos[1].id, infos[1].parent, infos[1].base_version, infos[1].status) == (2, 1, 1, "done")
         assert infos[1].info == {"forget": "b", "rounds": 2}
+        assert store.trajectory_info(2) == infos[1]
+        with pytest.raises(StoreError, match=r"no trajectory 7 \(it has \[1, 2\]\)"):
+            store.trajectory_info(7)
 
         with pytest.raises(RoundOrderError):
             store.fork(base_version=9, info={})

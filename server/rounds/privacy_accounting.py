@@ -86,8 +86,7 @@ def withdrawn_privacy(store: HistoryStore, clients: Collection[str], trajectory:
         return None
     settings = PrivacySettings.from_json(stored)  # type: ignore[arg-type]
     account = privacy_account(store, settings)
-    (own,) = [t for t in store.trajectories() if t.id == trajectory]
-    added = store.reader(trajectory).rounds(start=own.base_version + 1 if own.parent is not None else 1)
+    added = store.reader(trajectory).rounds(start=store.trajectory_info(trajectory).base_version + 1)
     return {
         **settings.to_json(),
         "epsilon": {client: account.epsilon_by_client.get(client, 0.0) for client in sorted(clients)},

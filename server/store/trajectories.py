@@ -74,6 +74,12 @@ class Trajectories:
             for r in self._index.rows("trajectories", "ORDER BY id")
         ]  # fmt: skip
 
+    def trajectory_info(self, trajectory: int) -> TrajectoryInfo:
+        """One trajectory's row; a StoreError names the known ones if it does not exist."""
+        self._require_trajectory(trajectory)
+        (info,) = [t for t in self.trajectories() if t.id == trajectory]
+        return info
+
     def fork(self, *, base_version: int, info: dict[str, Any]) -> int:
         """Start a new trajectory from the current one's version ``base_version``.
 

@@ -364,7 +364,7 @@ class UnlearningCoordinator:
                 f"strategy {name!r} left its trajectory at round {self.store.last_completed_round()}; "
                 f"it must record rounds up to {completed} so the run can continue"
             )
-        base = next(t.base_version for t in self.store.trajectories() if t.id == trajectory)
+        base = self.store.trajectory_info(trajectory).base_version
         new = self.store.reader(trajectory)
         for view in new.rounds(base + 1, completed):
             held = sorted(clients & {p.client_id for p in view.participants})
